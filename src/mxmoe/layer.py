@@ -1,0 +1,148 @@
+"""`MXFP4MoE`: a drop-in MoE block (router + MXFP4 experts) as a torch.nn.Module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activations import Activation
+from .api import fused_experts
+from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
+from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
+from .routing import route
+
+__all__ = ["MXFP4MoE"]
+
+
+class MXFP4MoE(nn.Module):
+    """Router (a Linear with bias, as gpt-oss) and MXFP4 experts.
+
+    ``forward(x [..., H]) -> [..., H]``: routes each token to ``top_k`` experts and returns the
+    routing-weighted sum of their outputs. No norm and no residual: gpt-oss's block is
+    ``x + moe(norm(x))``, and those belong to the caller.
+
+    The expert weights are buffers (``w13_blocks``, ``w13_scales``, ``w2_blocks``,
+    ``w2_scales``): they move with ``.to()`` and appear in ``state_dict``; ``.w13`` and ``.w2``
+    view them as `MXFP4Tensor`.
+    """
+
+    def __init__(
+        self,
+        w13: MXFP4Tensor,
+        w2: MXFP4Tensor,
+        router_weight: torch.Tensor,
+        router_bias: torch.Tensor | None = None,
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
+        *,
+        top_k: int,
+        activation: Activation | str = Activation.SWIGLUOAI,
+        alpha: float = GPT_OSS_SWIGLU_ALPHA,
+        limit: float = GPT_OSS_SWIGLU_LIMIT,
+        renormalize: bool = True,
+        backend: str = "auto",
+        expert_map: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        num_experts, two_i, hidden = w13.shape
+        num_global = router_weight.shape[0]
+        if router_weight.dim() != 2 or router_weight.shape[1] != hidden:
+            raise ValueError(
+                f"router_weight must be [E, H] with H = {hidden}, got {tuple(router_weight.shape)}"
+            )
+        self.hidden_size = hidden
+        self.intermediate_size = two_i // 2
+        self.num_experts = num_global
+        self.top_k = top_k
+        self.activation = Activation.parse(activation)
+        self.alpha = float(alpha)
+        self.limit = float(limit)
+        self.renormalize = renormalize
+        self.backend = backend
+
+        self.router = nn.Linear(hidden, num_global, bias=router_bias is not None,
+                                dtype=router_weight.dtype, device=router_weight.device)
+        with torch.no_grad():
+            self.router.weight.copy_(router_weight)
+            if router_bias is not None:
+                self.router.bias.copy_(router_bias)
+        self.register_buffer("w13_blocks", w13.blocks)
+        self.register_buffer("w13_scales", w13.scales)
+        self.register_buffer("w2_blocks", w2.blocks)
+        self.register_buffer("w2_scales", w2.scales)
+        self.register_buffer("w13_bias", w13_bias)
+        self.register_buffer("w2_bias", w2_bias)
+        self.register_buffer("expert_map", expert_map)
+        del num_experts
+
+    @property
+    def w13(self) -> MXFP4Tensor:
+        return MXFP4Tensor(self.w13_blocks, self.w13_scales)
+
+    @property
+    def w2(self) -> MXFP4Tensor:
+        return MXFP4Tensor(self.w2_blocks, self.w2_scales)
+
+    @classmethod
+    def from_dense(
+        cls,
+        router_weight: torch.Tensor,
+        router_bias: torch.Tensor | None,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
+        *,
+        top_k: int,
+        activation: Activation | str = Activation.SWIGLUOAI,
+        alpha: float = GPT_OSS_SWIGLU_ALPHA,
+        limit: float = GPT_OSS_SWIGLU_LIMIT,
+        scale_rounding: ScaleRounding | str = ScaleRounding.FLOOR,
+        **kwargs,
+    ) -> "MXFP4MoE":
+        """Quantize dense expert weights ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` to MXFP4."""
+        return cls(
+            quantize_mxfp4(w13, scale_rounding=scale_rounding),
+            quantize_mxfp4(w2, scale_rounding=scale_rounding),
+            router_weight,
+            router_bias,
+            w13_bias,
+            w2_bias,
+            top_k=top_k,
+            activation=activation,
+            alpha=alpha,
+            limit=limit,
+            **kwargs,
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MXFP4MoE expects [..., H={self.hidden_size}], got {tuple(hidden_states.shape)}"
+            )
+        leading = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, self.hidden_size)
+        logits = self.router(x.to(self.router.weight.dtype))
+        topk_weights, topk_ids = route(logits, self.top_k, renormalize=self.renormalize)
+        out = fused_experts(
+            x,
+            self.w13,
+            self.w2,
+            topk_weights,
+            topk_ids,
+            w13_bias=self.w13_bias,
+            w2_bias=self.w2_bias,
+            activation=self.activation,
+            alpha=self.alpha,
+            limit=self.limit,
+            expert_map=self.expert_map,
+            backend=self.backend,
+        )
+        return out.reshape(*leading, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+            f"experts={self.num_experts}, top_k={self.top_k}, activation={self.activation.value}, "
+            f"backend={self.backend!r}"
+        )

@@ -1,0 +1,192 @@
+"""Checks at the public boundary: once per call, on shapes, dtypes and devices only.
+
+Nothing here reads tensor data on the GPU (that would synchronise the host). Data checks
+(ids in range, expert-map values) run when the data is on the CPU, or when asked for with
+``MXMOE_VALIDATE=1``; see `check_routing_values`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .activations import Activation
+from .constants import MXFP4_BLOCK_SIZE
+from .format import MXFP4Tensor
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def _require_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_route_args(router_logits, top_k) -> None:
+    _require_tensor("router_logits", router_logits)
+    if not router_logits.is_floating_point():
+        raise TypeError(f"router_logits must be a floating tensor, got {router_logits.dtype}")
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [M, E], got shape {_shape(router_logits)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    num_experts = router_logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, E={num_experts}], got {top_k}")
+
+
+@dataclass(frozen=True)
+class MoEProblem:
+    """The sizes of one fused-experts call, derived once from validated arguments."""
+
+    num_tokens: int  # M
+    hidden: int  # H
+    intermediate: int  # I
+    num_local_experts: int  # E_local (rows of w13/w2)
+    num_global_experts: int  # E_global (what topk_ids index)
+    top_k: int
+    activation: Activation
+
+
+def validation_requested() -> bool:
+    return os.environ.get("MXMOE_VALIDATE", "") not in ("", "0")
+
+
+def check_fused_experts_args(
+    hidden_states,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    *,
+    w13_bias,
+    w2_bias,
+    activation,
+    alpha,
+    limit,
+    expert_map,
+) -> MoEProblem:
+    """Validate a `fused_experts` call; raise TypeError/ValueError naming what was wrong."""
+    _require_tensor("hidden_states", hidden_states)
+    if hidden_states.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(
+            f"hidden_states must be bfloat16, float16 or float32, got {hidden_states.dtype}"
+        )
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be [M, H], got shape {_shape(hidden_states)}")
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, MXFP4Tensor):
+            raise TypeError(
+                f"{name} must be an mxmoe.MXFP4Tensor, got {type(w).__name__} "
+                f"(wrap packed weights with MXFP4Tensor(blocks, scales))"
+            )
+        if w.dim() != 3:
+            raise ValueError(f"{name} must be [E, N, K], got logical shape {tuple(w.shape)}")
+    act = Activation.parse(activation)
+
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_i, w13_k = w13.shape
+    if w13_k != hidden:
+        raise ValueError(
+            f"w13 is [E, 2I, H] = {tuple(w13.shape)} but hidden_states has H = {hidden}"
+        )
+    if hidden % MXFP4_BLOCK_SIZE != 0:
+        raise ValueError(f"H must be a multiple of {MXFP4_BLOCK_SIZE}, got {hidden}")
+    if two_i % 2 != 0:
+        raise ValueError(f"w13 rows (2I) must be even, got {two_i}")
+    inter = two_i // 2
+    expected_w2 = (num_experts, hidden, inter)
+    if tuple(w2.shape) != expected_w2:
+        raise ValueError(
+            f"w2 must be [E, H, I] = {expected_w2} to match w13 {tuple(w13.shape)}, got "
+            f"{tuple(w2.shape)}"
+        )
+
+    _require_tensor("topk_ids", topk_ids)
+    _require_tensor("topk_weights", topk_weights)
+    if topk_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be a floating tensor, got {topk_weights.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
+        raise ValueError(
+            f"topk_ids must be [M, top_k] with M = {num_tokens}, got shape {_shape(topk_ids)}"
+        )
+    if _shape(topk_weights) != _shape(topk_ids):
+        raise ValueError(
+            f"topk_weights shape {_shape(topk_weights)} must equal topk_ids shape "
+            f"{_shape(topk_ids)}"
+        )
+    top_k = topk_ids.shape[1]
+
+    num_global = num_experts
+    if expert_map is not None:
+        _require_tensor("expert_map", expert_map)
+        if expert_map.dtype not in ID_DTYPES:
+            raise TypeError(f"expert_map must be int32 or int64, got {expert_map.dtype}")
+        if expert_map.dim() != 1:
+            raise ValueError(f"expert_map must be [E_global], got shape {_shape(expert_map)}")
+        num_global = expert_map.shape[0]
+    if top_k < 1 or top_k > num_global:
+        raise ValueError(f"top_k (topk_ids.shape[1]) must be in [1, E={num_global}], got {top_k}")
+
+    for name, bias, n in (("w13_bias", w13_bias, two_i), ("w2_bias", w2_bias, hidden)):
+        if bias is None:
+            continue
+        _require_tensor(name, bias)
+        if not bias.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {bias.dtype}")
+        if _shape(bias) != (num_experts, n):
+            raise ValueError(f"{name} must be [E, N] = {(num_experts, n)}, got {_shape(bias)}")
+
+    for name, value in (("alpha", alpha), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+    device = hidden_states.device
+    named = [("w13", w13.blocks), ("w2", w2.blocks), ("topk_weights", topk_weights),
+             ("topk_ids", topk_ids), ("w13_bias", w13_bias), ("w2_bias", w2_bias),
+             ("expert_map", expert_map)]
+    for name, t in named:
+        if t is not None and t.device != device:
+            raise ValueError(
+                f"{name} is on {t.device} but hidden_states is on {device}: expected one device"
+            )
+
+    problem = MoEProblem(
+        num_tokens=num_tokens,
+        hidden=hidden,
+        intermediate=inter,
+        num_local_experts=num_experts,
+        num_global_experts=num_global,
+        top_k=top_k,
+        activation=act,
+    )
+    if device.type == "cpu" or validation_requested():
+        check_routing_values(topk_ids, expert_map, problem)
+    return problem
+
+
+def check_routing_values(topk_ids: torch.Tensor, expert_map, problem: MoEProblem) -> None:
+    """Data checks: ids in [0, E_global), expert_map values in [-1, E_local). Reads the data."""
+    if topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= problem.num_global_experts:
+            raise ValueError(
+                f"topk_ids values must be in [0, {problem.num_global_experts}), got range "
+                f"[{lo}, {hi}]"
+            )
+    if expert_map is not None and expert_map.numel():
+        lo, hi = int(expert_map.min()), int(expert_map.max())
+        if lo < -1 or hi >= problem.num_local_experts:
+            raise ValueError(
+                f"expert_map values must be in [-1, {problem.num_local_experts}) (local expert "
+                f"or -1 for remote), got range [{lo}, {hi}]"
+            )
