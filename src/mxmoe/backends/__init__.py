@@ -18,6 +18,9 @@ __all__ = ["Backend", "MoEArgs", "BACKEND_NAMES", "get_backend", "resolve_backen
 #: name -> (module, class). Order is the order `mxmoe info` prints.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("mxmoe.backends.torch_backend", "TorchBackend"),
+    "triton_dequant": ("mxmoe.backends.triton_dequant", "TritonDequantBackend"),
+    "triton_scaled": ("mxmoe.backends.triton_scaled", "TritonScaledBackend"),
+    "bf16": ("mxmoe.backends.bf16", "BF16Backend"),
 }
 
 BACKEND_NAMES = tuple(_REGISTRY)
@@ -53,7 +56,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name == "auto":
         name = os.environ.get("MXMOE_BACKEND", "") or "auto"
     if name == "auto":
-        name = "torch"
+        # Until the probe and the tuned tables decide: the inline-dequant kernel on GPUs.
+        name = "triton_dequant" if device.type == "cuda" else "torch"
     backend = get_backend(name)
     reason = backend.unavailable_reason(device)
     if reason is not None:

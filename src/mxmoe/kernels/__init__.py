@@ -1,0 +1,1 @@
+"""Triton kernels. Private: import them only through the backends (they import Triton)."""
