@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .constants import MXFP4_BLOCK_SIZE
 
-__all__ = ["expert_range", "intermediate_range"]
+__all__ = ["expert_range", "intermediate_range", "w13_row_ranges"]
 
 
 def _check_rank(world: int, rank: int) -> None:
@@ -46,3 +46,17 @@ def intermediate_range(intermediate: int, world: int, rank: int) -> range:
         )
     block_range = expert_range(blocks, world, rank)
     return range(block_range.start * MXFP4_BLOCK_SIZE, block_range.stop * MXFP4_BLOCK_SIZE)
+
+
+def w13_row_ranges(intermediate: int, inter: range, activation) -> list[range]:
+    """Rows of w13 ``[E, 2I, H]`` (and of its bias) that hold the intermediate slice ``inter``.
+
+    ``"swigluoai"`` interleaves gate and up rows, so the slice is one run ``[2*start, 2*stop)``;
+    ``"silu"`` stores ``[gate | up]`` halves, so it is two runs, ``[start, stop)`` and
+    ``[I + start, I + stop)``, which the local layer stacks in that order (again ``[gate | up]``).
+    """
+    from .activations import Activation
+
+    if Activation.parse(activation) is Activation.SWIGLUOAI:
+        return [range(2 * inter.start, 2 * inter.stop)]
+    return [inter, range(intermediate + inter.start, intermediate + inter.stop)]

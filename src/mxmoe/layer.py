@@ -42,6 +42,8 @@ class MXFP4MoE(nn.Module):
         renormalize: bool = True,
         backend: str = "auto",
         expert_map: torch.Tensor | None = None,
+        ep_group=None,
+        tp_group=None,
     ):
         super().__init__()
         num_experts, two_i, hidden = w13.shape
@@ -73,6 +75,10 @@ class MXFP4MoE(nn.Module):
         self.register_buffer("w13_bias", w13_bias)
         self.register_buffer("w2_bias", w2_bias)
         self.register_buffer("expert_map", expert_map)
+        # Process groups whose ranks hold other experts (ep) or other slices of I (tp): the
+        # partial outputs are summed over each. The weights given are already the local ones.
+        self.ep_group = ep_group
+        self.tp_group = tp_group
         del num_experts
 
     @property
@@ -138,7 +144,20 @@ class MXFP4MoE(nn.Module):
             expert_map=self.expert_map,
             backend=self.backend,
         )
+        out = self._sum_partial_outputs(out)
         return out.reshape(*leading, self.hidden_size)
+
+    def _sum_partial_outputs(self, out: torch.Tensor) -> torch.Tensor:
+        groups = [g for g in (self.tp_group, self.ep_group) if g is not None]
+        if not groups:
+            return out
+        import torch.distributed as dist
+
+        for i, group in enumerate(groups):
+            if group in groups[:i]:
+                continue
+            dist.all_reduce(out, group=group)
+        return out
 
     def extra_repr(self) -> str:
         return (
