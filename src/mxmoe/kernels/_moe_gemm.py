@@ -1,0 +1,261 @@
+"""The grouped GEMM of the fused MoE, with MXFP4 weights dequantized inside the K loop.
+
+One kernel serves both GEMMs and every weight format (constexpr-selected):
+- GEMM1: A = hidden states, rows gathered through the aligned pair ids (``pair // top_k``),
+  B = w13; epilogue: bias, gated activation (the output has N/2 columns).
+- GEMM2: A = the activations of GEMM1 (one row per pair), B = w2; epilogue: bias, routing weight.
+The output has one row per (token, slot) pair; the top-k sum is a separate deterministic kernel.
+
+Grid: ``(max_blocks * num_n_tiles,)``. Program ``pid`` takes M block ``pid % max_blocks`` and
+N tile ``pid // max_blocks`` (programs next to each other share a weight tile, which then comes
+from L2). Blocks past ``num_tokens_post_padded`` return at once.
+"""
+
+import triton
+import triton.language as tl
+
+# WEIGHT_MODE
+MODE_DEQUANT = tl.constexpr(0)  # MXFP4, dequantized to the dot dtype in registers
+MODE_SCALED = tl.constexpr(1)  # MXFP4, through tl.dot_scaled
+MODE_DENSE = tl.constexpr(2)  # dense weights in the dot dtype
+
+# ACTIVATION
+ACT_NONE = tl.constexpr(0)
+ACT_SWIGLUOAI = tl.constexpr(1)  # interleaved gate/up rows
+ACT_SILU = tl.constexpr(2)  # [gate | up] halves
+
+# ROUTER_WEIGHT: where the routing weight multiplies the fp32 accumulator
+WEIGHT_NONE = tl.constexpr(0)
+WEIGHT_BEFORE_BIAS = tl.constexpr(1)  # GEMM1 with apply_router_weight_on_input: (w x) W^T + b
+WEIGHT_AFTER_BIAS = tl.constexpr(2)  # GEMM2 by default: w (a W^T + b)
+
+
+@triton.jit
+def _e2m1_to_f32(codes):
+    """E2M1 codes (int32, 0..15) -> float32 by bit manipulation, exactly.
+
+    The three magnitude bits (e1 e0 m) placed at bits 24..22 of a float32 are its two lowest
+    exponent bits and top mantissa bit: that float is value * 2**-126 for every code, normal
+    (e > 0) and subnormal (e = 0, m = 0.5) alike, so one multiply by 2**126 restores it.
+    """
+    bits = ((codes & 0x7) << 22) | ((codes & 0x8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
+
+
+@triton.jit
+def _e8m0_to_f32(scales):
+    """E8M0 bytes (int32) -> float32 2**(s - 127): the byte is the float32 exponent field.
+
+    s = 0 is 2**-127, a float32 subnormal (bit 22); s = 255 is NaN.
+    """
+    bits = tl.where(scales == 0, 0x00400000, scales << 23)
+    bits = tl.where(scales == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
+    b_ptr,  # (E, N, K // 2) uint8 packed MXFP4, or (E, N, K) dense in DOT_DTYPE
+    b_scale_ptr,  # (E, N, K // 32) uint8 E8M0 (MXFP4 modes; unused when dense)
+    bias_ptr,  # (E, N) float (unused without HAS_BIAS)
+    out_ptr,  # (num_pairs, N_OUT) activation dtype; N_OUT = N // 2 when gated, else N
+    topk_weights_ptr,  # (num_pairs,) float32
+    sorted_ids_ptr,  # (max_blocks * BLOCK_M,) int32 pair ids, sentinel = num_pairs
+    expert_ids_ptr,  # (max_blocks,) int32 local expert of each block
+    num_post_padded_ptr,  # (1,) int32 rows in use
+    N,  # weight rows (2I for GEMM1, H for GEMM2)
+    K,  # reduction size (H for GEMM1, I for GEMM2), a multiple of 32
+    num_pairs,
+    max_blocks,
+    stride_am, stride_ak,
+    stride_be, stride_bn, stride_bk,
+    stride_se, stride_sn, stride_sk,
+    stride_bias_e, stride_bias_n,
+    stride_om, stride_on,
+    alpha,
+    limit,
+    A_ROW_DIV: tl.constexpr,
+    WEIGHT_MODE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ROUTER_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_DOT: tl.constexpr,  # dequant mode: two half-dots over even/odd K instead of one
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots, "tf32"/default otherwise
+    DOT_FORMAT: tl.constexpr,  # tl.dot_scaled's name of DOT_DTYPE: "bf16" or "fp16"
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # weight rows per tile (gated: BLOCK_N // 2 gate/up pairs)
+    BLOCK_K: tl.constexpr,  # a multiple of 32
+):
+    pid = tl.program_id(0)
+    pid_m = pid % max_blocks
+    pid_n = pid // max_blocks
+
+    num_post_padded = tl.load(num_post_padded_ptr)
+    if pid_m * BLOCK_M >= num_post_padded:
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    mask_m = pair < num_pairs
+    # int64: pair * stride passes 2**31 at large M.
+    a_row = (pair // A_ROW_DIV).to(tl.int64)
+
+    # The tile's weight rows. Gated: BLOCK_N // 2 output columns, each a (gate, up) pair of rows,
+    # arranged so that the accumulator's columns alternate gate, up.
+    offs_j = tl.arange(0, BLOCK_N)
+    if ACTIVATION == ACT_NONE:
+        rows = pid_n * BLOCK_N + offs_j
+        mask_n = rows < N
+    else:
+        half = N // 2
+        out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
+        if ACTIVATION == ACT_SWIGLUOAI:
+            rows = 2 * out_col + offs_j % 2
+        else:
+            rows = out_col + (offs_j % 2) * half
+        mask_n = out_col < half
+    rows64 = rows.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_expert_ptr = b_ptr + expert * stride_be
+    s_expert_ptr = b_scale_ptr + expert * stride_se
+    GROUPS: tl.constexpr = BLOCK_K // 32
+
+    for k0 in range(0, K, BLOCK_K):
+        offs_g = k0 // 32 + tl.arange(0, GROUPS)
+        if WEIGHT_MODE == MODE_DENSE:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+            ).to(DOT_DTYPE)
+            w = tl.load(
+                b_expert_ptr + rows64[:, None] * stride_bn + offs_k[None, :] * stride_bk,
+                mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+            )
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            mask_kb = offs_kb < K // 2
+            packed = tl.load(
+                b_expert_ptr + rows64[:, None] * stride_bn + offs_kb[None, :] * stride_bk,
+                mask=mask_n[:, None] & mask_kb[None, :], other=0,
+            )  # (BLOCK_N, BLOCK_K // 2) uint8
+            scale = tl.load(
+                s_expert_ptr + rows64[:, None] * stride_sn + offs_g[None, :] * stride_sk,
+                mask=mask_n[:, None] & (offs_g[None, :] < K // 32), other=0,
+            )  # (BLOCK_N, GROUPS) uint8
+            if WEIGHT_MODE == MODE_SCALED:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(
+                    a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
+                ).to(DOT_DTYPE)
+                acc = tl.dot_scaled(a, None, DOT_FORMAT, tl.trans(packed), scale, "e2m1", acc)
+            else:
+                codes = packed.to(tl.int32)
+                scale_f = _e8m0_to_f32(scale.to(tl.int32))
+                if SPLIT_DOT:
+                    # Even K indices are the low nibbles, odd the high: two dots over K/2 each,
+                    # with A read at stride 2.
+                    offs_k2 = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                    mask_a = mask_m[:, None] & (offs_k2[None, :] < K)
+                    a_base = a_ptr + a_row[:, None] * stride_am + offs_k2[None, :] * stride_ak
+                    a_even = tl.load(a_base, mask=mask_a, other=0.0).to(DOT_DTYPE)
+                    a_odd = tl.load(a_base + stride_ak, mask=mask_a, other=0.0).to(DOT_DTYPE)
+                    scale_h = tl.reshape(
+                        tl.broadcast_to(scale_f[:, :, None], (BLOCK_N, GROUPS, 16)),
+                        (BLOCK_N, BLOCK_K // 2),
+                    )
+                    w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
+                    w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
+                    acc = tl.dot(a_even, tl.trans(w_lo), acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(a_odd, tl.trans(w_hi), acc, input_precision=DOT_PRECISION)
+                else:
+                    # One dot: re-interleave the nibbles into the (BLOCK_N, BLOCK_K) tile.
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    a = tl.load(
+                        a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
+                    ).to(DOT_DTYPE)
+                    w = _e2m1_to_f32(tl.reshape(tl.join(codes & 0xF, codes >> 4),
+                                                (BLOCK_N, BLOCK_K)))
+                    w = tl.reshape(w, (BLOCK_N, GROUPS, 32)) * scale_f[:, :, None]
+                    w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
+                    acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+    if ROUTER_WEIGHT != WEIGHT_NONE:
+        routing_weight = tl.load(topk_weights_ptr + pair, mask=mask_m, other=0.0)
+    if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:
+        acc = acc * routing_weight[:, None]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_bias_e + rows64 * stride_bias_n,
+                       mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ROUTER_WEIGHT == WEIGHT_AFTER_BIAS:
+        acc = acc * routing_weight[:, None]
+
+    out_row = pair.to(tl.int64)
+    if ACTIVATION == ACT_NONE:
+        out_cols = rows64
+        result = acc
+        mask_out = mask_n
+    else:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        if ACTIVATION == ACT_SWIGLUOAI:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            result = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+        else:
+            result = gate * tl.sigmoid(gate) * up
+        out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
+        mask_out = out_cols < N // 2
+    tl.store(
+        out_ptr + out_row[:, None] * stride_om + out_cols[None, :] * stride_on,
+        result.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_out[None, :],
+    )
+
+
+@triton.jit
+def topk_sum_kernel(
+    inter_ptr,  # (M * TOP_K, H) per-pair outputs of GEMM2 (rows of remote pairs never written)
+    topk_ids_ptr,  # (M * TOP_K,) global expert ids
+    expert_map_ptr,  # (E_global,) local id or -1 (unused without HAS_MAP)
+    out_ptr,  # (M, H)
+    H,
+    num_global_experts,
+    num_local_experts,
+    stride_im, stride_ih,
+    stride_om, stride_oh,
+    TOP_K: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """out[m] = sum over slots j whose expert is local of inter[m * TOP_K + j], in fp32, in slot
+    order (deterministic). Grid: (M, cdiv(H, BLOCK_H))."""
+    m = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(TOP_K):
+        pair = m * TOP_K + j
+        expert = tl.load(topk_ids_ptr + pair).to(tl.int32)
+        local = expert
+        if HAS_MAP:
+            in_range = (expert >= 0) & (expert < num_global_experts)
+            local = tl.load(expert_map_ptr + expert, mask=in_range, other=-1).to(tl.int32)
+        # Broadcast the scalar verdict over the row (a scalar & block mask trips the interpreter).
+        local_h = tl.full((BLOCK_H,), 0, tl.int32) + local
+        valid_h = (local_h >= 0) & (local_h < num_local_experts)
+        row = tl.load(inter_ptr + pair * stride_im + offs_h * stride_ih,
+                      mask=mask_h & valid_h, other=0.0)
+        acc += row.to(tl.float32)
+    tl.store(out_ptr + m * stride_om + offs_h * stride_oh, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_h)

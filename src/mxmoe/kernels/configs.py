@@ -1,0 +1,104 @@
+"""Kernel configurations: tuned tables shipped with the package, and heuristics otherwise.
+
+A table (``configs/<device-slug>.json``) maps a problem (hidden, intermediate, experts, top_k)
+and an M bucket to a config; lookups take the nearest M. Devices without a table get
+`heuristic_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_TABLE_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Block sizes and launch parameters for both GEMMs of one fused-MoE call."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    split_dot: bool = False  # dequant strategy: two half-dots (True) or one interleaved dot
+    # GEMM2 may use its own N/K tiles (same block_m: the alignment is shared).
+    block_n2: int | None = None
+    block_k2: int | None = None
+    num_warps2: int | None = None
+    num_stages2: int | None = None
+
+    def gemm2(self) -> "MoEConfig":
+        return MoEConfig(
+            block_m=self.block_m,
+            block_n=self.block_n2 or self.block_n,
+            block_k=self.block_k2 or self.block_k,
+            num_warps=self.num_warps2 or self.num_warps,
+            num_stages=self.num_stages2 or self.num_stages,
+            split_dot=self.split_dot,
+        )
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def heuristic_config(num_tokens: int, top_k: int, num_experts: int, interpret: bool) -> MoEConfig:
+    """A sound default when no table covers the problem."""
+    if interpret:
+        # The interpreter's cost grows with programs x loop trips: few, small tiles.
+        return MoEConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
+    pairs_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if pairs_per_expert <= 16:
+        return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if pairs_per_expert <= 64:
+        return MoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if pairs_per_expert <= 256:
+        return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(slug: str) -> dict:
+    path = _TABLE_DIR / f"{slug}.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _problem_key(hidden: int, inter: int, num_experts: int, top_k: int) -> str:
+    return f"H{hidden}_I{inter}_E{num_experts}_k{top_k}"
+
+
+def lookup(device_name: str, mode: str, num_tokens: int, hidden: int, inter: int,
+           num_experts: int, top_k: int) -> MoEConfig | None:
+    """The tuned config of the nearest M bucket, or None when the table has no entry."""
+    table = _load_table(device_slug(device_name))
+    entries = table.get("configs", {}).get(mode, {}).get(
+        _problem_key(hidden, inter, num_experts, top_k))
+    if not entries:
+        return None
+    nearest = min(entries, key=lambda m: abs(int(m) - num_tokens))
+    return MoEConfig(**entries[nearest])
+
+
+def preferred_backend(device_name: str, num_tokens: int, hidden: int, inter: int,
+                      num_experts: int, top_k: int) -> str | None:
+    """The fastest packed backend for this size class according to the tuned table, or None."""
+    table = _load_table(device_slug(device_name))
+    entries = table.get("fastest", {}).get(_problem_key(hidden, inter, num_experts, top_k))
+    if not entries:
+        return None
+    nearest = min(entries, key=lambda m: abs(int(m) - num_tokens))
+    return entries[nearest]

@@ -1,0 +1,142 @@
+"""Launchers of the fused MoE: align -> GEMM1 + activation -> GEMM2 + weight -> top-k sum.
+
+No host synchronisation anywhere: sizes come from shapes only, so a forward can be captured in
+a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends.base import MoEArgs
+from ..routing import align_by_expert, max_aligned_blocks
+from . import configs
+from ._moe_gemm import moe_gemm_kernel, topk_sum_kernel
+
+_MODES = {"dequant": 0, "scaled": 1, "dense": 2}
+_ACTIVATIONS = {"swigluoai": 1, "silu": 2}
+_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or NaN-filled under MXMOE_POISON=1 so that an unwritten element shows."""
+    if os.environ.get("MXMOE_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_dtype(activation_dtype: torch.dtype, mode: str) -> torch.dtype:
+    """The tensor-core operand dtype: the activation dtype, except that tl.dot_scaled takes
+    only bf16/fp16 operands, so float32 activations go through it as bf16."""
+    if mode == "scaled" and activation_dtype == torch.float32:
+        return torch.bfloat16
+    return activation_dtype
+
+
+def choose_config(args: MoEArgs, mode: str) -> configs.MoEConfig:
+    forced = os.environ.get("MXMOE_CONFIG")
+    if forced:
+        import json
+
+        return configs.MoEConfig(**json.loads(forced))
+    p = args.problem
+    device = args.hidden_states.device
+    if device.type == "cuda" and not _interpreting():
+        name = torch.cuda.get_device_name(device)
+        tuned = configs.lookup(name, mode, p.num_tokens, p.hidden, p.intermediate,
+                               p.num_local_experts, p.top_k)
+        if tuned is not None:
+            return tuned
+    return configs.heuristic_config(p.num_tokens, p.top_k, p.num_local_experts, _interpreting())
+
+
+def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, align, max_blocks,
+                 num_pairs, n, k, *, mode, activation, router_weight, alpha, limit, dot_dtype,
+                 cfg: configs.MoEConfig):
+    n_out = n // 2 if activation else n
+    cols_per_tile = cfg.block_n // 2 if activation else cfg.block_n
+    grid = (max_blocks * triton.cdiv(n_out, cols_per_tile),)
+    dense = mode == "dense"
+    w = weight if dense else weight.blocks
+    s = weight if dense else weight.scales  # unused when dense
+    moe_gemm_kernel[grid](
+        a, w, s, bias if bias is not None else out, out, topk_weights,
+        align.sorted_ids, align.expert_ids, align.num_tokens_post_padded,
+        n, k, num_pairs, max_blocks,
+        a.stride(0), a.stride(1),
+        w.stride(0), w.stride(1), w.stride(2),
+        s.stride(0), s.stride(1), s.stride(2),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        out.stride(0), out.stride(1),
+        alpha, limit,
+        A_ROW_DIV=a_row_div,
+        WEIGHT_MODE=_MODES[mode],
+        ACTIVATION=activation,
+        ROUTER_WEIGHT=router_weight,
+        HAS_BIAS=bias is not None,
+        SPLIT_DOT=cfg.split_dot,
+        DOT_DTYPE=_DOT_DTYPES[dot_dtype],
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        DOT_FORMAT="fp16" if dot_dtype == torch.float16 else "bf16",
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None,
+              w2_dense: torch.Tensor | None = None, config: configs.MoEConfig | None = None,
+              ) -> torch.Tensor:
+    """``[M, H]`` in the activation dtype. ``mode``: "dequant", "scaled" or "dense"."""
+    p = args.problem
+    x = args.hidden_states
+    dtype = x.dtype
+    cfg = config or choose_config(args, mode)
+    num_pairs = p.num_tokens * p.top_k
+    max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
+    out = _new_buffer((p.num_tokens, p.hidden), dtype, x.device)
+    if max_blocks == 0:
+        return out.zero_()
+
+    align = align_by_expert(args.topk_ids, cfg.block_m, p.num_local_experts, args.expert_map)
+    topk_weights = args.topk_weights.reshape(-1).to(torch.float32).contiguous()
+    on_input = args.apply_router_weight_on_input
+    w13 = w13_dense if mode == "dense" else args.w13
+    w2 = w2_dense if mode == "dense" else args.w2
+
+    dot_dtype = _dot_dtype(dtype, mode)
+    act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
+    _launch_gemm(
+        x, p.top_k, w13, args.w13_bias, act, topk_weights,
+        align, max_blocks, num_pairs, 2 * p.intermediate, p.hidden,
+        mode=mode, activation=_ACTIVATIONS[p.activation.value],
+        router_weight=1 if on_input else 0, alpha=args.alpha, limit=args.limit,
+        dot_dtype=dot_dtype, cfg=cfg,
+    )
+    inter = _new_buffer((num_pairs, p.hidden), dtype, x.device)
+    _launch_gemm(
+        act, 1, w2, args.w2_bias, inter, topk_weights,
+        align, max_blocks, num_pairs, p.hidden, p.intermediate,
+        mode=mode, activation=0, router_weight=0 if on_input else 2,
+        alpha=args.alpha, limit=args.limit, dot_dtype=dot_dtype, cfg=cfg.gemm2(),
+    )
+    topk_ids = args.topk_ids.reshape(-1)
+    has_map = args.expert_map is not None
+    block_h = 1024 if not _interpreting() else 64
+    topk_sum_kernel[(p.num_tokens, triton.cdiv(p.hidden, block_h))](
+        inter, topk_ids, args.expert_map if has_map else topk_ids, out,
+        p.hidden, p.num_global_experts, p.num_local_experts,
+        inter.stride(0), inter.stride(1), out.stride(0), out.stride(1),
+        TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h,
+    )
+    return out
