@@ -82,7 +82,7 @@ def moe_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT_DOT: tl.constexpr,  # dequant mode: two half-dots over even/odd K instead of one
     DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots, "tf32"/default otherwise
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (exact), None (the default) otherwise
     DOT_FORMAT: tl.constexpr,  # tl.dot_scaled's name of DOT_DTYPE: "bf16" or "fp16"
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # weight rows per tile (gated: BLOCK_N // 2 gate/up pairs)

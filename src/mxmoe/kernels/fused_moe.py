@@ -84,7 +84,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, align, max_block
         HAS_BIAS=bias is not None,
         SPLIT_DOT=cfg.split_dot,
         DOT_DTYPE=_DOT_DTYPES[dot_dtype],
-        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
         DOT_FORMAT="fp16" if dot_dtype == torch.float16 else "bf16",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
