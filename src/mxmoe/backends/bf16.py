@@ -16,19 +16,23 @@ from ..format import MXFP4Tensor
 from ._triton_common import triton_unavailable_reason
 from .base import Backend, MoEArgs
 
-# blocks tensor -> {(dtype, blocks version, scales version): dense weights}
-_DENSE_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+# id(blocks) -> (weakref to blocks, version key, dense weights). Keyed by id, not by the tensor:
+# tensors compare elementwise, which a dict key lookup cannot use.
+_DENSE_CACHE: dict[int, tuple] = {}
 
 
 def dense_weights(weight: MXFP4Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The cached dense copy of ``weight`` in ``dtype`` (made on first use)."""
-    per_blocks = _DENSE_CACHE.setdefault(weight.blocks, {})
-    key = (dtype, weight.blocks._version, weight.scales.data_ptr(), weight.scales._version)
-    dense = per_blocks.get(key)
-    if dense is None:
-        per_blocks.clear()  # drop copies of an older version of these weights
-        dense = weight.dequantize(dtype).contiguous()
-        per_blocks[key] = dense
+    blocks = weight.blocks
+    key = (dtype, blocks.data_ptr(), blocks._version, weight.scales.data_ptr(),
+           weight.scales._version)
+    entry = _DENSE_CACHE.get(id(blocks))
+    if entry is not None and entry[0]() is blocks and entry[1] == key:
+        return entry[2]
+    dense = weight.dequantize(dtype).contiguous()
+    blocks_id = id(blocks)
+    ref = weakref.ref(blocks, lambda _ref: _DENSE_CACHE.pop(blocks_id, None))
+    _DENSE_CACHE[blocks_id] = (ref, key, dense)
     return dense
 
 

@@ -81,6 +81,7 @@ def moe_gemm_kernel(
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_DOT: tl.constexpr,  # dequant mode: two half-dots over even/odd K instead of one
+    SWAP_AB: tl.constexpr,  # accumulate C^T = W X^T: the weight tile is the dot's left operand
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (exact), None (the default) otherwise
     DOT_FORMAT: tl.constexpr,  # tl.dot_scaled's name of DOT_DTYPE: "bf16" or "fp16"
@@ -121,7 +122,12 @@ def moe_gemm_kernel(
         mask_n = out_col < half
     rows64 = rows.to(tl.int64)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # With SWAP_AB the weights (dequantized in registers) are the left operand, which Hopper's
+    # wgmma may take from registers, and the few tokens of a decode step the narrow side.
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     b_expert_ptr = b_ptr + expert * stride_be
     s_expert_ptr = b_scale_ptr + expert * stride_se
     GROUPS: tl.constexpr = BLOCK_K // 32
@@ -139,7 +145,10 @@ def moe_gemm_kernel(
                 b_expert_ptr + rows64[:, None] * stride_bn + offs_k[None, :] * stride_bk,
                 mask=mask_n[:, None] & mask_k[None, :], other=0.0,
             )
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
             offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             mask_kb = offs_kb < K // 2
@@ -157,7 +166,10 @@ def moe_gemm_kernel(
                     a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
                 ).to(DOT_DTYPE)
-                acc = tl.dot_scaled(a, None, DOT_FORMAT, tl.trans(packed), scale, "e2m1", acc)
+                if SWAP_AB:
+                    acc = tl.dot_scaled(packed, scale, "e2m1", tl.trans(a), None, DOT_FORMAT, acc)
+                else:
+                    acc = tl.dot_scaled(a, None, DOT_FORMAT, tl.trans(packed), scale, "e2m1", acc)
             else:
                 codes = packed.to(tl.int32)
                 scale_f = _e8m0_to_f32(scale.to(tl.int32))
@@ -188,8 +200,13 @@ def moe_gemm_kernel(
                                                 (BLOCK_N, BLOCK_K)))
                     w = tl.reshape(w, (BLOCK_N, GROUPS, 32)) * scale_f[:, :, None]
                     w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+                    if SWAP_AB:
+                        acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+                    else:
+                        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if ROUTER_WEIGHT != WEIGHT_NONE:
         routing_weight = tl.load(topk_weights_ptr + pair, mask=mask_m, other=0.0)
     if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:

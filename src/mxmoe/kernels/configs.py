@@ -26,6 +26,7 @@ class MoEConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_dot: bool = False  # dequant strategy: two half-dots (True) or one interleaved dot
+    swap_ab: bool = False  # compute C^T = W X^T (weights as the dot's left operand)
     # GEMM2 may use its own N/K tiles (same block_m: the alignment is shared).
     block_n2: int | None = None
     block_k2: int | None = None
@@ -40,6 +41,7 @@ class MoEConfig:
             num_warps=self.num_warps2 or self.num_warps,
             num_stages=self.num_stages2 or self.num_stages,
             split_dot=self.split_dot,
+            swap_ab=self.swap_ab,
         )
 
     def to_json(self) -> dict:

@@ -13,9 +13,14 @@ import triton
 import triton.language as tl
 
 from ..backends.base import MoEArgs
-from ..routing import align_by_expert, max_aligned_blocks
+from ..routing import Alignment, align_by_expert, max_aligned_blocks
 from . import configs
+from ._align import align_kernel
 from ._moe_gemm import moe_gemm_kernel, topk_sum_kernel
+
+#: Up to this many (token, slot) pairs the alignment runs as one Triton program; above, the
+#: device-side torch version (a dozen launches, but parallel over the pairs).
+ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
 
 _MODES = {"dequant": 0, "scaled": 1, "dense": 2}
 _ACTIVATIONS = {"swigluoai": 1, "silu": 2}
@@ -58,7 +63,31 @@ def choose_config(args: MoEArgs, mode: str) -> configs.MoEConfig:
     return configs.heuristic_config(p.num_tokens, p.top_k, p.num_local_experts, _interpreting())
 
 
-def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, align, max_blocks,
+def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
+          expert_map: torch.Tensor | None) -> Alignment:
+    """Sort the pairs by local expert, padded to ``block_m`` (see `mxmoe.routing.Alignment`)."""
+    num_pairs = topk_ids.numel()
+    if num_pairs > ALIGN_ONE_PROGRAM_MAX_PAIRS:
+        return align_by_expert(topk_ids, block_m, num_local, expert_map)
+    max_blocks = max_aligned_blocks(num_pairs, num_local, block_m)
+    device = topk_ids.device
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    total = torch.empty(1, dtype=torch.int32, device=device)
+    flat = topk_ids.reshape(-1)
+    align_kernel[(1,)](
+        flat, expert_map if expert_map is not None else flat, sorted_ids, expert_ids, total,
+        num_pairs, num_global, num_local, max_blocks,
+        HAS_MAP=expert_map is not None,
+        BLOCK_M=block_m,
+        NUM_BINS=triton.next_power_of_2(num_local + 1),
+        CHUNK=128 if not _interpreting() else 32,
+        num_warps=4,
+    )
+    return Alignment(sorted_ids, expert_ids, total, block_m)
+
+
+def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blocks,
                  num_pairs, n, k, *, mode, activation, router_weight, alpha, limit, dot_dtype,
                  cfg: configs.MoEConfig):
     n_out = n // 2 if activation else n
@@ -69,7 +98,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, align, max_block
     s = weight if dense else weight.scales  # unused when dense
     moe_gemm_kernel[grid](
         a, w, s, bias if bias is not None else out, out, topk_weights,
-        align.sorted_ids, align.expert_ids, align.num_tokens_post_padded,
+        aligned.sorted_ids, aligned.expert_ids, aligned.num_tokens_post_padded,
         n, k, num_pairs, max_blocks,
         a.stride(0), a.stride(1),
         w.stride(0), w.stride(1), w.stride(2),
@@ -83,6 +112,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, align, max_block
         ROUTER_WEIGHT=router_weight,
         HAS_BIAS=bias is not None,
         SPLIT_DOT=cfg.split_dot,
+        SWAP_AB=cfg.swap_ab and not cfg.split_dot,
         DOT_DTYPE=_DOT_DTYPES[dot_dtype],
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
         DOT_FORMAT="fp16" if dot_dtype == torch.float16 else "bf16",
@@ -108,7 +138,8 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
     if max_blocks == 0:
         return out.zero_()
 
-    align = align_by_expert(args.topk_ids, cfg.block_m, p.num_local_experts, args.expert_map)
+    aligned = align(args.topk_ids, cfg.block_m, p.num_local_experts, p.num_global_experts,
+                    args.expert_map)
     topk_weights = args.topk_weights.reshape(-1).to(torch.float32).contiguous()
     on_input = args.apply_router_weight_on_input
     w13 = w13_dense if mode == "dense" else args.w13
@@ -118,7 +149,7 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
     act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
     _launch_gemm(
         x, p.top_k, w13, args.w13_bias, act, topk_weights,
-        align, max_blocks, num_pairs, 2 * p.intermediate, p.hidden,
+        aligned, max_blocks, num_pairs, 2 * p.intermediate, p.hidden,
         mode=mode, activation=_ACTIVATIONS[p.activation.value],
         router_weight=1 if on_input else 0, alpha=args.alpha, limit=args.limit,
         dot_dtype=dot_dtype, cfg=cfg,
@@ -126,7 +157,7 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
     inter = _new_buffer((num_pairs, p.hidden), dtype, x.device)
     _launch_gemm(
         act, 1, w2, args.w2_bias, inter, topk_weights,
-        align, max_blocks, num_pairs, p.hidden, p.intermediate,
+        aligned, max_blocks, num_pairs, p.hidden, p.intermediate,
         mode=mode, activation=0, router_weight=0 if on_input else 2,
         alpha=args.alpha, limit=args.limit, dot_dtype=dot_dtype, cfg=cfg.gemm2(),
     )
