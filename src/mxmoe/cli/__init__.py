@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "info": ".info",
     "check": ".check",
     "bench": ".bench",
+    "tune": ".tune",
 }
 
 
