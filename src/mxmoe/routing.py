@@ -32,11 +32,45 @@ def route(
     from .validation import check_route_args
 
     check_route_args(router_logits, top_k)
+    if _use_triton_router(router_logits):
+        return _route_triton(router_logits, top_k, renormalize)
     probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1, sorted=True)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
+
+
+#: Above this many experts the fused router would hold too wide a row in registers.
+_TRITON_ROUTER_MAX_EXPERTS = 1024
+
+
+def _use_triton_router(router_logits: torch.Tensor) -> bool:
+    import os
+
+    return (router_logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
+            and os.environ.get("MXMOE_TORCH_ROUTER", "0") != "1")
+
+
+def _route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    import triton
+
+    from .kernels._route import route_kernel
+
+    m, e = router_logits.shape
+    weights = torch.empty((m, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((m, top_k), dtype=torch.int32, device=router_logits.device)
+    if m == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(e)
+    rows = max(1, min(16, 4096 // block_e))
+    route_kernel[(triton.cdiv(m, rows),)](
+        router_logits, weights, ids, m, e, router_logits.stride(0), router_logits.stride(1),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+        BLOCK_E=block_e, ROWS=rows, num_warps=4,
+    )
+    return weights, ids
 
 
 @dataclass
