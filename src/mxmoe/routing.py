@@ -23,8 +23,9 @@ def route(
     Args:
         router_logits: ``[M, E]`` float.
         top_k: experts per token, ``1 <= top_k <= E``.
-        renormalize: divide the chosen probabilities by their sum (gpt-oss: equal to a softmax
-            over the top-k logits). ``False`` keeps the probabilities of the softmax over all E.
+        renormalize: softmax over the top-k logits (gpt-oss; equal to dividing the chosen
+            probabilities by their sum). ``False`` keeps the probabilities of the softmax over
+            all E.
 
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight first.
@@ -32,10 +33,14 @@ def route(
     from .validation import check_route_args
 
     check_route_args(router_logits, top_k)
-    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1, sorted=True)
+    logits = router_logits.to(torch.float32)
+    # Rank by the logits, not by softmax probabilities: probabilities far below the top one
+    # underflow to equal zeros and would be ranked arbitrarily.
+    top_logits, ids = torch.topk(logits, top_k, dim=-1, sorted=True)
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = torch.softmax(top_logits, dim=-1)
+    else:
+        weights = torch.softmax(logits, dim=-1).gather(-1, ids)
     return weights, ids.to(torch.int32)
 
 
