@@ -123,7 +123,7 @@ ALIGN_CASES = {
     "one token": (1, 4, 32, 16, None),
     "no tokens": (0, 4, 8, 16, None),
     "expert map, remote experts": (20, 2, 8, 4, [-1, 0, -1, 1, 2, -1, -1, 3]),
-    "expert map, all remote": (6, 2, 4, 4, [-1, -1, -1, -1]),
+    "expert map, no local expert": (6, 2, 4, 4, [-1, -1, -1, -1]),
     "expert map, permuted": (11, 3, 6, 2, [5, 4, 3, 2, 1, 0]),
 }
 
@@ -131,8 +131,9 @@ ALIGN_CASES = {
 def case_ids(m, k, e, block_m, expert_map, seed=0):
     ids = random_ids(m, k, e, seed)
     emap = None if expert_map is None else torch.tensor(expert_map, dtype=torch.int32)
+    # With an all -1 map this rank holds no expert at all: E_local = 0.
     e_local = e if emap is None else int(emap.max().item()) + 1
-    return ids, emap, max(e_local, 1)
+    return ids, emap, e_local
 
 
 def local_expert(ids: torch.Tensor, expert_map) -> list[int]:
