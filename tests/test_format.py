@@ -25,6 +25,7 @@ E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
         -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 EDGE_SCALES = [0, 1, 126, 127, 128, 254, 255]
 RULES = ["floor", "ceil"]
+U8 = torch.uint8
 
 
 def expected_value(code: int, scale: int) -> float:
@@ -113,7 +114,7 @@ def test_hand_written_row_decodes_as_written():
     # 0x70 -> [code 0, code 7]   = [0.0, 6.0]  * 2 = [0.0, 12.0]
     # 0xA5 -> [code 5, code 10]  = [3.0, -1.0] * 2 = [6.0, -2.0]
     row = [0x21, 0x8F, 0x70, 0xA5] + [0x00] * 12
-    q = MXFP4Tensor(torch.tensor([row], dtype=torch.uint8), torch.tensor([[128]], dtype=torch.uint8))
+    q = MXFP4Tensor(torch.tensor([row], dtype=U8), torch.tensor([[128]], dtype=U8))
     expected = torch.tensor([1.0, 2.0, -12.0, -0.0, 0.0, 12.0, 6.0, -2.0] + [0.0] * 24)
     assert_bits_equal(q.dequantize()[0], expected)
 
@@ -466,9 +467,6 @@ def test_gpt_oss_layout_rejects_a_last_dim_other_than_16():
 # ---------------------------------------------------------------------------------------------
 # MXFP4Tensor: construction, shape, indexing, device
 # ---------------------------------------------------------------------------------------------
-
-U8 = torch.uint8
-
 
 @pytest.mark.parametrize(
     "blocks,scales,error,fragment",

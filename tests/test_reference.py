@@ -192,14 +192,16 @@ def test_gated_rows_follow_the_activation_layout():
 # Activation functions against their formulas
 # ---------------------------------------------------------------------------------------------
 
-VALUES = torch.tensor([-20.0, -7.5, -7.0, -3.0, -1.0, -0.1, 0.0, 0.1, 1.0, 3.0, 6.9, 7.0, 7.5, 20.0])
+VALUES = torch.tensor([-20.0, -7.5, -7.0, -3.0, -1.0, -0.1, 0.0, 0.1, 1.0, 3.0, 6.9, 7.0, 7.5,
+                       20.0])
 
 
 def sigmoid64(x: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + torch.exp(-x.double()))
 
 
-@pytest.mark.parametrize("alpha,limit", [(1.702, 7.0), (1.0, 2.5)], ids=["gpt-oss", "alpha 1, limit 2.5"])
+@pytest.mark.parametrize("alpha,limit", [(1.702, 7.0), (1.0, 2.5)],
+                         ids=["gpt-oss", "alpha 1, limit 2.5"])
 def test_swiglu_oai_formula(alpha, limit):
     gate, up = torch.meshgrid(VALUES, VALUES, indexing="ij")
     out = swiglu_oai(gate, up, alpha, limit)

@@ -171,7 +171,8 @@ def test_alignment_invariants(case):
     expert_ids = al.expert_ids.tolist()
     used = al.num_tokens_post_padded.item()
 
-    assert al.sorted_ids.dtype == al.expert_ids.dtype == al.num_tokens_post_padded.dtype == torch.int32
+    for t in (al.sorted_ids, al.expert_ids, al.num_tokens_post_padded):
+        assert t.dtype == torch.int32
     # The kernel reads every block of block_m rows, so the used rows are whole blocks.
     assert used % block_m == 0
     # Every local pair appears exactly once, and nothing else except the sentinel.

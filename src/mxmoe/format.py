@@ -268,7 +268,9 @@ def quantize_mxfp4(
     )
 
 
-def _quantize_rows(rows: torch.Tensor, rounding: ScaleRounding) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_rows(
+    rows: torch.Tensor, rounding: ScaleRounding
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float ``[R, K]`` -> (blocks uint8 ``[R, K/2]``, scales uint8 ``[R, K/32]``)."""
     work_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     groups = rows.to(work_dtype).reshape(rows.shape[0], -1, MXFP4_BLOCK_SIZE)
