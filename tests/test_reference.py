@@ -188,6 +188,39 @@ def test_gated_rows_follow_the_activation_layout():
                                expected_silu, rtol=1e-6, atol=0)
 
 
+def test_route_and_experts_match_transformers_gpt_oss():
+    # The model's own code (transformers' GptOssTopKRouter and GptOssExperts, float32) on the
+    # same dequantized weights: the layouts (gate/up interleaved, weights transposed there),
+    # the +1 on up, the clamps and b2 before the routing weight must all agree.
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssTopKRouter
+
+    m, h, i, e, k = 11, 64, 32, 4, 2
+    problem = make_moe(m, h, i, e, k, seed=10)
+    x = problem["hidden_states"] * 4  # large enough that some |h| passes the limit of 7
+    config = GptOssConfig(hidden_size=h, intermediate_size=i, num_local_experts=e,
+                          num_experts_per_tok=k, swiglu_limit=7.0)
+    g = torch.Generator().manual_seed(11)
+    router = GptOssTopKRouter(config)
+    experts = GptOssExperts(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(e, h, generator=g))
+        router.bias.copy_(torch.randn(e, generator=g))
+        experts.gate_up_proj.copy_(problem["w13"].dequantize().transpose(1, 2))
+        experts.gate_up_proj_bias.copy_(problem["w13_bias"])
+        experts.down_proj.copy_(problem["w2"].dequantize().transpose(1, 2))
+        experts.down_proj_bias.copy_(problem["w2_bias"])
+        logits, scores, indices = router(x)
+        expected = experts(x, router_indices=indices, routing_weights=scores)
+
+    weights, ids = mxmoe.route(logits, k)
+    assert torch.equal(ids, indices.to(torch.int32))
+    out = fused_experts(x, problem["w13"], problem["w2"], weights, ids,
+                        w13_bias=problem["w13_bias"], w2_bias=problem["w2_bias"],
+                        backend="torch")
+    assert rel_err(out, expected) <= FP32_TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # Activation functions against their formulas
 # ---------------------------------------------------------------------------------------------
