@@ -398,6 +398,22 @@ def test_quantizing_in_chunks_of_rows_gives_the_same_bytes(monkeypatch, chunk_el
     assert torch.equal(chunked.scales, whole.scales)
 
 
+def test_quantize_holds_at_most_one_chunk_of_rows_at_a_time(monkeypatch):
+    # The float temporaries are made per chunk: 35 rows of 64 with a 256-element budget go
+    # through as 4-row chunks (the last one 3 rows), never as the whole tensor.
+    seen = []
+    quantize_rows = mxmoe.format._quantize_rows
+
+    def recording(rows, rounding):
+        seen.append(tuple(rows.shape))
+        return quantize_rows(rows, rounding)
+
+    monkeypatch.setattr(mxmoe.format, "_quantize_rows", recording)
+    monkeypatch.setattr(mxmoe.format, "QUANTIZE_CHUNK_ELEMENTS", 256)
+    quantize_mxfp4(torch.randn(5, 7, 64, generator=torch.Generator().manual_seed(8)))
+    assert seen == [(4, 64)] * 8 + [(3, 64)]
+
+
 @pytest.mark.parametrize("shape", [(64,), (0, 64), (2, 3, 96), (4, 0)],
                          ids=["1-D", "no rows", "3-D", "K = 0"])
 def test_quantize_keeps_the_leading_shape(shape):
