@@ -216,7 +216,7 @@ def _round_to_e2m1(scaled: torch.Tensor) -> torch.Tensor:
 
 #: Elements of ``x`` quantized at once: `quantize_mxfp4` works on chunks of whole rows so that
 #: its float temporaries stay near this size, however large the tensor (a gpt-oss-120b w13 is
-#: 4.2G elements).
+#: 2.1G elements).
 QUANTIZE_CHUNK_ELEMENTS = 1 << 24
 
 
