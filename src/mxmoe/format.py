@@ -214,6 +214,12 @@ def _round_to_e2m1(scaled: torch.Tensor) -> torch.Tensor:
     return code.to(torch.uint8)
 
 
+#: Elements of ``x`` quantized at once: `quantize_mxfp4` works on chunks of whole rows so that
+#: its float temporaries stay near this size, however large the tensor (a gpt-oss-120b w13 is
+#: 2.1G elements).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 24
+
+
 def quantize_mxfp4(
     x: torch.Tensor,
     *,
@@ -228,7 +234,8 @@ def quantize_mxfp4(
 
     An all-zero block gets scale byte 0; a block holding NaN or ±Inf gets the NaN scale (255).
     Scale exponents outside E8M0's range are clamped to [2**-127, 2**127]. The sign of each
-    element is kept, so a negative value that rounds to zero becomes -0 (code 8).
+    element is kept, so a negative value that rounds to zero becomes -0 (code 8). float64 input
+    is quantized in float64 (rounding it to float32 first would round twice).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize_mxfp4: x must be a torch.Tensor, got {type(x).__name__}")
@@ -247,7 +254,26 @@ def quantize_mxfp4(
             f"{[r.value for r in ScaleRounding]}, got {scale_rounding!r}"
         ) from None
 
-    groups = x.to(torch.float32).reshape(*x.shape[:-1], -1, MXFP4_BLOCK_SIZE)
+    k = x.shape[-1]
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
+    blocks = torch.empty(rows.shape[0], k // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(rows.shape[0], k // MXFP4_BLOCK_SIZE, dtype=torch.uint8, device=x.device)
+    rows_per_chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        chunk = slice(start, start + rows_per_chunk)
+        blocks[chunk], scales[chunk] = _quantize_rows(rows[chunk], rounding)
+    return MXFP4Tensor(
+        blocks.reshape(*x.shape[:-1], k // 2),
+        scales.reshape(*x.shape[:-1], k // MXFP4_BLOCK_SIZE),
+    )
+
+
+def _quantize_rows(
+    rows: torch.Tensor, rounding: ScaleRounding
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float ``[R, K]`` -> (blocks uint8 ``[R, K/2]``, scales uint8 ``[R, K/32]``)."""
+    work_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    groups = rows.to(work_dtype).reshape(rows.shape[0], -1, MXFP4_BLOCK_SIZE)
     amax = groups.abs().amax(dim=-1)
     not_finite = ~torch.isfinite(amax)
     is_zero = amax == 0
@@ -259,13 +285,13 @@ def quantize_mxfp4(
     biased = torch.where(not_finite, torch.full_like(biased, E8M0_NAN), biased)
 
     # 1 / scale is an exact power of two in float32 for every biased exponent in [0, 254], so
-    # the division is exact (only results far below E2M1's resolution can lose bits).
+    # the product is exact (only results far below E2M1's resolution can lose bits).
     inv_scale = e8m0_to_float((E8M0_MAX_FINITE - biased.clamp(max=E8M0_MAX_FINITE)).to(torch.uint8))
     scaled = groups * inv_scale.unsqueeze(-1)
     scaled = torch.where(not_finite.unsqueeze(-1), torch.zeros_like(scaled), scaled)
 
     magnitude = _round_to_e2m1(scaled)
     sign = torch.where(torch.signbit(scaled), F4_E2M1_SIGN_BIT, 0).to(torch.uint8)
-    codes = (magnitude | sign).reshape(*x.shape[:-1], -1)
+    codes = (magnitude | sign).reshape(rows.shape[0], -1)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return MXFP4Tensor(blocks.contiguous(), biased.to(torch.uint8).contiguous())
+    return blocks, biased.to(torch.uint8)

@@ -23,8 +23,9 @@ def route(
     Args:
         router_logits: ``[M, E]`` float.
         top_k: experts per token, ``1 <= top_k <= E``.
-        renormalize: divide the chosen probabilities by their sum (gpt-oss: equal to a softmax
-            over the top-k logits). ``False`` keeps the probabilities of the softmax over all E.
+        renormalize: softmax over the top-k logits (gpt-oss; equal to dividing the chosen
+            probabilities by their sum). ``False`` keeps the probabilities of the softmax over
+            all E.
 
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight first.
@@ -34,10 +35,14 @@ def route(
     check_route_args(router_logits, top_k)
     if _use_triton_router(router_logits):
         return _route_triton(router_logits, top_k, renormalize)
-    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1, sorted=True)
+    logits = router_logits.to(torch.float32)
+    # Rank by the logits, not by softmax probabilities: probabilities far below the top one
+    # underflow to equal zeros and would be ranked arbitrarily.
+    top_logits, ids = torch.topk(logits, top_k, dim=-1, sorted=True)
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = torch.softmax(top_logits, dim=-1)
+    else:
+        weights = torch.softmax(logits, dim=-1).gather(-1, ids)
     return weights, ids.to(torch.int32)
 
 
@@ -132,31 +137,30 @@ def align_by_expert(
     sentinel = num_pairs
 
     bucket = _local_expert_of_pairs(topk_ids, num_experts, expert_map)
-    # Bucket E holds the pairs of remote experts; it gets no blocks.
+    # Bucket E holds the pairs of remote experts; it gets no blocks (its padded size is 0).
+    # Every table below has E + 1 entries, so bucket E indexes them even when E is 0.
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))
-    counts = counts[:num_experts]
-    padded = (counts + block_m - 1) // block_m * block_m
+    padded = torch.cat([(counts[:num_experts] + block_m - 1) // block_m * block_m,
+                        counts.new_zeros(1)])
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
     count_start = torch.cumsum(counts, 0) - counts
 
     order = torch.sort(bucket, stable=True).indices
     sorted_bucket = bucket[order]
-    is_local = sorted_bucket < num_experts
-    local_bucket = sorted_bucket.clamp(max=max(num_experts - 1, 0))
-    rank = torch.arange(num_pairs, device=device) - count_start[local_bucket]
-    position = padded_start[local_bucket] + rank
+    rank = torch.arange(num_pairs, device=device) - count_start[sorted_bucket]
+    position = padded_start[sorted_bucket] + rank
     # Remote pairs go to a scratch slot past the end, then are cut off.
-    position = torch.where(is_local, position, max_blocks * block_m)
+    position = torch.where(sorted_bucket < num_experts, position, max_blocks * block_m)
     sorted_ids = torch.full((max_blocks * block_m + 1,), sentinel, dtype=torch.int64, device=device)
     sorted_ids.scatter_(0, position, order)
     sorted_ids = sorted_ids[:-1]
 
     block_start = torch.arange(max_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.searchsorted(padded_end[:num_experts], block_start, right=True)
     expert_ids = torch.where(block_expert < num_experts, block_expert, -1)
-    total = padded_end[-1:] if num_experts > 0 else torch.zeros(1, dtype=torch.int64, device=device)
+    total = padded_end[-1:]
     return Alignment(
         sorted_ids=sorted_ids.to(torch.int32),
         expert_ids=expert_ids.to(torch.int32),

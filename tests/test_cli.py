@@ -1,0 +1,70 @@
+"""The `mxmoe` command on the CPU: info, check and bench exit 0 and print what they promise.
+
+conftest.py sets TRITON_INTERPRET=1 on CPU-only machines, which makes the Triton backends
+"usable" on the CPU. These tests run the command as a user of a CPU-only machine does, without
+the interpreter, so that only the torch backend runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mxmoe.cli import main
+
+
+@pytest.fixture(autouse=True)
+def cpu_user_environment(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("MXMOE_BACKEND", raising=False)
+
+
+def run_cli(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_info_names_the_device_versions_and_backends(capsys):
+    out = run_cli(capsys, "info")
+    for fragment in ("device: cpu", "torch: ", "Triton: ", "CUDA: "):
+        assert fragment in out
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line.strip()}
+    assert lines["torch"] == "yes"
+    for name in ("triton_dequant", "triton_scaled", "bf16"):
+        assert lines[name] == "no"  # no GPU and no interpreter
+    assert "TRITON_INTERPRET=1" in out  # says why not
+
+
+def test_check_passes_the_torch_backend_on_every_case(capsys):
+    out = run_cli(capsys, "check")
+    torch_rows = [line for line in out.splitlines() if line.startswith("torch ")]
+    assert len(torch_rows) == 3
+    assert all(line.endswith("PASS") for line in torch_rows)
+    for case in ("one token", "k = E", "prime E"):
+        assert case in out
+    assert "FAIL" not in out and "all passed" in out
+
+
+def test_check_fails_when_a_backend_misses_the_tolerance(capsys, monkeypatch):
+    # A check that cannot fail checks nothing: a backend that is off by 1% must be reported.
+    from mxmoe.backends.torch_backend import TorchBackend
+
+    run = TorchBackend.run
+    monkeypatch.setattr(TorchBackend, "run", lambda self, args: run(self, args) * 1.01)
+    assert main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "3 failed" in out
+
+
+def test_bench_times_each_requested_token_count(capsys):
+    out = run_cli(capsys, "bench", "--tokens", "1", "2", "--repeat", "1")
+    assert "device: cpu" in out and "scaled-down gpt-oss shape" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("torch ")]
+    assert [row[1] for row in rows] == ["1", "2"]
+    assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_unknown_subcommand_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
