@@ -6,11 +6,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 import mxmoe
 from mxmoe.checkpoint import NAMINGS
+
+
+@pytest.fixture(autouse=True)
+def quiet_cpu():
+    """One intra-op thread and no autograd: these tiny problems run several times faster when
+    pytest-xdist workers do not oversubscribe the cores (import this fixture into a module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        yield
+    torch.set_num_threads(threads)
 
 
 @dataclass

@@ -12,17 +12,11 @@ from mxmoe import checkpoint as ckpt_module
 from mxmoe.checkpoint import NAMINGS, load_gpt_oss_moe
 from mxmoe.distributed import expert_range, intermediate_range, w13_row_ranges
 
-from checkpoints import (dense_moe, hf_config, mxfp4_tensors, openai_config, other_tensors,
-                         write_checkpoint)
+from checkpoints import (dense_moe, hf_config, mxfp4_tensors, openai_config, other_tensors,  # noqa: F401
+                         quiet_cpu, write_checkpoint)
 from helpers import rel_err
 
 CONFIGS = {"transformers": hf_config, "openai": openai_config}
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def _write(tmp_path, naming="transformers", *, e=4, h=64, i=64, shards=1, config=True,

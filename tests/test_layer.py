@@ -6,14 +6,8 @@ import torch
 import mxmoe
 from mxmoe.reference import fused_experts_reference
 
-from checkpoints import dense_moe
+from checkpoints import dense_moe, quiet_cpu  # noqa: F401 (autouse fixture)
 from helpers import rel_err
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def _reference_forward(layer: mxmoe.MXFP4MoE, x: torch.Tensor) -> torch.Tensor:
