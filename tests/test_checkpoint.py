@@ -12,8 +12,9 @@ from mxmoe import checkpoint as ckpt_module
 from mxmoe.checkpoint import NAMINGS, load_gpt_oss_moe
 from mxmoe.distributed import expert_range, intermediate_range, w13_row_ranges
 
-from checkpoints import (dense_moe, hf_config, mxfp4_tensors, openai_config, other_tensors,  # noqa: F401
-                         quiet_cpu, write_checkpoint)
+from checkpoints import quiet_cpu  # noqa: F401 (autouse fixture)
+from checkpoints import (dense_moe, hf_config, mxfp4_tensors, openai_config, other_tensors,
+                         write_checkpoint)
 from helpers import rel_err
 
 CONFIGS = {"transformers": hf_config, "openai": openai_config}
@@ -223,9 +224,11 @@ def _replace(name, value):
          r"down_proj_scales' has shape \[4, 64, 1\], expected \[4, 64, 2\]"),
         (_replace(_name("transformers", "router_weight"), torch.zeros(4, 32)),
          r"router\.weight' has shape \[4, 32\], expected \[4, 64\]"),
-        (_replace(_name("transformers", "w13_blocks"), torch.zeros(4, 128, 2, 8, dtype=torch.uint8)),
-         r"gate_up_proj_blocks' has shape \(4, 128, 2, 8\), expected \[E, 2I, H/32, 16\]"),
-        (_replace(_name("transformers", "w13_blocks"), torch.zeros(4, 128, 2, 16, dtype=torch.int8)),
+        (_replace(_name("transformers", "w13_blocks"),
+                  torch.zeros(4, 128, 4, 8, dtype=torch.uint8)),
+         r"gate_up_proj_blocks' has shape \(4, 128, 4, 8\), expected \[E, 2I, H/32, 16\]"),
+        (_replace(_name("transformers", "w13_blocks"),
+                  torch.zeros(4, 128, 2, 16, dtype=torch.int8)),
          r"gate_up_proj_blocks' has dtype I8, expected U8"),
         (_replace(_name("transformers", "w13_bias"), torch.zeros(4, 128, dtype=torch.int32)),
          r"gate_up_proj_bias' has dtype I32, expected BF16 or F16 or F32"),
@@ -250,7 +253,8 @@ def test_config_disagreeing_with_tensors(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["num_local_experts"] = 8
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"num_local_experts = 8.*gate_up_proj_blocks.*experts = 4"):
+    with pytest.raises(ValueError,
+                       match=r"num_local_experts = 8.*gate_up_proj_blocks.*experts = 4"):
         mxmoe.MXFP4MoE.from_gpt_oss(path, 0)
 
 
@@ -306,3 +310,49 @@ def test_bad_slices(tmp_path, kwargs, fragment):
     path, _ = _write(tmp_path)
     with pytest.raises(ValueError, match=fragment):
         load_gpt_oss_moe(path, 0, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpt_oss_20b_shaped_layer_from_synthetic_checkpoint_on_every_backend(tmp_path):
+    """A whole gpt-oss-20b-shaped layer (E=32, H=I=2880: 90 scale blocks, not a multiple of 64)
+    read straight onto the GPU, then every usable backend against the torch reference."""
+    from helpers import rms_err
+
+    e, h, i = 32, 2880, 2880
+    g = torch.Generator().manual_seed(0)
+
+    def codes(*shape):
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+
+    def scales(*shape):  # 2**-8 .. 2**-5: outputs of order one, some past the swiglu limit
+        return torch.randint(119, 123, shape, dtype=torch.uint8, generator=g)
+
+    names = {role: n.format(i=0) for role, n in NAMINGS["transformers"].items()}
+    tensors = {
+        names["w13_blocks"]: codes(e, 2 * i, h // 32, 16),
+        names["w13_scales"]: scales(e, 2 * i, h // 32),
+        names["w13_bias"]: (torch.randn(e, 2 * i, generator=g) * 0.1).bfloat16(),
+        names["w2_blocks"]: codes(e, h, i // 32, 16),
+        names["w2_scales"]: scales(e, h, i // 32),
+        names["w2_bias"]: (torch.randn(e, h, generator=g) * 0.1).bfloat16(),
+        names["router_weight"]: (torch.randn(e, h, generator=g) * h**-0.5).bfloat16(),
+        names["router_bias"]: torch.zeros(e, dtype=torch.bfloat16),
+    }
+    path = write_checkpoint(tmp_path, tensors, config={"num_experts_per_tok": 4})
+    layer = mxmoe.MXFP4MoE.from_gpt_oss(path, 0, device="cuda")
+    assert layer.w13_blocks.device.type == "cuda" and layer.w13_blocks.dtype == torch.uint8
+    assert layer.router.weight.dtype == torch.bfloat16
+
+    for m in (1, 64):
+        x = torch.randn(m, h, device="cuda", generator=torch.Generator("cuda").manual_seed(m))
+        x = x.bfloat16()
+        layer.backend = "torch"
+        ref = layer(x)
+        for name, (usable, _) in mxmoe.backends("cuda").items():
+            if not usable or name == "torch":
+                continue
+            layer.backend = name
+            out = layer(x)
+            assert out.shape == (m, h) and out.dtype == torch.bfloat16, name
+            assert rel_err(out, ref) < 2e-2 and rms_err(out, ref) < 1e-2, (name, m)

@@ -5,14 +5,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import mxmoe
 from mxmoe import convert
 from mxmoe.cli import main
 
-from checkpoints import (bf16_gpt_oss_tensors, dense_moe, hf_config,  # noqa: F401
-                         quiet_cpu, write_checkpoint)
+from checkpoints import quiet_cpu  # noqa: F401 (autouse fixture)
+from checkpoints import bf16_gpt_oss_tensors, dense_moe, hf_config, write_checkpoint
 
 
 def _read_all(directory) -> dict:
@@ -36,7 +35,8 @@ def test_round_trip_sharded_gpt_oss_bf16(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
     assert "mxmoe quantize: 100.0%" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "in").iterdir())
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "in").iterdir())
     assert (out / "tokenizer.json").read_text() == '{"tokens": []}'
 
     config = json.loads((out / "config.json").read_text())
@@ -128,7 +128,8 @@ def test_scale_rounding_ceil(tmp_path):
         (".", "contains IN_DIR"),
         ("full", "not empty (pass --force"),
     ],
-    ids=["OUT_DIR is IN_DIR", "OUT_DIR inside IN_DIR", "IN_DIR inside OUT_DIR", "non-empty OUT_DIR"],
+    ids=["OUT_DIR is IN_DIR", "OUT_DIR inside IN_DIR", "IN_DIR inside OUT_DIR",
+         "non-empty OUT_DIR"],
 )
 def test_refusals(tmp_path, capsys, out, fragment):
     _bf16_checkpoint(tmp_path / "in", shards=1)
@@ -145,7 +146,8 @@ def test_force_replaces_a_non_empty_out_dir(tmp_path):
     _bf16_checkpoint(tmp_path / "in", shards=1)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("x")
-    assert main(["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--force", "--quiet"]) == 0
+    args = ["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--force", "--quiet"]
+    assert main(args) == 0
     assert not (tmp_path / "out" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
 

@@ -13,8 +13,8 @@ import torch
 import mxmoe
 from mxmoe.convert import quantize_checkpoint
 
-from checkpoints import (dense_moe, hf_config, mxfp4_tensors, openai_config,  # noqa: F401
-                         quiet_cpu, write_checkpoint)
+from checkpoints import quiet_cpu  # noqa: F401 (autouse fixture)
+from checkpoints import dense_moe, hf_config, mxfp4_tensors, openai_config, write_checkpoint
 from helpers import rel_err
 
 gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")

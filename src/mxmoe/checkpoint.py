@@ -2,14 +2,14 @@
 
 Two namings are recognised, per layer ``i`` (shapes with E experts, hidden H, intermediate I):
 
-    HF transformers                                  OpenAI original
-    model.layers.{i}.mlp.experts.gate_up_proj_blocks block.{i}.mlp.mlp1_weight.blocks  u8 [E, 2I, H/32, 16]
-    model.layers.{i}.mlp.experts.gate_up_proj_scales block.{i}.mlp.mlp1_weight.scales  u8 [E, 2I, H/32]
-    model.layers.{i}.mlp.experts.gate_up_proj_bias   block.{i}.mlp.mlp1_bias           [E, 2I]
-    model.layers.{i}.mlp.experts.down_proj_blocks    block.{i}.mlp.mlp2_weight.blocks  u8 [E, H, I/32, 16]
-    model.layers.{i}.mlp.experts.down_proj_scales    block.{i}.mlp.mlp2_weight.scales  u8 [E, H, I/32]
-    model.layers.{i}.mlp.experts.down_proj_bias      block.{i}.mlp.mlp2_bias           [E, H]
-    model.layers.{i}.mlp.router.weight / .bias       block.{i}.mlp.gate.weight / .bias [E, H], [E]
+    HF transformers (prefix model.layers.{i}.mlp.)   OpenAI original (prefix block.{i}.mlp.)
+    experts.gate_up_proj_blocks    mlp1_weight.blocks     uint8 [E, 2I, H/32, 16]
+    experts.gate_up_proj_scales    mlp1_weight.scales     uint8 [E, 2I, H/32]
+    experts.gate_up_proj_bias      mlp1_bias              float [E, 2I]
+    experts.down_proj_blocks       mlp2_weight.blocks     uint8 [E, H, I/32, 16]
+    experts.down_proj_scales       mlp2_weight.scales     uint8 [E, H, I/32]
+    experts.down_proj_bias         mlp2_bias              float [E, H]
+    router.weight / router.bias    gate.weight / gate.bias  float [E, H], [E]
 
 The w13 rows interleave gate and up ("swigluoai"). Only the tensors of the layer are opened, and
 of those only the slices asked for (``safe_open(...).get_slice``): a rank of an expert- or

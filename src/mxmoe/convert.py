@@ -383,7 +383,8 @@ def quantize_checkpoint(
             weight_map = {e.name: p.target_name for p in plans for e in p.entries}
             metadata = dict(index.get("metadata") or {})
             metadata["total_size"] = sum(e.nbytes for p in plans for e in p.entries)
-            new_index = {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+            new_index = {**index, "metadata": metadata,
+                         "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(new_index, indent=2) + "\n")
         if config is not None:
             modules = GPT_OSS_MODULES_TO_NOT_CONVERT if default else _modules_to_not_convert(plans)
