@@ -158,13 +158,16 @@ def _plan_file(source: Path, regex: re.Pattern, transposed: bool) -> _FilePlan:
 
 
 def _modules_to_not_convert(plans: list[_FilePlan]) -> list[str]:
-    """Parent modules of the copied tensors, layer indices replaced by ``*``."""
-    modules = set()
-    for plan in plans:
-        for e in plan.entries:
-            if e.kind == "copy" and "." in e.name:
-                modules.add(re.sub(r"\.\d+(?=\.|$)", ".*", e.name.rsplit(".", 1)[0]))
-    return sorted(modules)
+    """Parent modules of the copied tensors, layer indices replaced by ``*``, leaving out any
+    module that contains a converted tensor (transformers matches these names as prefixes)."""
+
+    def module(name: str) -> str:
+        return re.sub(r"\.\d+(?=\.|$)", ".*", name.rsplit(".", 1)[0])
+
+    entries = [e for plan in plans for e in plan.entries if "." in e.name]
+    converted = {module(e.source.name) + "." for e in entries if e.kind == "blocks"}
+    copied = {module(e.name) for e in entries if e.kind == "copy"}
+    return sorted(m for m in copied if not any(c.startswith(m + ".") for c in converted))
 
 
 class _Progress:
