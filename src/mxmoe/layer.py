@@ -130,7 +130,16 @@ class MXFP4MoE(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_size)
         logits = self.router(x.to(self.router.weight.dtype))
         topk_weights, topk_ids = route(logits, self.top_k, renormalize=self.renormalize)
-        out = fused_experts(
+        if self.w13_blocks.shape[0] == 0:
+            # This rank holds no experts (an expert-parallel group larger than E).
+            out = torch.zeros_like(x)
+        else:
+            out = self._experts(x, topk_weights, topk_ids)
+        out = self._sum_partial_outputs(out)
+        return out.reshape(*leading, self.hidden_size)
+
+    def _experts(self, x, topk_weights, topk_ids):
+        return fused_experts(
             x,
             self.w13,
             self.w2,
@@ -144,8 +153,6 @@ class MXFP4MoE(nn.Module):
             expert_map=self.expert_map,
             backend=self.backend,
         )
-        out = self._sum_partial_outputs(out)
-        return out.reshape(*leading, self.hidden_size)
 
     def _sum_partial_outputs(self, out: torch.Tensor) -> torch.Tensor:
         groups = [g for g in (self.tp_group, self.ep_group) if g is not None]
@@ -164,4 +171,43 @@ class MXFP4MoE(nn.Module):
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
             f"experts={self.num_experts}, top_k={self.top_k}, activation={self.activation.value}, "
             f"backend={self.backend!r}"
+        )
+
+    @classmethod
+    def from_gpt_oss(
+        cls,
+        path,
+        layer: int,
+        *,
+        top_k: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        backend: str = "auto",
+        ep_group=None,
+        tp_group=None,
+        activation: Activation | str = Activation.SWIGLUOAI,
+    ) -> "MXFP4MoE":
+        """Read layer ``layer``'s MoE from a gpt-oss safetensors checkpoint (lazily, only its
+        tensors), in the HF transformers or the original OpenAI naming, detected automatically.
+
+        Args:
+            path: a checkpoint directory (``model.safetensors`` or sharded through
+                ``model.safetensors.index.json``) or one ``.safetensors`` file. ``config.json``
+                beside it gives ``top_k`` and the swiglu limit when present.
+            top_k: experts per token; required when config.json does not give it.
+            device: where the weights go; MXFP4 bytes are moved as uint8, never widened.
+            dtype: of the router and the biases.
+            ep_group / tp_group: read only this rank's experts / slice of I (see
+                `mxmoe.distributed`); the partial outputs are summed over the groups.
+            activation: the layout of the w13 rows (gpt-oss: ``"swigluoai"``, interleaved).
+
+        Raises:
+            ValueError: a missing tensor, a shape or dtype that does not fit (naming the tensor
+                and both shapes), no top_k, or a group larger than the layer can be split over.
+        """
+        from .checkpoint import layer_from_gpt_oss
+
+        return layer_from_gpt_oss(
+            cls, path, layer, top_k=top_k, device=device, dtype=dtype, backend=backend,
+            ep_group=ep_group, tp_group=tp_group, activation=activation,
         )

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "check": ".check",
     "bench": ".bench",
     "tune": ".tune",
+    "quantize": ".quantize",
 }
 
 

@@ -1,0 +1,116 @@
+"""`MXFP4MoE`: the layer against the reference on the same quantized weights, and as a Module."""
+
+import pytest
+import torch
+
+import mxmoe
+from mxmoe.reference import fused_experts_reference
+
+from checkpoints import dense_moe, quiet_cpu  # noqa: F401 (autouse fixture)
+from helpers import rel_err
+
+
+def _reference_forward(layer: mxmoe.MXFP4MoE, x: torch.Tensor) -> torch.Tensor:
+    """The layer's math written out: route the same way, then the reference experts."""
+    flat = x.reshape(-1, layer.hidden_size)
+    logits = torch.nn.functional.linear(flat, layer.router.weight, layer.router.bias)
+    weights, ids = mxmoe.route(logits, layer.top_k)
+    out = fused_experts_reference(
+        flat, layer.w13, layer.w2, weights, ids, w13_bias=layer.w13_bias, w2_bias=layer.w2_bias,
+        activation=layer.activation, alpha=layer.alpha, limit=layer.limit,
+        expert_map=layer.expert_map,
+    )
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("activation", ["swigluoai", "silu"])
+def test_layer_equals_reference_on_same_weights(activation):
+    layer = dense_moe(e=5, h=64, i=96).layer(top_k=2, activation=activation)
+    x = torch.randn(11, 64, generator=torch.Generator().manual_seed(3))
+    assert rel_err(layer(x), _reference_forward(layer, x)) < 1e-6
+
+
+def test_router_is_top_k_then_softmax_over_the_k_logits():
+    moe = dense_moe(e=4)
+    layer = moe.layer(top_k=2)
+    x = torch.randn(6, 64)
+    logits = x @ moe.router_weight.T + moe.router_bias
+    top, ids = logits.topk(2, dim=-1)
+    weights, got_ids = mxmoe.route(logits, 2)
+    assert torch.equal(got_ids.long(), ids)
+    torch.testing.assert_close(weights, torch.softmax(top, dim=-1))
+    assert rel_err(layer(x), _reference_forward(layer, x)) < 1e-6
+
+
+def test_leading_dims_batch_time_hidden():
+    layer = dense_moe().layer(top_k=2)
+    x = torch.randn(2, 3, 64)
+    out = layer(x)
+    assert out.shape == (2, 3, 64)
+    torch.testing.assert_close(out, layer(x.reshape(6, 64)).reshape(2, 3, 64), rtol=0, atol=0)
+
+
+def test_wrong_hidden_size_names_the_shape():
+    layer = dense_moe().layer(top_k=2)
+    with pytest.raises(ValueError, match=r"H=64.*\(3, 32\)"):
+        layer(torch.randn(3, 32))
+
+
+def test_state_dict_round_trip():
+    source = dense_moe(seed=1).layer(top_k=2)
+    target = dense_moe(seed=2).layer(top_k=2)
+    state = source.state_dict()
+    for name in ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales", "w13_bias", "w2_bias",
+                 "router.weight", "router.bias"):
+        assert name in state, name
+    assert state["w13_blocks"].dtype == torch.uint8
+    target.load_state_dict(state)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_to_moves_the_mxfp4_buffers_and_keeps_them_uint8():
+    layer = dense_moe().layer(top_k=2).to(torch.float64)
+    assert layer.w13_blocks.dtype == torch.uint8 and layer.w2_scales.dtype == torch.uint8
+    assert layer.router.weight.dtype == torch.float64
+    layer = layer.to("meta")
+    for t in (layer.w13.blocks, layer.w13.scales, layer.w2.blocks, layer.w2.scales):
+        assert t.device.type == "meta" and t.dtype == torch.uint8
+
+
+@pytest.mark.gpu
+def test_to_cuda_moves_the_mxfp4_buffers():
+    layer = dense_moe().layer(top_k=2).to("cuda")
+    assert layer.w13.device.type == "cuda" and layer.w2.device.type == "cuda"
+    x = torch.randn(4, 64, device="cuda")
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_expert_subsets_with_expert_map_sum_to_the_whole_layer():
+    moe = dense_moe(e=5)
+    whole = moe.layer(top_k=2)
+    x = torch.randn(9, 64)
+    total = torch.zeros(9, 64)
+    for experts in (range(0, 3), range(3, 5)):
+        expert_map = torch.full((5,), -1, dtype=torch.int32)
+        expert_map[experts.start:experts.stop] = torch.arange(len(experts), dtype=torch.int32)
+        part = mxmoe.MXFP4MoE(
+            whole.w13[experts.start:experts.stop], whole.w2[experts.start:experts.stop],
+            moe.router_weight, moe.router_bias, moe.w13_bias[experts.start:experts.stop],
+            moe.w2_bias[experts.start:experts.stop], top_k=2, backend="torch",
+            expert_map=expert_map,
+        )
+        total += part(x)
+    assert rel_err(total, whole(x)) < 1e-6
+
+
+def test_a_rank_with_no_experts_returns_zeros():
+    moe = dense_moe(e=2)
+    whole = moe.layer(top_k=2)
+    empty = mxmoe.MXFP4MoE(
+        whole.w13[0:0], whole.w2[0:0], moe.router_weight, moe.router_bias,
+        moe.w13_bias[0:0], moe.w2_bias[0:0], top_k=2, backend="torch",
+        expert_map=torch.full((2,), -1, dtype=torch.int32),
+    )
+    out = empty(torch.randn(2, 3, 64))
+    assert out.shape == (2, 3, 64) and not out.any()
