@@ -2,17 +2,16 @@
 
 The single-process tests check the math: the partial outputs of every (ep_rank, tp_rank) shard,
 summed, equal the whole layer. The multi-process tests (one launch of `_distributed_worker.py`
-per world size, 127.0.0.1, gloo, bounded by a timeout) check the communication: every rank's
+per world size: 127.0.0.1, gloo, bounded by a timeout) check the communication: every rank's
 output equals the whole layer's on the same inputs, and errors are raised on every rank.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing as mp
 import socket
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,6 @@ from mxmoe.distributed import (
 
 from helpers import rel_err
 
-WORKER = Path(__file__).with_name("_distributed_worker.py")
 LAUNCH_TIMEOUT_S = 120  # a hang fails the test instead of stalling CI
 
 
@@ -172,29 +170,33 @@ def _free_port() -> int:
 
 
 def launch(world: int, tmp_path: Path) -> list[dict]:
-    """Run the worker on ``world`` processes; each rank's dict of case -> result."""
-    port = _free_port()
-    src = str(Path(__file__).parents[1] / "src")
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-                   PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        out = tmp_path / f"rank{rank}.json"
-        procs.append((subprocess.Popen(
-            [sys.executable, str(WORKER), "--backend", "gloo", "--out", str(out)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out))
-    logs = []
-    try:
-        for proc, _ in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for proc, _ in procs:
-            proc.kill()
-        pytest.fail(f"the {world}-process launch did not finish in {LAUNCH_TIMEOUT_S} s (a hang)")
-    for rank, ((proc, _), log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{log}"
-    return [json.loads(out.read_text()) for _, out in procs]
+    """Run `_distributed_worker.run_rank` on ``world`` processes; each rank's case -> result.
+
+    The ranks fork from a forkserver that has imported torch and mxmoe once (importing torch
+    in each of 4 processes on CI's 2 cores takes longer than the tests themselves).
+    """
+    import _distributed_worker as worker
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "mxmoe", "_distributed_worker"])
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    outs = [tmp_path / f"rank{rank}.json" for rank in range(world)]
+    procs = [ctx.Process(target=worker.run_rank, args=(rank, world, init_method, "gloo", str(out)))
+             for rank, out in enumerate(outs)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for rank in hung:
+        procs[rank].kill()
+        procs[rank].join()
+    assert not hung, f"ranks {hung} of {world} did not finish in {LAUNCH_TIMEOUT_S} s (a hang)"
+    missing = [rank for rank, out in enumerate(outs) if not out.exists()]
+    assert not missing, (f"ranks {missing} of {world} wrote no results (exit codes "
+                         f"{[p.exitcode for p in procs]})")
+    return [json.loads(out.read_text()) for out in outs]
 
 
 def check_every_rank(results: list[dict]) -> None:
