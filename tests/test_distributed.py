@@ -29,28 +29,10 @@ from mxmoe.distributed import (
     w13_row_ranges,
 )
 
+from _distributed_worker import make_layer
 from helpers import rel_err
 
 LAUNCH_TIMEOUT_S = 120  # a hang fails the test instead of stalling CI
-
-
-def make_layer(e, h, i, k, *, activation="swigluoai", bias=True, seed=0) -> mxmoe.MXFP4MoE:
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    return mxmoe.MXFP4MoE.from_dense(
-        randn(e, h, scale=h**-0.5),
-        randn(e, scale=0.1) if bias else None,
-        randn(e, 2 * i, h, scale=h**-0.5),
-        randn(e, h, i, scale=i**-0.5),
-        randn(e, 2 * i, scale=0.1) if bias else None,
-        randn(e, h, scale=0.1) if bias else None,
-        top_k=k,
-        activation=activation,
-        backend="torch",
-    )
 
 
 def local_layer(layer: mxmoe.MXFP4MoE, layout: ParallelLayout) -> mxmoe.MXFP4MoE:
@@ -129,6 +111,7 @@ def test_tp_larger_than_blocks_raises():
         pytest.param(5, 96, 2, 3, "silu", id="EP 2 x TP 3"),
     ],
 )
+@torch.no_grad()
 def test_partial_outputs_sum_to_the_whole_layer(e, i, ep_world, tp_world, activation):
     layer = make_layer(e, 32, i, 2, activation=activation)
     x = torch.randn(7, 32, generator=torch.Generator().manual_seed(1))
