@@ -63,7 +63,8 @@ def make_layer(e, h, i, k, *, activation="swigluoai", bias=True, seed=0, backend
 @dataclass(frozen=True)
 class Case:
     name: str
-    #: "ep", "tp", "ep_tp" (2-D mesh, tp = 2), "single" (each rank its own group of one)
+    #: "ep", "tp", "ep_tp" (2-D mesh, tp = 2, from ep_tp_groups or "device_mesh"), "single"
+    #: (each rank its own group of one), or an error case's mode
     mode: str
     experts: int = 5
     #: intermediate size; None: 32 * (world + 1), block-uneven over the tp group
@@ -85,7 +86,9 @@ CASES = [
     Case("TP, no tokens", "tp", tokens=(0,)),
     Case("EP x TP mesh, swigluoai", "ep_tp", intermediate=96, min_world=4),
     Case("EP x TP mesh, silu", "ep_tp", intermediate=96, activation="silu", min_world=4),
+    Case("EP x TP groups from torch's DeviceMesh", "device_mesh", intermediate=96, min_world=4),
     Case("groups of one rank", "single"),
+    Case("one group set as both ep and tp is summed once", "summed_once", min_world=2),
     Case("error: TP over more ranks than blocks", "tp_too_wide", min_world=2,
          error="needs at least"),
     Case("error: one group passed as both ep and tp", "same_group", min_world=2,
@@ -105,6 +108,12 @@ def groups_for(case: Case, world: int):
         return None, everyone
     if case.mode == "ep_tp":
         return ep_tp_groups(2)
+    if case.mode == "device_mesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        mesh = init_device_mesh(device_type, (world // 2, 2), mesh_dim_names=("ep", "tp"))
+        return mesh.get_group("ep"), mesh.get_group("tp")
     if case.mode == "single":
         mine = None
         for r in range(world):
@@ -112,6 +121,8 @@ def groups_for(case: Case, world: int):
             if r == dist.get_rank():
                 mine = made
         return mine, None
+    if case.mode == "summed_once":
+        return everyone, None
     if case.mode == "same_group":
         return everyone, everyone
     if case.mode == "overlap":
@@ -146,6 +157,8 @@ def run_case(case: Case, world: int, device: torch.device, backend: str) -> str:
     with torch.no_grad():
         want = layer(x)
         part = layer.shard(ep_group=ep_group, tp_group=tp_group)
+        if case.mode == "summed_once":
+            part.tp_group = part.ep_group  # as a constructor given one group twice would hold
         got = part(x)
     if got.shape != want.shape:
         return f"shape {tuple(got.shape)}, expected {tuple(want.shape)}"
