@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,3 +199,25 @@ def test_gloo_ranks_match_the_whole_layer(world, tmp_path):
     assert all(r.keys() == results[0].keys() for r in results)
     assert len(results[0]) >= 3
     check_every_rank(results)
+
+
+@pytest.mark.gpu
+def test_nccl_ranks_match_the_whole_layer(tmp_path):
+    """The same cases over NCCL, one process per visible GPU (world size 1 on one GPU)."""
+    world = torch.cuda.device_count()
+    src = str(Path(__file__).parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
+               TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               str(Path(__file__).with_name("_distributed_worker.py")),
+               "--backend", "nccl", "--out", str(tmp_path)]
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True,
+                             timeout=2 * LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {world}-GPU launch did not finish in {2 * LAUNCH_TIMEOUT_S} s")
+    outs = [tmp_path / f"rank{rank}.json" for rank in range(world)]
+    assert all(out.exists() for out in outs), run.stdout[-4000:] + run.stderr[-4000:]
+    check_every_rank([json.loads(out.read_text()) for out in outs])
