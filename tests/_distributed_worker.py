@@ -96,6 +96,10 @@ CASES = [
     Case("error: ep and tp groups overlap", "overlap", intermediate=96, min_world=4,
          error="orthogonal"),
     Case("error: sharding a shard", "reshard", min_world=2, error="already holds a part"),
+    Case("error: local weights with an ep group but no expert_map", "no_expert_map",
+         min_world=2, error="needs an expert_map"),
+    Case("error: w2 bias on a tp rank other than 0", "w2_bias_everywhere", min_world=2,
+         error="only tp rank 0"),
 ]
 
 
@@ -127,9 +131,18 @@ def groups_for(case: Case, world: int):
         return everyone, everyone
     if case.mode == "overlap":
         return everyone, ep_tp_groups(2)[1]
-    if case.mode == "reshard":
+    if case.mode in ("reshard", "no_expert_map"):
         return everyone, everyone
+    if case.mode == "w2_bias_everywhere":
+        return None, everyone
     raise ValueError(f"unknown case mode {case.mode!r}")
+
+
+def rebuild(layer, **groups):
+    """The constructor given ``layer``'s tensors as if they were local, and ``groups``."""
+    return mxmoe.MXFP4MoE(layer.w13, layer.w2, layer.router.weight, layer.router.bias,
+                          layer.w13_bias, layer.w2_bias, top_k=layer.top_k,
+                          activation=layer.activation, backend=layer.backend, **groups)
 
 
 def run_case(case: Case, world: int, device: torch.device, backend: str) -> str:
@@ -145,6 +158,12 @@ def run_case(case: Case, world: int, device: torch.device, backend: str) -> str:
         try:
             if case.mode == "reshard":
                 layer.shard(ep_group=ep_group).shard(tp_group=tp_group)
+            elif case.mode == "no_expert_map":  # every rank passes the whole layer's weights
+                rebuild(layer, ep_group=ep_group)
+            elif case.mode == "w2_bias_everywhere":
+                rebuild(layer, tp_group=tp_group)
+                if dist.get_rank(tp_group) == 0:
+                    return ""  # tp rank 0 holds the bias rightly; the others must raise
             else:
                 layer.shard(ep_group=ep_group, tp_group=tp_group)
         except ValueError as exc:

@@ -23,6 +23,7 @@ __all__ = [
     "w13_row_ranges",
     "ParallelLayout",
     "ExpertShard",
+    "check_local_layer",
     "make_expert_map",
     "shard_experts",
     "slice_w13",
@@ -149,6 +150,33 @@ def _rank_in(name: str, group) -> tuple[int, int]:
             f"{dist.get_process_group_ranks(group)}"
         )
     return rank, dist.get_world_size(group)
+
+
+def check_local_layer(num_experts: int, expert_map, w2_bias, ep_group, tp_group) -> None:
+    """What a layer built from local weights and groups needs, checked without communicating
+    (so every rank configured alike raises alike): with an ep group of more than one rank an
+    ``expert_map [E]`` (else every rank would compute every expert and the sum would count
+    each several times), and the w2 bias on tp rank 0 only (it is added once, before the sum).
+    """
+    ep_rank, ep_world = _rank_in("ep_group", ep_group)
+    tp_rank, tp_world = _rank_in("tp_group", tp_group)
+    del ep_rank, tp_world
+    if ep_world > 1:
+        if expert_map is None:
+            raise ValueError(
+                f"an ep_group of {ep_world} ranks needs an expert_map [E={num_experts}] (local "
+                f"index or -1); use MXFP4MoE.shard or from_gpt_oss to build one"
+            )
+        if tuple(expert_map.shape) != (num_experts,):
+            raise ValueError(
+                f"expert_map must be [E] = ({num_experts},) like the router, got "
+                f"{tuple(expert_map.shape)}"
+            )
+    if tp_rank != 0 and w2_bias is not None:
+        raise ValueError(
+            f"tp rank {tp_rank} was given a w2 bias: the outputs are summed over the tp group, "
+            f"so only tp rank 0 may hold it"
+        )
 
 
 def make_expert_map(num_experts: int, experts: range, device=None) -> torch.Tensor:

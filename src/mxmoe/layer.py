@@ -77,6 +77,10 @@ class MXFP4MoE(nn.Module):
         self.register_buffer("expert_map", expert_map)
         # Process groups whose ranks hold other experts (ep) or other slices of I (tp): the
         # partial outputs are summed over each. The weights given are already the local ones.
+        if ep_group is not None or tp_group is not None:
+            from .distributed import check_local_layer
+
+            check_local_layer(num_global, expert_map, w2_bias, ep_group, tp_group)
         self.ep_group = ep_group
         self.tp_group = tp_group
         del num_experts
