@@ -131,8 +131,10 @@ def groups_for(case: Case, world: int):
         return everyone, everyone
     if case.mode == "overlap":
         return everyone, ep_tp_groups(2)[1]
-    if case.mode in ("reshard", "no_expert_map"):
+    if case.mode == "reshard":
         return everyone, everyone
+    if case.mode == "no_expert_map":
+        return everyone, None
     if case.mode == "w2_bias_everywhere":
         return None, everyone
     raise ValueError(f"unknown case mode {case.mode!r}")

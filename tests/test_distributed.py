@@ -193,7 +193,7 @@ def check_every_rank(results: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_gloo_ranks_match_the_whole_layer(world, tmp_path):
+def test_gloo_cases_pass_on_every_rank(world, tmp_path):
     """Every case of `_distributed_worker.CASES` that fits ``world``, on every rank."""
     results = launch(world, tmp_path)
     assert all(r.keys() == results[0].keys() for r in results)
@@ -202,7 +202,7 @@ def test_gloo_ranks_match_the_whole_layer(world, tmp_path):
 
 
 @pytest.mark.gpu
-def test_nccl_ranks_match_the_whole_layer(tmp_path):
+def test_nccl_cases_pass_on_every_rank(tmp_path):
     """The same cases over NCCL, one process per visible GPU (world size 1 on one GPU)."""
     world = torch.cuda.device_count()
     src = str(Path(__file__).parents[1] / "src")
