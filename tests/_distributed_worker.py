@@ -98,6 +98,8 @@ CASES = [
     Case("error: sharding a shard", "reshard", min_world=2, error="already holds a part"),
     Case("error: local weights with an ep group but no expert_map", "no_expert_map",
          min_world=2, error="needs an expert_map"),
+    Case("error: local weights with one group as both ep and tp", "same_group_local",
+         min_world=2, error="orthogonal"),
     Case("error: w2 bias on a tp rank other than 0", "w2_bias_everywhere", min_world=2,
          error="only tp rank 0"),
 ]
@@ -127,7 +129,7 @@ def groups_for(case: Case, world: int):
         return mine, None
     if case.mode == "summed_once":
         return everyone, None
-    if case.mode == "same_group":
+    if case.mode in ("same_group", "same_group_local"):
         return everyone, everyone
     if case.mode == "overlap":
         return everyone, ep_tp_groups(2)[1]
@@ -140,11 +142,11 @@ def groups_for(case: Case, world: int):
     raise ValueError(f"unknown case mode {case.mode!r}")
 
 
-def rebuild(layer, **groups):
-    """The constructor given ``layer``'s tensors as if they were local, and ``groups``."""
+def rebuild(layer, **kwargs):
+    """The constructor given ``layer``'s tensors as if they were local, and ``kwargs`` (groups, expert_map)."""
     return mxmoe.MXFP4MoE(layer.w13, layer.w2, layer.router.weight, layer.router.bias,
                           layer.w13_bias, layer.w2_bias, top_k=layer.top_k,
-                          activation=layer.activation, backend=layer.backend, **groups)
+                          activation=layer.activation, backend=layer.backend, **kwargs)
 
 
 def run_case(case: Case, world: int, device: torch.device, backend: str) -> str:
@@ -162,6 +164,10 @@ def run_case(case: Case, world: int, device: torch.device, backend: str) -> str:
                 layer.shard(ep_group=ep_group).shard(tp_group=tp_group)
             elif case.mode == "no_expert_map":  # every rank passes the whole layer's weights
                 rebuild(layer, ep_group=ep_group)
+            elif case.mode == "same_group_local":
+                part = layer.shard(ep_group=ep_group)
+                rebuild(part, ep_group=ep_group, tp_group=tp_group,
+                        expert_map=part.expert_map)
             elif case.mode == "w2_bias_everywhere":
                 rebuild(layer, tp_group=tp_group)
                 if dist.get_rank(tp_group) == 0:

@@ -154,13 +154,13 @@ def _rank_in(name: str, group) -> tuple[int, int]:
 
 def check_local_layer(num_experts: int, expert_map, w2_bias, ep_group, tp_group) -> None:
     """What a layer built from local weights and groups needs, checked without communicating
-    (so every rank configured alike raises alike): with an ep group of more than one rank an
-    ``expert_map [E]`` (else every rank would compute every expert and the sum would count
-    each several times), and the w2 bias on tp rank 0 only (it is added once, before the sum).
+    (so every rank configured alike raises alike): orthogonal groups (`ParallelLayout.
+    from_groups`), with an ep group of more than one rank an ``expert_map [E]`` (else every
+    rank would compute every expert and the sum would count each several times), and the w2
+    bias on tp rank 0 only (it is added once, before the sum).
     """
-    ep_rank, ep_world = _rank_in("ep_group", ep_group)
-    tp_rank, tp_world = _rank_in("tp_group", tp_group)
-    del ep_rank, tp_world
+    layout = ParallelLayout.from_groups(ep_group, tp_group)
+    ep_world, tp_rank = layout.ep_world, layout.tp_rank
     if ep_world > 1:
         if expert_map is None:
             raise ValueError(
