@@ -143,7 +143,7 @@ def groups_for(case: Case, world: int):
 
 
 def rebuild(layer, **kwargs):
-    """The constructor given ``layer``'s tensors as if they were local, and ``kwargs`` (groups, expert_map)."""
+    """The constructor given ``layer``'s tensors as if local, and ``kwargs`` (groups, map)."""
     return mxmoe.MXFP4MoE(layer.w13, layer.w2, layer.router.weight, layer.router.bias,
                           layer.w13_bias, layer.w2_bias, top_k=layer.top_k,
                           activation=layer.activation, backend=layer.backend, **kwargs)
