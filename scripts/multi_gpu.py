@@ -5,8 +5,9 @@ synthetic MXFP4 weights from a fixed seed, made on rank 0 and broadcast), runs i
 rank 0 as the single-GPU reference, then sharded by experts (EP), by the intermediate dimension
 (TP) and, on 4+ GPUs, both (EP x TP, tp = 2). Each sharded output is checked against the
 single-GPU output on the same inputs, each M is timed (CUDA events, median after warm-up,
-the slowest rank's median) beside the single-GPU time and the all-reduce alone, and the peak
-memory of every GPU is reported. Prints a table and writes JSON to --out.
+the slowest rank's median; with --cuda-graph also replayed from a CUDA graph) beside the
+single-GPU time and the all-reduce alone, and the peak memory of every GPU is reported. Prints
+a table and writes JSON to --out.
 
     torchrun --nproc-per-node 2 scripts/multi_gpu.py --out results/multi_gpu_2gpu.json
     python scripts/multi_gpu.py --out results/multi_gpu_1gpu.json   # world size 1, same code
@@ -63,6 +64,8 @@ def parse_args():
                    help="max |sharded - single| / max |single| allowed (bf16 partial sums)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON results path (written by rank 0)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time each forward replayed from a CUDA graph (all-reduce inside)")
     p.add_argument("--cpu", action="store_true",
                    help="gloo on the CPU, for a smoke run of this script at a small shape")
     return p.parse_args()
@@ -157,6 +160,30 @@ def peak_bytes(device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
+def graphed(fn, device):
+    """``fn`` captured in a CUDA graph, after a warm-up on a side stream; returns the replay.
+    Every rank captures the same sequence, so NCCL calls inside are captured alike."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def graph_median_ms(fn, args, device) -> tuple[float, str | None]:
+    """`median_ms` of the CUDA-graph replay of ``fn``; NaN and the reason when the forward
+    cannot be captured (reported, not fatal: every rank fails alike, so none is left waiting)."""
+    try:
+        return median_ms(graphed(fn, device), args.warmup, args.iters, device), None
+    except Exception as exc:  # noqa: BLE001 - any capture failure is a result to report
+        return float("nan"), f"{type(exc).__name__}: {exc}"
+
+
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -214,12 +241,17 @@ def main() -> int:
 
     whole = build_layer(args, device)
     inputs = make_inputs(args, device)
-    reference, single_ms, single_peak = {}, {}, 0
+    reference, single_ms, single_graph_ms, single_peak = {}, {}, {}, 0
+    use_graph = args.cuda_graph and device.type == "cuda"
     if rank == 0:  # the single-GPU layer: the whole layer on one GPU, no group
         reset_peak(device)
         for m, x in inputs.items():
             reference[m] = whole(x)
             single_ms[m] = median_ms(lambda: whole(x), args.warmup, args.iters, device)
+            if use_graph:
+                single_graph_ms[m], graph_error = graph_median_ms(lambda: whole(x), args, device)
+                if graph_error:
+                    print(f"single M={m}: no CUDA graph: {graph_error}")
         single_peak = peak_bytes(device)
     whole.to("cpu")  # in place: every shard is cut from this CPU copy, the GPU holds only shards
     dist.barrier()
@@ -235,15 +267,22 @@ def main() -> int:
         for m, x in inputs.items():
             out = local(x)
             ms = median_ms(lambda: local(x), args.warmup, args.iters, device)
+            graph_ms = None
+            if use_graph:
+                graph_ms, graph_error = graph_median_ms(lambda: local(x), args, device)
+                graph_ms = slowest_rank(graph_ms, device)
+                if graph_error and rank == 0:
+                    print(f"{mode} M={m}: no CUDA graph: {graph_error}")
             buf = torch.zeros_like(x)
             comm_ms = median_ms(lambda: [dist.all_reduce(buf, group=g) for g in comm_groups],
                                 args.warmup, args.iters, device)
             row = dict(mode=mode, world=world, M=m, ms=slowest_rank(ms, device),
-                       allreduce_ms=slowest_rank(comm_ms, device))
+                       allreduce_ms=slowest_rank(comm_ms, device), graph_ms=graph_ms)
             if rank == 0:
                 ref = reference[m].double()
                 diff = out.double() - ref
-                row.update(single_ms=single_ms[m], speedup=single_ms[m] / row["ms"],
+                row.update(single_ms=single_ms[m], single_graph_ms=single_graph_ms.get(m),
+                           speedup=single_ms[m] / row["ms"],
                            rel_err=float(diff.abs().max() / ref.abs().max()),
                            rms_err=float(diff.norm() / ref.norm()))
                 row["ok"] = row["rel_err"] <= args.tolerance
@@ -258,9 +297,11 @@ def main() -> int:
         print(f"\n{'mode':<6} {'M':>5} {'single ms':>10} {'sharded ms':>11} {'speedup':>8} "
               f"{'all-reduce ms':>14} {'rel err':>9} {'rms err':>9}")
         for r in rows:
+            graph = (f"  graph: single {r['single_graph_ms']:.3f} sharded {r['graph_ms']:.3f}"
+                     if r["graph_ms"] is not None else "")
             print(f"{r['mode']:<6} {r['M']:>5} {r['single_ms']:>10.3f} {r['ms']:>11.3f} "
                   f"{r['speedup']:>7.2f}x {r['allreduce_ms']:>14.3f} {r['rel_err']:>9.2e} "
-                  f"{r['rms_err']:>9.2e}" + ("" if r["ok"] else "  FAIL"))
+                  f"{r['rms_err']:>9.2e}" + ("" if r["ok"] else "  FAIL") + graph)
         print(f"\n{'mode':<6} {'weights GiB per GPU':<28} peak allocated GiB per GPU")
         for mem in memory:
             print(f"{mem['mode']:<6} {' '.join(f'{v:.3f}' for v in mem['weights_gib']):<28} "
