@@ -53,8 +53,10 @@ def fused_experts(
         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
         alpha=alpha, limit=limit, expert_map=expert_map,
     )
-    if problem.num_tokens == 0:
-        return hidden_states.new_empty((0, problem.hidden))
+    if problem.num_tokens == 0 or problem.num_local_experts == 0:
+        # No tokens, or (expert parallelism over more ranks than experts) no local experts:
+        # nothing to compute, and backends need not handle an empty weight tensor.
+        return hidden_states.new_zeros((problem.num_tokens, problem.hidden))
     chosen = resolve_backend(backend, hidden_states.device)
     args = MoEArgs(
         hidden_states=hidden_states,

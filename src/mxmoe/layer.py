@@ -77,6 +77,10 @@ class MXFP4MoE(nn.Module):
         self.register_buffer("expert_map", expert_map)
         # Process groups whose ranks hold other experts (ep) or other slices of I (tp): the
         # partial outputs are summed over each. The weights given are already the local ones.
+        if ep_group is not None or tp_group is not None:
+            from .distributed import check_local_layer
+
+            check_local_layer(num_global, expert_map, w2_bias, ep_group, tp_group)
         self.ep_group = ep_group
         self.tp_group = tp_group
         del num_experts
@@ -119,6 +123,52 @@ class MXFP4MoE(nn.Module):
             alpha=alpha,
             limit=limit,
             **kwargs,
+        )
+
+    def shard(self, ep_group=None, tp_group=None) -> "MXFP4MoE":
+        """This rank's part of a whole layer, for expert (``ep_group``) and/or tensor
+        (``tp_group``) parallelism; see docs/parallelism.md.
+
+        The new layer holds copies of only this rank's experts (``expert_range``) and, of
+        each, its slice of I (``intermediate_range``), the w2 bias on tp rank 0 only, the
+        router replicated, and the groups. Its forward returns the whole output on every rank:
+        every rank of both groups must call it with the same tokens. ``self`` is left intact
+        and may be freed. With both groups None it returns ``self`` itself; a group of one rank
+        gives an equal layer that still runs the (no-op) all-reduce.
+
+        Raises ValueError, on every rank before any collective, when the layer is already a
+        shard, the tp group is larger than the number of 32-blocks in I, or the groups are
+        not orthogonal (e.g. the same group passed for both).
+        """
+        if ep_group is None and tp_group is None:
+            return self
+        from .distributed import ParallelLayout, shard_experts
+
+        if self.expert_map is not None or self.ep_group is not None or self.tp_group is not None:
+            raise ValueError(
+                "shard() needs a whole layer, but this one already holds a part (it has an "
+                "expert_map or process groups)"
+            )
+        layout = ParallelLayout.from_groups(ep_group, tp_group)
+        part = shard_experts(self.w13, self.w2, self.w13_bias, self.w2_bias,
+                             activation=self.activation, layout=layout)
+        router_bias = self.router.bias.detach() if self.router.bias is not None else None
+        return type(self)(
+            part.w13,
+            part.w2,
+            self.router.weight.detach(),
+            router_bias,
+            part.w13_bias,
+            part.w2_bias,
+            top_k=self.top_k,
+            activation=self.activation,
+            alpha=self.alpha,
+            limit=self.limit,
+            renormalize=self.renormalize,
+            backend=self.backend,
+            expert_map=part.expert_map,
+            ep_group=ep_group,
+            tp_group=tp_group,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
