@@ -43,6 +43,10 @@ def stage1(num_tokens, top_k, num_experts) -> list[MoEConfig]:
     ):
         out.append(MoEConfig(block_m=bm, block_n=bn, block_k=128, num_warps=4, num_stages=3,
                              swap_ab=swap))
+    if num_tokens * top_k / num_experts > 512:
+        # Prefill: large tiles need 8 warps to hold the accumulator; try them directly.
+        out += [MoEConfig(block_m=bm, block_n=bn, block_k=64, num_warps=8, num_stages=3,
+                          swap_ab=True) for bm, bn in ((128, 128), (256, 64), (256, 128))]
     return out
 
 
