@@ -7,6 +7,7 @@ verdicts, so these tests decide exactly what the probe would have said.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import types
@@ -30,8 +31,12 @@ PROBLEM = MoEProblem(num_tokens=64, hidden=2880, intermediate=2880, num_local_ex
 
 
 @pytest.fixture(autouse=True)
-def no_override(monkeypatch):
+def fresh_decisions(monkeypatch):
+    """No MXMOE_BACKEND, and no statuses or choices remembered from another test."""
     monkeypatch.delenv(registry.BACKEND_ENV, raising=False)
+    registry.forget_decisions()
+    yield
+    registry.forget_decisions()
 
 
 @pytest.fixture
@@ -200,11 +205,32 @@ def test_auto_on_a_gpu_defaults_to_triton_dequant_and_probes_only_it(fake_gpu):
     assert fake_gpu.probed == ["triton_dequant"]  # no child for backends auto did not need
 
 
-def test_auto_falls_back_to_triton_scaled_then_torch(fake_gpu):
-    fake_gpu.verdicts["triton_dequant"] = "wrong answer"
-    assert resolve_backend("auto", GPU, PROBLEM).name == "triton_scaled"
-    fake_gpu.verdicts["triton_scaled"] = "timed out"
-    assert resolve_backend("auto", GPU, PROBLEM).name == "torch"
+@pytest.mark.parametrize("unusable, chosen", [
+    (["triton_dequant"], "triton_scaled"),
+    (["triton_dequant", "triton_scaled"], "torch"),
+], ids=["dequant broken", "both broken"])
+def test_auto_falls_back_to_triton_scaled_then_torch(fake_gpu, unusable, chosen):
+    for name in unusable:
+        fake_gpu.verdicts[name] = "wrong answer"
+    assert resolve_backend("auto", GPU, PROBLEM).name == chosen
+
+
+def test_auto_decides_once_per_size(fake_gpu):
+    for _ in range(3):
+        resolve_backend("auto", GPU, PROBLEM)
+    assert fake_gpu.probed == ["triton_dequant"] and len(fake_gpu.asked) == 1
+    other_size = dataclasses.replace(PROBLEM, num_tokens=1)
+    resolve_backend("auto", GPU, other_size)
+    assert len(fake_gpu.asked) == 2 and fake_gpu.probed == ["triton_dequant"]
+
+
+def test_reprobe_forgets_the_verdicts(fake_gpu, monkeypatch):
+    forgotten = []
+    monkeypatch.setattr(probe, "forget", lambda: forgotten.append(True))
+    resolve_backend("auto", GPU, PROBLEM)
+    registry.reprobe()
+    resolve_backend("auto", GPU, PROBLEM)
+    assert forgotten == [True] and fake_gpu.probed == ["triton_dequant", "triton_dequant"]
 
 
 def test_auto_never_picks_bf16(fake_gpu):

@@ -67,7 +67,7 @@ def test_correct_result_then_crash_at_exit_is_usable(tmp_path, crash, ended):
     # The driver-teardown crash: the work was done and printed; the exit code must not matter.
     result = run_script(tmp_path, f"print({result_line()!r}, flush=True)\n{crash}\n")
     assert result.usable, result.reason
-    assert ended in result.note and "after printing a correct result" in result.note
+    assert ended in result.note and "the correct result it printed first counts" in result.note
     assert result.exit_code != 0
 
 
@@ -126,10 +126,37 @@ def test_hang_with_a_grandchild_holding_the_pipes_is_killed(tmp_path):
     assert not result.usable and "timed out" in result.reason
 
 
-def test_correct_result_then_hang_at_exit_is_usable(tmp_path):
+def test_correct_result_then_hang_at_exit_is_usable_after_a_grace(tmp_path, monkeypatch):
+    # A driver that hangs tearing down: waiting the whole timeout would only waste time.
+    monkeypatch.setattr(probe, "EXIT_GRACE_S", 0.5)
+    start = time.monotonic()
+    result = run_script(tmp_path, f"print({result_line()!r}, flush=True)\ntime.sleep(600)",
+                        timeout=60)
+    assert time.monotonic() - start < 20
+    assert result.usable and "hung at exit" in result.note and result.exit_code is None
+
+
+def test_correct_result_then_hang_until_the_timeout_is_usable(tmp_path):
     result = run_script(tmp_path, f"print({result_line()!r}, flush=True)\ntime.sleep(600)",
                         timeout=2)
-    assert result.usable and "timed out" in result.note
+    assert result.usable and "timed out after 2 s" in result.note
+
+
+def test_child_that_closes_its_pipes_and_hangs_is_killed(tmp_path):
+    body = "os.close(1); os.close(2); time.sleep(600)"
+    result = run_script(tmp_path, body, timeout=2)
+    assert not result.usable and "timed out" in result.reason and "stderr was empty" in result.reason
+
+
+def test_large_output_does_not_block_the_child(tmp_path):
+    # More than a pipe buffer (64 KiB) on both streams before the result.
+    body = f"""
+        sys.stderr.write("e" * 300_000 + "\\n"); sys.stderr.flush()
+        print("o" * 300_000)
+        print({result_line()!r}, flush=True)
+    """
+    result = run_script(tmp_path, body)
+    assert result.usable, result.reason
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -371,6 +398,13 @@ def test_source_digest_is_stable_hex():
     digest = probe.source_digest()
     assert digest == probe.source_digest() and len(digest) == 16
     int(digest, 16)
+
+
+def test_source_digest_covers_kernels_backends_and_routing():
+    package = probe.Path(probe.__file__).resolve().parents[1]
+    names = {p.relative_to(package).as_posix() for p in probe._probed_files(package)}
+    assert {"backends/probe.py", "kernels/__init__.py", "routing.py", "format.py"} <= names
+    assert "cli/info.py" not in names
 
 
 # --------------------------------------------------------------------------- on the GPU

@@ -30,7 +30,9 @@ __all__ = [
     "backend_status",
     "backend_statuses",
     "backends",
+    "forget_decisions",
     "get_backend",
+    "reprobe",
     "resolve_backend",
 ]
 
@@ -52,6 +54,12 @@ _AUTO_ORDER_GPU = ("triton_dequant", "triton_scaled", "torch")
 _AUTO_ORDER_OTHER = ("torch",)
 
 _instances: dict[str, Backend] = {}
+#: (name, device, TRITON_INTERPRET) -> BackendStatus; see `backend_status`.
+_STATUS_MEMO: dict[tuple, "BackendStatus"] = {}
+#: (device, TRITON_INTERPRET, problem sizes) -> the name `auto` chose.
+_AUTO_MEMO: dict[tuple, str] = {}
+#: Token counts vary call to call; past this many remembered choices, start over.
+_AUTO_MEMO_MAX = 4096
 
 
 def get_backend(name: str) -> Backend:
@@ -81,8 +89,21 @@ class BackendStatus:
 
 
 def backend_status(name: str, device: torch.device | str) -> BackendStatus:
-    """Static check first; then, for ``needs_probe`` backends on a CUDA device, the probe."""
-    device = torch.device(device)
+    """Static check first; then, for ``needs_probe`` backends on a CUDA device, the probe.
+
+    Decided once per (backend, device, ``TRITON_INTERPRET``) a process: `fused_experts` asks on
+    every call, and a verdict does not change while the process runs.
+    """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    key = (name, device, os.environ.get("TRITON_INTERPRET"))
+    status = _STATUS_MEMO.get(key)
+    if status is None:
+        status = _STATUS_MEMO[key] = _decide_status(name, device)
+    return status
+
+
+def _decide_status(name: str, device: torch.device) -> BackendStatus:
     backend = get_backend(name)
     reason = backend.unavailable_reason(device)
     if reason is not None:
@@ -93,6 +114,20 @@ def backend_status(name: str, device: torch.device | str) -> BackendStatus:
         verdict = probe.probe(name, device)
         return BackendStatus(name, verdict.usable, verdict.reason, verdict)
     return BackendStatus(name, True, "")
+
+
+def reprobe() -> None:
+    """Forget every verdict and `auto` choice, in memory and on disk: the next use probes again."""
+    from . import probe
+
+    probe.forget()
+    forget_decisions()
+
+
+def forget_decisions() -> None:
+    """Forget this process's statuses and `auto` choices (not the probe's own memo or file)."""
+    _STATUS_MEMO.clear()
+    _AUTO_MEMO.clear()
 
 
 def backend_statuses(device: torch.device | str | None = None) -> list[BackendStatus]:
@@ -128,11 +163,13 @@ def resolve_backend(
         ValueError: an unknown name (listing the known ones), or a backend not usable here
             (saying why and listing the usable ones).
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     origin = ""
-    if name == "auto" and os.environ.get(BACKEND_ENV, "").strip():
-        name = os.environ[BACKEND_ENV].strip()
-        origin = f" (from {BACKEND_ENV})"
+    if name == "auto":
+        override = os.environ.get(BACKEND_ENV, "").strip()
+        if override:
+            name, origin = override, f" (from {BACKEND_ENV})"
     if name == "auto":
         return get_backend(_auto_choice(device, problem))
     if name not in _REGISTRY:
@@ -148,6 +185,21 @@ def resolve_backend(
 
 
 def _auto_choice(device: torch.device, problem: "MoEProblem | None") -> str:
+    """`_decide_auto`, remembered per device and problem size."""
+    sizes = None if problem is None else (
+        problem.num_tokens, problem.hidden, problem.intermediate, problem.num_local_experts,
+        problem.top_k,
+    )
+    key = (device, os.environ.get("TRITON_INTERPRET"), sizes)
+    name = _AUTO_MEMO.get(key)
+    if name is None:
+        if len(_AUTO_MEMO) >= _AUTO_MEMO_MAX:
+            _AUTO_MEMO.clear()
+        name = _AUTO_MEMO[key] = _decide_auto(device, problem)
+    return name
+
+
+def _decide_auto(device: torch.device, problem: "MoEProblem | None") -> str:
     """The first usable of: the tuned table's choice for this size class, then the defaults."""
     order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_OTHER
     preferred = _tuned_preference(device, problem) if device.type == "cuda" else None
@@ -180,7 +232,8 @@ def _preferred_backend_hook():
     """``mxmoe.kernels.configs.preferred_backend``, or None until the tuned tables exist.
 
     Its contract: ``preferred_backend(device_name, num_tokens, hidden, intermediate,
-    num_experts, top_k) -> str | None``, a backend name or None for "no opinion".
+    num_experts, top_k) -> str | None``, a backend name or None for "no opinion". It must be
+    a pure function of its arguments: `auto` remembers its answer for each size.
     """
     try:
         from ..kernels.configs import preferred_backend

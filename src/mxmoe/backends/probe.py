@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import selectors
 import signal
 import subprocess
 import sys
@@ -54,8 +55,11 @@ TOLERANCE = 2e-2
 #: The probe problem: M, H, I, E, k. I = 96 is 3 scale blocks, not a multiple of 64, so the
 #: masked K tail of the second GEMM runs; M = 5 leaves most of an M tile empty.
 PROBE_SHAPE = (5, 64, 96, 3, 2)
-#: Seconds to wait for the pipes to close after killing a timed-out child.
-_DRAIN_S = 5.0
+#: Seconds a child that printed its result may take to exit before it is killed (and judged on
+#: that result). Tearing down a CUDA context takes well under this.
+EXIT_GRACE_S = 15.0
+#: Seconds to keep reading after killing a child (a grandchild that escaped may hold a pipe).
+_DRAIN_S = 2.0
 _STDERR_TAIL_CHARS = 600
 
 
@@ -177,33 +181,82 @@ def run_child(
         )
     except OSError as exc:
         return ProbeResult(backend, False, f"could not start the probe child {argv!r}: {exc}")
-    out, err, timed_out = _communicate(proc, timeout)
+    run = _watch(proc, timeout)
     return judge(
         backend,
-        stdout=out.decode("utf-8", "replace"),
-        stderr=err.decode("utf-8", "replace"),
-        exit_code=None if timed_out else proc.returncode,
-        timeout=timeout if timed_out else None,
+        stdout=run.stdout.decode("utf-8", "replace"),
+        stderr=run.stderr.decode("utf-8", "replace"),
+        exit_code=run.exit_code,
+        killed=run.killed,
         seconds=time.monotonic() - start,
     )
 
 
-def _communicate(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bytes, bool]:
-    """(stdout, stderr, timed out) of ``proc``; kills its process group on timeout."""
+@dataclass
+class _ChildRun:
+    stdout: bytes
+    stderr: bytes
+    #: The child's status; None when we killed it.
+    exit_code: int | None
+    #: Why we killed it, or None when it ended by itself.
+    killed: str | None
+
+
+_RESULT_LINE = re.compile(rb"(?:^|\n)" + RESULT_MARKER.encode() + rb" [^\n]*\n")
+
+
+def _watch(proc: subprocess.Popen, timeout: float) -> _ChildRun:
+    """Read the child's output until it ends, or kill its process group at the deadline.
+
+    The deadline is ``timeout`` seconds away, brought forward to `EXIT_GRACE_S` after a result
+    line appears: a child that printed its result and then hangs tearing down the driver need
+    not cost the whole timeout.
+    """
+    out, err = bytearray(), bytearray()
+    buffers = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    timeout_at = deadline = time.monotonic() + timeout
+    result_seen = False
+    killed = None
     try:
-        out, err = proc.communicate(timeout=timeout)
-        return out or b"", err or b"", False
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        # communicate() keeps what it read before the timeout; collect the rest.
-        try:
-            out, err = proc.communicate(timeout=_DRAIN_S)
-        except subprocess.TimeoutExpired as exc:  # a grandchild left its group and holds a pipe
-            out, err = exc.stdout, exc.stderr
-        return out or b"", err or b"", True
-    except BaseException:  # KeyboardInterrupt: the child is in its own session, Ctrl-C missed it
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            selector.register(proc.stderr, selectors.EVENT_READ)
+            while selector.get_map() and time.monotonic() < deadline:
+                _read_some(selector, buffers, deadline)
+                if not result_seen and _RESULT_LINE.search(out):
+                    result_seen = True
+                    deadline = min(timeout_at, time.monotonic() + EXIT_GRACE_S)
+            if not selector.get_map():  # both pipes closed: the child is exiting
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+                except subprocess.TimeoutExpired:
+                    pass
+            if proc.returncode is None:
+                killed = (f"hung at exit (killed {EXIT_GRACE_S:g} s after printing its result)"
+                          if result_seen and deadline < timeout_at else
+                          f"timed out after {timeout:g} s ({TIMEOUT_ENV} raises the limit)")
+                _kill_group(proc)
+                proc.wait()
+                drain_until = time.monotonic() + _DRAIN_S  # keep what was written before the kill
+                while selector.get_map() and time.monotonic() < drain_until:
+                    _read_some(selector, buffers, drain_until)
+    except BaseException:  # KeyboardInterrupt: the child has its own session, Ctrl-C missed it
         _kill_group(proc)
         raise
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    return _ChildRun(bytes(out), bytes(err), None if killed else proc.returncode, killed)
+
+
+def _read_some(selector: selectors.BaseSelector, buffers: dict, deadline: float) -> None:
+    """Append what the pipes have ready (waiting until ``deadline`` at most); drop them at EOF."""
+    for key, _ in selector.select(max(deadline - time.monotonic(), 0.0)):
+        chunk = os.read(key.fd, 1 << 16)
+        if chunk:
+            buffers[key.fd] += chunk
+        else:
+            selector.unregister(key.fileobj)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -227,16 +280,16 @@ def judge(
     stdout: str,
     stderr: str,
     exit_code: int | None,
-    timeout: float | None = None,
+    killed: str | None = None,
     seconds: float = 0.0,
 ) -> ProbeResult:
     """The verdict on one child run: its printed result first, how it ended second.
 
     Args:
-        exit_code: the child's status (negative: the signal that killed it); None on timeout.
-        timeout: the seconds after which it was killed, or None when it ended by itself.
+        exit_code: the child's status (negative: the signal that killed it); None if we killed it.
+        killed: why we killed it ("timed out after ..."), or None when it ended by itself.
     """
-    ended = _how_it_ended(exit_code, timeout)
+    ended = killed or _how_it_ended(exit_code)
 
     def unusable(reason: str, max_rel_err: float | None = None) -> ProbeResult:
         return ProbeResult(backend, False, reason, max_rel_err, exit_code, seconds)
@@ -259,13 +312,11 @@ def judge(
         return unusable(f"wrong answer: max relative error {err} against the reference, "
                         f"tolerance {TOLERANCE:g}", err)
     clean = exit_code == 0
-    note = "" if clean else f"the probe child {ended} after printing a correct result (ignored)"
+    note = "" if clean else f"the probe child {ended}; the correct result it printed first counts"
     return ProbeResult(backend, True, "", err, exit_code, seconds, note)
 
 
-def _how_it_ended(exit_code: int | None, timeout: float | None) -> str:
-    if timeout is not None:
-        return f"timed out after {timeout:g} s ({TIMEOUT_ENV} raises the limit)"
+def _how_it_ended(exit_code: int | None) -> str:
     if exit_code is not None and exit_code < 0:
         try:
             name = signal.Signals(-exit_code).name
@@ -378,21 +429,31 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+#: What a kernel's answer depends on, relative to the package: editing any of these re-probes.
+PROBED_SOURCES = ("kernels", "backends", "routing.py", "format.py", "activations.py",
+                  "constants.py")
 _SOURCE_DIGEST: list[str] = []
 
 
 def source_digest() -> str:
-    """sha256 of the sources under mxmoe/kernels and mxmoe/backends: a kernel edit re-probes."""
+    """sha256 of the `PROBED_SOURCES` (.py and .json files), read once a process."""
     if not _SOURCE_DIGEST:
         package = Path(__file__).resolve().parents[1]
         h = hashlib.sha256()
-        for sub in ("kernels", "backends"):
-            for path in sorted((package / sub).rglob("*")):
-                if path.suffix in (".py", ".json") and path.is_file():
-                    h.update(path.relative_to(package).as_posix().encode() + b"\0")
-                    h.update(path.read_bytes() + b"\0")
+        for path in _probed_files(package):
+            h.update(path.relative_to(package).as_posix().encode() + b"\0")
+            h.update(path.read_bytes() + b"\0")
         _SOURCE_DIGEST.append(h.hexdigest()[:16])
     return _SOURCE_DIGEST[0]
+
+
+def _probed_files(package: Path) -> list[Path]:
+    files = []
+    for name in PROBED_SOURCES:
+        path = package / name
+        found = sorted(path.rglob("*")) if path.is_dir() else [path]
+        files += [p for p in found if p.suffix in (".py", ".json") and p.is_file()]
+    return files
 
 
 def _with_index(device: torch.device) -> torch.device:

@@ -11,10 +11,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..backends import backend_statuses, get_backend, probe
+    from ..backends import backend_statuses, get_backend, probe, reprobe
 
     if args.reprobe:
-        probe.forget()
+        reprobe()
     info = environment()
     print(header(info))
     print()
