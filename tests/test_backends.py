@@ -209,10 +209,19 @@ def test_auto_on_a_gpu_defaults_to_triton_dequant_and_probes_only_it(fake_gpu):
     (["triton_dequant"], "triton_scaled"),
     (["triton_dequant", "triton_scaled"], "torch"),
 ], ids=["dequant broken", "both broken"])
-def test_auto_falls_back_to_triton_scaled_then_torch(fake_gpu, unusable, chosen):
+def test_auto_falls_back_to_triton_scaled_then_torch(fake_gpu, unusable, chosen, recwarn):
     for name in unusable:
         fake_gpu.verdicts[name] = "wrong answer"
     assert resolve_backend("auto", GPU, PROBLEM).name == chosen
+
+
+def test_auto_warns_once_when_a_gpu_gets_the_reference(fake_gpu):
+    fake_gpu.verdicts.update(triton_dequant="wrong answer", triton_scaled="timed out")
+    with pytest.warns(RuntimeWarning, match="runs the pure-torch reference on cuda:0") as seen:
+        resolve_backend("auto", GPU, PROBLEM)
+        resolve_backend("auto", GPU, dataclasses.replace(PROBLEM, num_tokens=1))
+    assert len(seen) == 1
+    assert "triton_dequant: wrong answer" in str(seen[0].message)
 
 
 def test_auto_decides_once_per_size(fake_gpu):
@@ -233,7 +242,7 @@ def test_reprobe_forgets_the_verdicts(fake_gpu, monkeypatch):
     assert forgotten == [True] and fake_gpu.probed == ["triton_dequant", "triton_dequant"]
 
 
-def test_auto_never_picks_bf16(fake_gpu):
+def test_auto_never_picks_bf16(fake_gpu, recwarn):
     fake_gpu.verdicts.update(triton_dequant="broken", triton_scaled="broken")
     fake_gpu.preference = "bf16"  # even when a table says it is fastest
     assert resolve_backend("auto", GPU, PROBLEM).name == "torch"

@@ -89,6 +89,7 @@ def test_crash_before_printing_is_unusable_with_signal_and_stderr(tmp_path):
     result = run_script(tmp_path, body)
     assert not result.usable
     assert "SIGSEGV" in result.reason and "before printing a result" in result.reason
+    assert result.exit_code == -11 and not result.timed_out
     assert "ptxas fatal: something broke" in result.reason
 
 
@@ -110,7 +111,7 @@ def test_hang_times_out_and_is_unusable(tmp_path):
     result = run_script(tmp_path, "time.sleep(600)", timeout=2)
     assert time.monotonic() - start < 20
     assert not result.usable and "timed out after 2 s" in result.reason
-    assert result.exit_code is None
+    assert result.exit_code is None and result.timed_out
 
 
 def test_hang_with_a_grandchild_holding_the_pipes_is_killed(tmp_path):
@@ -145,7 +146,8 @@ def test_correct_result_then_hang_until_the_timeout_is_usable(tmp_path):
 def test_child_that_closes_its_pipes_and_hangs_is_killed(tmp_path):
     body = "os.close(1); os.close(2); time.sleep(600)"
     result = run_script(tmp_path, body, timeout=2)
-    assert not result.usable and "timed out" in result.reason and "stderr was empty" in result.reason
+    assert not result.usable and "timed out" in result.reason
+    assert "stderr was empty" in result.reason
 
 
 def test_large_output_does_not_block_the_child(tmp_path):
@@ -309,6 +311,22 @@ def test_failed_verdict_is_cached_too(tmp_path, monkeypatch):
     probe.forget(cache_file=False)
     result = probe.probe(BACKEND, "cuda:0")
     assert child.runs == 1 and not result.usable and "SIGABRT" in result.reason
+
+
+@pytest.mark.parametrize("retry_after, runs", [(probe.TIMEOUT_RETRY_S, 1), (0.0, 2)],
+                         ids=["recent timeout believed", "old timeout retried"])
+def test_cached_timeout_is_retried_once_old(tmp_path, monkeypatch, retry_after, runs):
+    child = FakeChild(tmp_path, body="time.sleep(600)")
+    monkeypatch.setattr(probe, "child_command", child)
+    monkeypatch.setattr(probe, "probe_key", lambda device: FAKE_KEY)
+    monkeypatch.setattr(probe, "TIMEOUT_RETRY_S", retry_after)
+    monkeypatch.setenv(probe.TIMEOUT_ENV, "1")
+    first = probe.probe(BACKEND, "cuda:0")
+    assert first.timed_out and not first.usable
+    probe.forget(cache_file=False)
+    time.sleep(0.01)
+    probe.probe(BACKEND, "cuda:0")
+    assert child.runs == runs
 
 
 def test_each_backend_is_probed_separately(fake_child):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,7 @@ def forget_decisions() -> None:
     """Forget this process's statuses and `auto` choices (not the probe's own memo or file)."""
     _STATUS_MEMO.clear()
     _AUTO_MEMO.clear()
+    _warned_reference_on.clear()
 
 
 def backend_statuses(device: torch.device | str | None = None) -> list[BackendStatus]:
@@ -211,9 +213,27 @@ def _decide_auto(device: torch.device, problem: "MoEProblem | None") -> str:
     for name in order:
         status = backend_status(name, device)
         if status.usable:
+            if name == "torch" and device.type == "cuda":
+                _warn_reference_on_gpu(device, reasons)
             return name
         reasons.append(f"{name}: {status.reason}")
     raise ValueError(f"backend='auto': no backend is usable on {device} ({'; '.join(reasons)})")
+
+
+_warned_reference_on: set[torch.device] = set()
+
+
+def _warn_reference_on_gpu(device: torch.device, reasons: list[str]) -> None:
+    """Say once per device that `auto` fell back to the slow reference, and why."""
+    if device in _warned_reference_on:
+        return
+    _warned_reference_on.add(device)
+    warnings.warn(
+        f"mxmoe: backend='auto' runs the pure-torch reference on {device} because no Triton "
+        f"backend is usable ({'; '.join(reasons)}); `mxmoe info` shows the probe table",
+        RuntimeWarning,
+        stacklevel=6,  # the caller of fused_experts
+    )
 
 
 def _tuned_preference(device: torch.device, problem: "MoEProblem | None") -> str | None:

@@ -4,12 +4,12 @@ Each backend with ``needs_probe`` is run once on a tiny problem in a **child pro
 a compiler or driver crash (segfault, abort, hang) must not take the caller down. The parent
 reads the child's printed result first and its exit code second: some drivers crash while the
 process tears down after the work finished correctly, and a printed, correct result is what
-counts. No result, a timeout, unparsable output or a wrong answer marks the backend unusable,
-with the reason kept.
+counts (a child that printed its result gets `EXIT_GRACE_S` to exit, then is killed). No result,
+a timeout, unparsable output or a wrong answer marks the backend unusable, with the reason kept.
 
 Verdicts are cached in one JSON file (`cache_path`), keyed by the device, the driver, the torch,
-Triton and mxmoe versions and a digest of the kernel and backend sources (editing a kernel
-re-probes), and memoized for the life of the process.
+Triton and mxmoe versions and a digest of the sources the kernels depend on (`PROBED_SOURCES`:
+editing a kernel re-probes), and memoized for the life of the process.
 
 Run as a program, this module is the child; it prints one line ``MXMOE_PROBE_RESULT {json}``::
 
@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,9 @@ PROBE_SHAPE = (5, 64, 96, 3, 2)
 #: Seconds a child that printed its result may take to exit before it is killed (and judged on
 #: that result). Tearing down a CUDA context takes well under this.
 EXIT_GRACE_S = 15.0
+#: A cached timeout is believed this long, then probed again: a machine busy compiling (eight
+#: ranks starting at once) can time a healthy backend out, and `auto` would then avoid it.
+TIMEOUT_RETRY_S = 24 * 3600.0
 #: Seconds to keep reading after killing a child (a grandchild that escaped may hold a pipe).
 _DRAIN_S = 2.0
 _STDERR_TAIL_CHARS = 600
@@ -73,11 +76,17 @@ class ProbeResult:
     reason: str
     #: The child's max relative error against the reference; None without a result.
     max_rel_err: float | None = None
-    #: The child's exit status (negative: killed by that signal); None when killed on timeout.
+    #: The child's exit status (negative: killed by that signal); None when the parent killed it
+    #: (timeout, or hung at exit).
     exit_code: int | None = None
     seconds: float = 0.0
     #: What happened besides the verdict, e.g. a crash at exit after a correct result.
     note: str = ""
+    #: Killed at the timeout before printing a result (maybe only a busy machine: see
+    #: `TIMEOUT_RETRY_S`).
+    timed_out: bool = False
+    #: When the child ran (seconds since the epoch).
+    probed_at: float = field(default_factory=time.time)
     #: "fresh" (probed by this process) or "cache" (read from the cache file). Not stored.
     source: str = "fresh"
 
@@ -95,7 +104,9 @@ class ProbeResult:
             result = cls(**data, source="cache")
         except TypeError as exc:
             raise ValueError(f"not a probe result ({exc})") from None
-        if not isinstance(result.backend, str) or not isinstance(result.usable, bool):
+        if not (isinstance(result.backend, str) and isinstance(result.usable, bool)
+                and isinstance(result.reason, str) and isinstance(result.timed_out, bool)
+                and isinstance(result.probed_at, (int, float))):
             raise ValueError(f"not a probe result: {data!r}")
         return result
 
@@ -236,7 +247,7 @@ def _watch(proc: subprocess.Popen, timeout: float) -> _ChildRun:
                           if result_seen and deadline < timeout_at else
                           f"timed out after {timeout:g} s ({TIMEOUT_ENV} raises the limit)")
                 _kill_group(proc)
-                proc.wait()
+                _wait_quietly(proc, _DRAIN_S)
                 drain_until = time.monotonic() + _DRAIN_S  # keep what was written before the kill
                 while selector.get_map() and time.monotonic() < drain_until:
                     _read_some(selector, buffers, drain_until)
@@ -257,6 +268,14 @@ def _read_some(selector: selectors.BaseSelector, buffers: dict, deadline: float)
             buffers[key.fd] += chunk
         else:
             selector.unregister(key.fileobj)
+
+
+def _wait_quietly(proc: subprocess.Popen, seconds: float) -> None:
+    """Reap a killed child, but not forever: one stuck inside the GPU driver ignores SIGKILL."""
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -291,10 +310,12 @@ def judge(
     """
     ended = killed or _how_it_ended(exit_code)
 
-    def unusable(reason: str, max_rel_err: float | None = None) -> ProbeResult:
-        return ProbeResult(backend, False, reason, max_rel_err, exit_code, seconds)
-
     line = _result_line(stdout)
+
+    def unusable(reason: str, max_rel_err: float | None = None) -> ProbeResult:
+        return ProbeResult(backend, False, reason, max_rel_err, exit_code, seconds,
+                           timed_out=line is None and killed is not None)
+
     if line is None:
         tail = _tail(stderr)
         return unusable(
@@ -501,9 +522,12 @@ def _read_cached(path: Path, key_id: str, key: dict, backend: str) -> ProbeResul
     if not isinstance(results, dict) or backend not in results:
         return None
     try:
-        return ProbeResult.from_dict(results[backend])
+        result = ProbeResult.from_dict(results[backend])
     except ValueError:
         return None
+    if result.timed_out and time.time() - result.probed_at > TIMEOUT_RETRY_S:
+        return None
+    return result
 
 
 def _write_cached(path: Path, key_id: str, key: dict, result: ProbeResult) -> None:
