@@ -335,3 +335,43 @@ def test_info_shows_probe_source_and_error(capsys, fake_gpu, monkeypatch):
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("triton_dequant"))
     assert row.split()[1:4] == ["yes", "fresh", "1.00e-03"]
+
+
+# --------------------------------------------------------------------------- registry + real probe
+
+
+def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
+    """backends() and auto on 'cuda:0' with the real probe, cache and judge; only the child
+    (a script: triton_dequant answers, triton_scaled aborts, bf16 prints garbage) is fake."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "name = sys.argv[1]\n"
+        "if name == 'triton_scaled':\n"
+        "    os.abort()\n"
+        "result = {'backend': name, 'ok': True, 'max_rel_err': 2e-3, 'reason': ''}\n"
+        "print('MXMOE_PROBE_RESULT', json.dumps(result) if name != 'bf16' else '{', flush=True)\n"
+    )
+    runs = []
+
+    def child_command(name, device):
+        runs.append(name)
+        return [sys.executable, str(script), name]
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(probe.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(probe, "probe_key", lambda device: ("sim", {"device": "Simulated"}))
+    monkeypatch.setattr(probe, "child_command", child_command)
+    monkeypatch.setattr(registry, "_preferred_backend_hook", lambda: None)
+    probe.forget(cache_file=False)
+    try:
+        assert resolve_backend("auto", GPU, PROBLEM).name == "triton_dequant"
+        assert runs == ["triton_dequant"]
+        table = mxmoe.backends(GPU)
+        assert table["triton_dequant"] == (True, "")
+        assert not table["triton_scaled"][0] and "SIGABRT" in table["triton_scaled"][1]
+        assert not table["bf16"][0] and "not JSON" in table["bf16"][1]
+        assert runs == ["triton_dequant", "triton_scaled", "bf16"]
+        assert (tmp_path / "cache" / probe.CACHE_FILE_NAME).exists()
+    finally:
+        probe.forget(cache_file=False)
