@@ -31,9 +31,11 @@ PROBLEM = MoEProblem(num_tokens=64, hidden=2880, intermediate=2880, num_local_ex
 
 
 @pytest.fixture(autouse=True)
-def fresh_decisions(monkeypatch):
-    """No MXMOE_BACKEND, and no statuses or choices remembered from another test."""
+def fresh_decisions(monkeypatch, tmp_path):
+    """No MXMOE_BACKEND, no statuses or choices remembered from another test, and a private
+    probe cache (on a GPU machine a real probe must not touch the user's)."""
     monkeypatch.delenv(registry.BACKEND_ENV, raising=False)
+    monkeypatch.setenv(probe.CACHE_DIR_ENV, str(tmp_path / "cache"))
     registry.forget_decisions()
     yield
     registry.forget_decisions()
@@ -315,10 +317,11 @@ def test_missing_hook_means_no_preference(monkeypatch, fresh_hook, module):
 # --------------------------------------------------------------------------- mxmoe info
 
 
-def test_info_prints_the_backend_table(capsys, interpret):
+def test_info_prints_the_backend_table(capsys, interpret, monkeypatch):
     from mxmoe.cli import main
 
     interpret(False)
+    monkeypatch.setattr(registry, "_default_device", lambda: CPU)  # no real probe on a GPU box
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "backend" in out and "probe" in out and "max err" in out
@@ -359,7 +362,6 @@ def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
         return [sys.executable, str(script), name]
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv(probe.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(probe, "probe_key", lambda device: ("sim", {"device": "Simulated"}))
     monkeypatch.setattr(probe, "child_command", child_command)
     monkeypatch.setattr(registry, "_preferred_backend_hook", lambda: None)
