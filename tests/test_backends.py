@@ -41,18 +41,30 @@ def fresh_decisions(monkeypatch, tmp_path):
     registry.forget_decisions()
 
 
+def set_interpret(monkeypatch, on: bool) -> None:
+    """Set TRITON_INTERPRET for one test, after importing Triton under the session's setting.
+
+    Triton decorates its own `@triton.jit` library functions (tl.max, ...) once, at import, for
+    the mode then in force; imported first here with the interpreter off, they would break
+    every later interpreter test in this process.
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if on else "0")
+
+
 @pytest.fixture
 def interpret(monkeypatch):
-    def set_interpret(on: bool):
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if on else "0")
-    return set_interpret
+    return lambda on: set_interpret(monkeypatch, on)
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A simulated GPU whose probe verdicts the test sets: ``fake_gpu.verdicts[name] = reason``
     ('' = usable). Records which backends were probed and what the tuned table was asked."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    set_interpret(monkeypatch, False)
     state = types.SimpleNamespace(verdicts={n: "" for n in TRITON_BACKENDS}, probed=[],
                                   preference=None, asked=[])
 
@@ -361,7 +373,7 @@ def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
         runs.append(name)
         return [sys.executable, str(script), name]
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    set_interpret(monkeypatch, False)
     monkeypatch.setattr(probe, "probe_key", lambda device: ("sim", {"device": "Simulated"}))
     monkeypatch.setattr(probe, "child_command", child_command)
     monkeypatch.setattr(registry, "_preferred_backend_hook", lambda: None)

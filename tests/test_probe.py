@@ -246,6 +246,8 @@ def test_child_main_reports_an_error_as_a_result(capsys):
 
 
 def test_child_main_reports_a_static_check_failure(capsys, monkeypatch):
+    import triton  # noqa: F401  (first under the session's TRITON_INTERPRET: see test_backends)
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert probe.main(["--backend", "triton_scaled", "--device", "cpu"]) == 1
     payload = json.loads(capsys.readouterr().out.strip().split(" ", 1)[1])
