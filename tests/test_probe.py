@@ -226,6 +226,14 @@ def test_real_child_for_the_torch_backend_on_the_cpu():
     assert result.exit_code == 0 and result.max_rel_err < 1e-2  # fp16 output rounding only
 
 
+@pytest.mark.interpreter
+def test_real_child_runs_a_triton_kernel_under_the_interpreter():
+    # The child inherits TRITON_INTERPRET=1 and uses float16 (the interpreter's bf16 is wrong).
+    result = probe.run_child("triton_dequant", "cpu", timeout=300)
+    assert result.usable, result.reason
+    assert result.max_rel_err < 1e-2
+
+
 def test_real_child_prints_one_result_line_and_no_import_warning():
     # -W error: running the module must not warn that it was imported before it ran.
     cmd = [sys.executable, "-W", "error", "-m", "mxmoe.backends.probe", "--backend", "torch",
