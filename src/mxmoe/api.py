@@ -57,7 +57,7 @@ def fused_experts(
         # No tokens, or (expert parallelism over more ranks than experts) no local experts:
         # nothing to compute, and backends need not handle an empty weight tensor.
         return hidden_states.new_zeros((problem.num_tokens, problem.hidden))
-    chosen = resolve_backend(backend, hidden_states.device)
+    chosen = resolve_backend(backend, hidden_states.device, problem)
     args = MoEArgs(
         hidden_states=hidden_states,
         w13=w13,

@@ -1,19 +1,41 @@
 """Backends: one interface (`Backend`), several implementations, chosen by name or by `auto`.
 
 Each backend lives in its own module and is imported only when first used, so that
-``import mxmoe`` never compiles or imports Triton code.
+``import mxmoe`` never compiles or imports Triton code. Whether a backend is usable is decided
+by its static check (`Backend.unavailable_reason`) and then, for backends with ``needs_probe``
+on a CUDA device, by running it (`mxmoe.backends.probe`) — never by a list of device names.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .base import Backend, MoEArgs
 
-__all__ = ["Backend", "MoEArgs", "BACKEND_NAMES", "get_backend", "resolve_backend", "backends"]
+if TYPE_CHECKING:
+    from ..validation import MoEProblem
+    from .probe import ProbeResult
+
+__all__ = [
+    "Backend",
+    "BackendStatus",
+    "MoEArgs",
+    "BACKEND_NAMES",
+    "backend_status",
+    "backend_statuses",
+    "backends",
+    "forget_decisions",
+    "get_backend",
+    "reprobe",
+    "resolve_backend",
+]
 
 #: name -> (module, class). Order is the order `mxmoe info` prints.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -24,43 +46,223 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 BACKEND_NAMES = tuple(_REGISTRY)
+#: Overrides ``backend="auto"`` (not an explicit name) when set.
+BACKEND_ENV = "MXMOE_BACKEND"
+#: What `auto` tries on a GPU when no tuned table prefers another, best first. All keep the
+#: weights packed; ``bf16`` (a dense copy, 3.8x the memory) runs only when asked for by name.
+_AUTO_ORDER_GPU = ("triton_dequant", "triton_scaled", "torch")
+#: Elsewhere the reference is the only fast path (the Triton interpreter is for tests).
+_AUTO_ORDER_OTHER = ("torch",)
+
 _instances: dict[str, Backend] = {}
+#: (name, device, TRITON_INTERPRET) -> BackendStatus; see `backend_status`.
+_STATUS_MEMO: dict[tuple, "BackendStatus"] = {}
+#: (device, TRITON_INTERPRET, problem sizes) -> the name `auto` chose.
+_AUTO_MEMO: dict[tuple, str] = {}
+#: Token counts vary call to call; past this many remembered choices, start over.
+_AUTO_MEMO_MAX = 4096
 
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; ValueError listing the known names otherwise."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; known backends: {['auto', *_REGISTRY]}")
+        raise ValueError(f"unknown backend {name!r}; known backends: {_known_names()}")
     if name not in _instances:
         module, cls = _REGISTRY[name]
         _instances[name] = getattr(importlib.import_module(module), cls)()
     return _instances[name]
 
 
-def backends(device: torch.device | str | None = None) -> dict[str, tuple[bool, str]]:
-    """For each backend name: (usable here, why not — or '' when usable)."""
+def _known_names() -> list[str]:
+    return ["auto", *_REGISTRY]
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether one backend is usable on one device, and how that was decided."""
+
+    name: str
+    usable: bool
+    #: Why not; '' when usable.
+    reason: str
+    #: The probe's verdict; None when no probe ran (static check failed, or none needed here).
+    probe: "ProbeResult | None" = None
+
+
+def backend_status(name: str, device: torch.device | str) -> BackendStatus:
+    """Static check first; then, for ``needs_probe`` backends on a CUDA device, the probe.
+
+    Decided once per (backend, device, ``TRITON_INTERPRET``) a process: `fused_experts` asks on
+    every call, and a verdict does not change while the process runs.
+    """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    key = (name, device, os.environ.get("TRITON_INTERPRET"))
+    status = _STATUS_MEMO.get(key)
+    if status is None:
+        status = _STATUS_MEMO[key] = _decide_status(name, device)
+    return status
+
+
+def _decide_status(name: str, device: torch.device) -> BackendStatus:
+    backend = get_backend(name)
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        return BackendStatus(name, False, reason)
+    if backend.needs_probe and device.type == "cuda":
+        from . import probe  # imported late: `python -m mxmoe.backends.probe` must load it first
+
+        verdict = probe.probe(name, device)
+        return BackendStatus(name, verdict.usable, verdict.reason, verdict)
+    return BackendStatus(name, True, "")
+
+
+def reprobe() -> None:
+    """Forget every verdict and `auto` choice, in memory and on disk: the next use probes again."""
+    from . import probe
+
+    probe.forget()
+    forget_decisions()
+
+
+def forget_decisions() -> None:
+    """Forget this process's statuses and `auto` choices (not the probe's own memo or file)."""
+    _STATUS_MEMO.clear()
+    _AUTO_MEMO.clear()
+    _warned_reference_on.clear()
+
+
+def backend_statuses(device: torch.device | str | None = None) -> list[BackendStatus]:
+    """`backend_status` of every backend, in registry order (probes what is not yet known)."""
     device = torch.device(device) if device is not None else _default_device()
-    table = {}
-    for name in _REGISTRY:
-        reason = get_backend(name).unavailable_reason(device)
-        table[name] = (reason is None, reason or "")
-    return table
+    return [backend_status(name, device) for name in _REGISTRY]
+
+
+def backends(device: torch.device | str | None = None) -> dict[str, tuple[bool, str]]:
+    """For each backend name: (usable here, why not — or '' when usable).
+
+    On a CUDA device this runs the capability probe for each Triton backend not yet probed for
+    this device and these versions (a child process each; cached on disk).
+    """
+    return {s.name: (s.usable, s.reason) for s in backend_statuses(device)}
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_backend(name: str, device: torch.device) -> Backend:
-    """Turn ``name`` (or ``auto``, or the ``MXMOE_BACKEND`` override of ``auto``) into a backend."""
+def resolve_backend(
+    name: str, device: torch.device | str, problem: "MoEProblem | None" = None
+) -> Backend:
+    """Turn ``name`` (or ``auto``, or the ``MXMOE_BACKEND`` override of ``auto``) into a backend.
+
+    Args:
+        name: a backend name or ``"auto"``.
+        device: where the call runs.
+        problem: the call's sizes; `auto` looks up the fastest backend for its size class.
+
+    Raises:
+        ValueError: an unknown name (listing the known ones), or a backend not usable here
+            (saying why and listing the usable ones).
+    """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    origin = ""
     if name == "auto":
-        name = os.environ.get("MXMOE_BACKEND", "") or "auto"
+        override = os.environ.get(BACKEND_ENV, "").strip()
+        if override:
+            name, origin = override, f" (from {BACKEND_ENV})"
     if name == "auto":
-        # Until the probe and the tuned tables decide: the inline-dequant kernel on GPUs.
-        name = "triton_dequant" if device.type == "cuda" else "torch"
-    backend = get_backend(name)
-    reason = backend.unavailable_reason(device)
-    if reason is not None:
-        usable = [n for n, (ok, _) in backends(device).items() if ok]
-        raise ValueError(f"backend {name!r} is not usable on {device}: {reason}; usable: {usable}")
-    return backend
+        return get_backend(_auto_choice(device, problem))
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}{origin}; known backends: {_known_names()}")
+    status = backend_status(name, device)
+    if not status.usable:
+        usable = [s.name for s in backend_statuses(device) if s.usable]
+        raise ValueError(
+            f"backend {name!r}{origin} is not usable on {device}: {status.reason}; "
+            f"usable here: {usable}"
+        )
+    return get_backend(name)
+
+
+def _auto_choice(device: torch.device, problem: "MoEProblem | None") -> str:
+    """`_decide_auto`, remembered per device and problem size."""
+    sizes = None if problem is None else (
+        problem.num_tokens, problem.hidden, problem.intermediate, problem.num_local_experts,
+        problem.top_k,
+    )
+    key = (device, os.environ.get("TRITON_INTERPRET"), sizes)
+    name = _AUTO_MEMO.get(key)
+    if name is None:
+        if len(_AUTO_MEMO) >= _AUTO_MEMO_MAX:
+            _AUTO_MEMO.clear()
+        name = _AUTO_MEMO[key] = _decide_auto(device, problem)
+    return name
+
+
+def _decide_auto(device: torch.device, problem: "MoEProblem | None") -> str:
+    """The first usable of: the tuned table's choice for this size class, then the defaults."""
+    order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_OTHER
+    preferred = _tuned_preference(device, problem) if device.type == "cuda" else None
+    # A table entry naming an unknown or dense backend is ignored, not obeyed: auto never
+    # trades 3.8x the memory for speed, and a stale table must not break inference.
+    if preferred in _REGISTRY and get_backend(preferred).keeps_weights_packed:
+        order = (preferred, *(n for n in order if n != preferred))
+    reasons = []
+    for name in order:
+        status = backend_status(name, device)
+        if status.usable:
+            if name == "torch" and device.type == "cuda":
+                _warn_reference_on_gpu(device, reasons)
+            return name
+        reasons.append(f"{name}: {status.reason}")
+    raise ValueError(f"backend='auto': no backend is usable on {device} ({'; '.join(reasons)})")
+
+
+_warned_reference_on: set[torch.device] = set()
+
+
+def _warn_reference_on_gpu(device: torch.device, reasons: list[str]) -> None:
+    """Say once per device that `auto` fell back to the slow reference, and why."""
+    if device in _warned_reference_on:
+        return
+    _warned_reference_on.add(device)
+    warnings.warn(
+        f"mxmoe: backend='auto' runs the pure-torch reference on {device} because no Triton "
+        f"backend is usable ({'; '.join(reasons)}); `mxmoe info` shows the probe table",
+        RuntimeWarning,
+        stacklevel=6,  # the caller of fused_experts
+    )
+
+
+def _tuned_preference(device: torch.device, problem: "MoEProblem | None") -> str | None:
+    """What the tuned tables call fastest for this device and size class, if they say."""
+    hook = _preferred_backend_hook()
+    if hook is None or problem is None:
+        return None
+    return hook(
+        _device_name(device), problem.num_tokens, problem.hidden, problem.intermediate,
+        problem.num_local_experts, problem.top_k,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _preferred_backend_hook():
+    """``mxmoe.kernels.configs.preferred_backend``, or None until the tuned tables exist.
+
+    Its contract: ``preferred_backend(device_name, num_tokens, hidden, intermediate,
+    num_experts, top_k) -> str | None``, a backend name or None for "no opinion". It must be
+    a pure function of its arguments: `auto` remembers its answer for each size.
+    """
+    try:
+        from ..kernels.configs import preferred_backend
+    except ImportError:
+        return None
+    return preferred_backend
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_name(index)

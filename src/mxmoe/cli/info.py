@@ -6,16 +6,27 @@ from ._common import environment, header
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--reprobe", action="store_true",
+                        help="forget the cached probe verdicts and probe the GPU backends again")
 
 
 def run(args) -> int:
-    from ..backends import backends
+    from ..backends import backend_statuses, get_backend, probe, reprobe
 
+    if args.reprobe:
+        reprobe()
     info = environment()
     print(header(info))
     print()
-    print(f"{'backend':<16} {'usable':<7} reason")
-    for name, (usable, reason) in backends().items():
-        print(f"{name:<16} {'yes' if usable else 'no':<7} {reason}")
+    print(f"{'backend':<16} {'usable':<7} {'probe':<7} {'max err':>9}  reason")
+    for status in backend_statuses():
+        verdict = status.probe
+        source = verdict.source if verdict else "-"
+        err = f"{verdict.max_rel_err:.2e}" if verdict and verdict.max_rel_err is not None else "-"
+        reason = status.reason or (verdict.note if verdict else "")
+        if status.usable and verdict is None and get_backend(status.name).needs_probe:
+            reason = "static check only: the probe runs on CUDA devices"
+        print(f"{status.name:<16} {'yes' if status.usable else 'no':<7} {source:<7} {err:>9}  "
+              f"{reason}")
+    print(f"\nprobe cache: {probe.cache_path()} (tolerance {probe.TOLERANCE:g}; --reprobe redoes)")
     return 0
