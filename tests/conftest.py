@@ -5,7 +5,8 @@
   The variable must be set before Triton is imported, so this file sets it when no GPU is
   present. The interpreter computes bf16 arithmetic wrongly (triton#11584): interpreter tests
   use float16 and float32 only.
-- `nan_like` / `poison`: output buffers filled with NaN, so an element never written fails.
+- `poison`: fills a buffer with NaN, so an element never written fails; ``MXMOE_POISON=1``
+  makes the Triton launchers allocate their buffers that way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    # Triton binds its language functions to the interpreter or the compiler once, at import:
+    # import it now, so that a test that changes TRITON_INTERPRET later cannot flip the mode
+    # under the other tests of this process.
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_probe_cache(tmp_path_factory):
+    """Keep the backend probe's cache out of the user's cache directory."""
+    if "MXMOE_CACHE_DIR" not in os.environ:
+        os.environ["MXMOE_CACHE_DIR"] = str(tmp_path_factory.mktemp("mxmoe-cache"))
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

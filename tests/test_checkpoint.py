@@ -172,6 +172,9 @@ class _FakeGroups:
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_rank", lambda group=None: self.positions[group][0])
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: self.positions[group][1])
+        # Global ranks of each group, for the check that ep and tp groups are orthogonal.
+        self.ranks = {}
+        monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: self.ranks[group])
         # The sum over ranks is done by the test: each rank's output stays partial.
         monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: None)
 
@@ -192,6 +195,9 @@ def test_from_gpt_oss_with_groups_sums_to_the_whole_layer(tmp_path, monkeypatch,
     for ep_rank in range(ep_world):
         for tp_rank in range(tp_world):
             fake.positions = {ep: (ep_rank, ep_world), tp: (tp_rank, tp_world), None: (0, 1)}
+            # An ep x tp mesh with tp inner: global rank = ep_rank * tp_world + tp_rank.
+            fake.ranks = {ep: [r * tp_world + tp_rank for r in range(ep_world)],
+                          tp: [ep_rank * tp_world + r for r in range(tp_world)]}
             layer = mxmoe.MXFP4MoE.from_gpt_oss(
                 path, 1, dtype=torch.float32, backend="torch",
                 ep_group=ep if ep_world > 1 else None, tp_group=tp if tp_world > 1 else None)
