@@ -15,6 +15,7 @@ def plot_results(results: dict, path: Path) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "no plot: matplotlib is not installed (pip install 'mxmoe[bench]')"
 
@@ -46,6 +47,9 @@ def plot_results(results: dict, path: Path) -> str:
                 ax.plot(*zip(*failed), "x", color=line.get_color(), ms=9)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        tokens = sorted({r["M"] for r in rows})
+        ax.set_xticks(tokens, [str(m) for m in tokens], rotation=45, fontsize=7)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("ms per layer")
         ax.set_title(model)

@@ -101,6 +101,12 @@ def results_path(out_dir: Path, device: str, date: str | None = None) -> Path:
 
 # -- text ----------------------------------------------------------------------------------------
 
+def _ratio(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x" if value < 100 else f"{value:.0f}x"
+
+
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -109,7 +115,7 @@ def format_row(row: dict, t0: float | None = None) -> str:
     """One progress line per measured row."""
     prefix = f"[{time.perf_counter() - t0:7.1f}s] " if t0 is not None else ""
     err = "-" if row.get("max_rel_err") is None else f"{row['max_rel_err']:.1e}"
-    ratio = "-" if row.get("ratio") is None else f"{row['ratio']:.2f}x"
+    ratio = _ratio(row.get("ratio"))
     line = (f"{prefix}{row['model']:<14} M={row['M']:<6} {row['backend']:<20} "
             f"{_ms(row['ms']):>9} ms  floor {_ms(row['floor_ms']):>9} ms  {ratio:>8}  "
             f"err {err:>7}  {'graph' if row['graph'] else 'eager':<5}  {row['status']}")
@@ -132,7 +138,7 @@ def _cell(row: dict | None) -> str:
         return ""
     if row["status"] == "error" or row["ms"] is None:
         return "error"
-    text = f"{_ms(row['ms'])} {row['ratio']:.2f}x" if row.get("ratio") else _ms(row["ms"])
+    text = f"{_ms(row['ms'])} {_ratio(row['ratio'])}" if row.get("ratio") else _ms(row["ms"])
     if not row["graph"]:
         text += " e"
     if row["status"] == "FAIL":
@@ -168,7 +174,7 @@ def _grid(results: dict, model: str) -> tuple[list[str], list[list[str]]]:
             str(point["M"]), _ms(point["floor_ms"]), point["bound"],
             *[_cell(point["rows"].get(p)) for p in paths],
             point["fastest"] or "-",
-            "-" if point["auto_vs_best"] is None else f"{point['auto_vs_best']:.2f}x",
+            _ratio(point["auto_vs_best"]),
         ])
     return head, body
 

@@ -1,0 +1,255 @@
+"""`mxmoe bench` on the CPU: the floor formula, rotations, the baseline, the JSON, the tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mxmoe.bench import report
+from mxmoe.bench.baseline import DenseBaseline
+from mxmoe.bench.ceilings import H100_COPY_BYTES_PER_S, H100_MATMUL_FLOPS_PER_S
+from mxmoe.bench.floors import expert_bytes, layer_flops, layer_floor
+from mxmoe.bench.problems import MODELS, CPU_MODEL, make_rotations, make_weights
+from mxmoe.bench.timing import RepPolicy
+from mxmoe.cli import main
+from mxmoe.cli._common import relative_error
+from mxmoe.reference import fused_experts_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpt_oss_floor(model: str, m: int, touched: int):
+    shape = MODELS[model]
+    return layer_floor(num_tokens=m, hidden=shape.hidden, inter=shape.inter, top_k=shape.top_k,
+                       touched_experts=touched, bias_itemsize=2,
+                       copy_bytes_per_s=H100_COPY_BYTES_PER_S,
+                       matmul_flops_per_s=H100_MATMUL_FLOPS_PER_S)
+
+
+# --- floors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, m, touched, expected_s, bound", [
+    ("20b", 1, 4, 17.5e-6, "memory"),  # FACTS: M=1 -> 17.5 us (4 experts)
+    ("20b", 64, 32, 140e-6, "memory"),  # FACTS: M=64 -> 140 us (all 32 experts)
+    ("20b", 16384, 32, 4.46e-3, "compute"),  # FACTS: M=16384 -> 4.46 ms (compute bound)
+])
+def test_floor_reproduces_facts(model, m, touched, expected_s, bound):
+    floor = gpt_oss_floor(model, m, touched)
+    assert floor.seconds == pytest.approx(expected_s, rel=0.02)
+    assert floor.bound == bound
+
+
+def test_floor_counts_only_touched_experts():
+    one, four = gpt_oss_floor("120b", 1, 1), gpt_oss_floor("120b", 1, 4)
+    assert four.bytes == pytest.approx(4 * one.bytes)
+
+
+def test_expert_bytes_match_the_tensors():
+    weights = make_weights(CPU_MODEL, torch.bfloat16, "cpu")
+    per_expert = weights.nbytes / CPU_MODEL.experts
+    assert expert_bytes(CPU_MODEL.hidden, CPU_MODEL.inter, 2) == per_expert
+
+
+def test_layer_flops_formula():
+    # 2·M·k·(H·2I + I·H) with M=3, k=2, H=64, I=32
+    assert layer_flops(3, 64, 32, 2) == 2 * 3 * 2 * (64 * 64 + 32 * 64)
+
+
+def test_floor_rejects_nonpositive_ceilings():
+    with pytest.raises(ValueError, match="ceilings must be positive"):
+        layer_floor(num_tokens=1, hidden=64, inter=64, top_k=1, touched_experts=1,
+                    bias_itemsize=2, copy_bytes_per_s=0, matmul_flops_per_s=1)
+
+
+# --- repetitions and rotations -----------------------------------------------------------------
+
+def test_rep_policy_bounds():
+    policy = RepPolicy(budget_s=0.5, min_reps_small=200, min_reps_large=20, small_s=5e-4,
+                       max_reps=2000, cap_s=10.0)
+    assert policy.reps(20e-6) == 2000  # decode: capped by max_reps
+    assert policy.reps(4e-4) == 1250  # budget / time
+    assert policy.reps(4e-3) == 125
+    assert policy.reps(0.1) == 20  # large M: at least 20
+    assert policy.reps(1.0) == 10  # 20 would pass cap_s
+    assert policy.reps(100.0) == 3  # never fewer than 3
+
+
+def test_decode_rotations_touch_disjoint_experts():
+    model = MODELS["20b"]
+    rotations = make_rotations(model, 1, 4, torch.float32, "cpu")
+    assert rotations.disjoint_experts
+    sets = [set(r.topk_ids.flatten().tolist()) for r in rotations.inputs]
+    for i in range(len(sets)):  # consecutive replays, the wrap-around included
+        assert not sets[i] & sets[(i + 1) % len(sets)], sets
+    assert all(r.touched_experts == model.top_k for r in rotations.inputs)
+
+
+def test_large_m_rotations_are_random_and_count_touched_experts():
+    rotations = make_rotations(CPU_MODEL, 16, 3, torch.float32, "cpu")
+    assert not rotations.disjoint_experts
+    for r in rotations.inputs:
+        assert r.touched_experts == len(set(r.topk_ids.flatten().tolist()))
+    assert not torch.equal(rotations.inputs[0].hidden_states, rotations.inputs[1].hidden_states)
+
+
+# --- the baseline ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 13], ids=["one token", "M*k > E"])
+def test_baseline_matches_reference(m):
+    weights = make_weights(CPU_MODEL, torch.float32, "cpu")
+    inputs = make_rotations(CPU_MODEL, m, 1, torch.float32, "cpu").inputs[0]
+    ref = fused_experts_reference(inputs.hidden_states, weights.w13, weights.w2,
+                                  inputs.topk_weights, inputs.topk_ids,
+                                  w13_bias=weights.w13_bias, w2_bias=weights.w2_bias)
+    baseline = DenseBaseline(weights, torch.float32)
+    baseline.select(inputs)
+    for method in ("mm_loop", baseline.method):
+        out = baseline.forward(inputs.hidden_states, inputs.router_logits, method)
+        assert relative_error(out, ref) < 1e-5, method
+
+
+def test_baseline_falls_back_to_loop_without_grouped_mm(monkeypatch):
+    weights = make_weights(CPU_MODEL, torch.float32, "cpu")
+    inputs = make_rotations(CPU_MODEL, 4, 1, torch.float32, "cpu").inputs[0]
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    baseline = DenseBaseline(weights, torch.float32)
+    assert baseline.select(inputs) == "mm_loop"
+    assert baseline.label == "baseline_mm_loop"
+    assert any("_grouped_mm" in note for note in baseline.notes)
+
+
+# --- results, tables, markdown -----------------------------------------------------------------
+
+def synthetic_results() -> dict:
+    rows = []
+    for m, floor in ((1, 0.0175), (16384, 4.46)):
+        for backend, ms, err, graph in (("triton_dequant", 2 * floor, 1e-3, True),
+                                        ("auto", 2.1 * floor, 1e-3, True),
+                                        ("baseline_grouped_mm", 1.5 * floor, 5e-2, True),
+                                        ("torch", 50 * floor, 0.0, False)):
+            rows.append({"model": "gpt-oss-20b", "M": m, "backend": backend, "ms": ms,
+                         "floor_ms": floor, "ratio": ms / floor, "max_rel_err": err,
+                         "graph": graph, "status": "ok" if err <= 2e-2 else "FAIL",
+                         "error": None, "bound": "memory" if m == 1 else "compute"})
+        rows.append({"model": "gpt-oss-20b", "M": m, "backend": "triton_scaled", "ms": None,
+                     "floor_ms": floor, "ratio": None, "max_rel_err": None, "graph": False,
+                     "status": "error", "error": "RuntimeError: boom"})
+    return {
+        "schema": report.SCHEMA, "device": "NVIDIA H100 80GB HBM3",
+        "versions": {"driver": "580.1", "cuda": "13.0", "torch": "2.11.0", "triton": "3.6.0"},
+        "git_sha": "abc1234", "date": "2026-11-25 01:00 UTC",
+        "ceilings": {"copy_gb_per_s": 3020.0, "matmul_tflop_per_s": 732.0, "source": "given"},
+        "settings": {"dtype": "bfloat16", "rotations": 4, "tolerance": 2e-2},
+        "models": {"gpt-oss-20b": MODELS["20b"].as_dict()},
+        "notes": [], "complete": True, "rows": rows,
+    }
+
+
+def test_text_table_marks_fastest_failures_and_errors():
+    text = report.render_text(synthetic_results())
+    for needle in ("NVIDIA H100 80GB HBM3", "driver: 580.1", "CUDA: 13.0", "torch: 2.11.0",
+                   "Triton: 3.6.0", "git: abc1234", "2026-11-25"):
+        assert needle in text
+    assert "FAIL" in text  # the baseline is over the tolerance
+    point = report.summarize(synthetic_results()["rows"])[0]
+    assert point["fastest"] == "triton_dequant"  # a FAIL row is never the fastest
+    assert point["auto_vs_best"] == pytest.approx(1.05)
+    assert "triton_scaled at M=1,16384: RuntimeError: boom" in text
+
+
+def test_json_is_strict_and_validates(tmp_path):
+    results = synthetic_results()
+    results["rows"][0]["max_rel_err"] = float("inf")
+    path = tmp_path / "r.json"
+    report.write_json(results, path)
+    loaded = report.load_json(path)  # json.loads would accept NaN; the file must not hold any
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    assert loaded["rows"][0]["max_rel_err"] is None
+
+
+def test_validate_names_the_missing_key():
+    results = synthetic_results()
+    del results["rows"][1]["floor_ms"]
+    with pytest.raises(ValueError, match="row 1 has no 'floor_ms'"):
+        report.validate(results)
+
+
+def test_results_path_slug(tmp_path):
+    path = report.results_path(tmp_path, "NVIDIA H100 80GB HBM3", "2026-11-25 01:00 UTC")
+    assert path.name == "nvidia-h100-80gb-hbm3-2026-11-25.json"
+    path.write_text("{}")
+    assert report.results_path(tmp_path, "NVIDIA H100 80GB HBM3", "2026-11-25") != path
+    assert report.results_path(tmp_path, "cpu (x86_64)", "2026-11-25").name == "cpu-2026-11-25.json"
+
+
+def test_render_benchmarks_script(tmp_path):
+    source = tmp_path / "nvidia-h100-2026-11-25.json"
+    report.write_json(synthetic_results(), source)
+    output = tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_benchmarks.py"), str(source),
+                    "--output", str(output)], check=True, capture_output=True, text=True)
+    md = output.read_text()
+    assert "## gpt-oss-20b" in md
+    assert "| M | floor ms | bound | triton_dequant |" in md
+    assert "| 1 | 0.0175 | memory | 0.035 2.00x |" in md
+    assert "FAIL" in md and "triton_dequant" in md
+    assert "nvidia-h100-2026-11-25.json" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "![" not in md
+    else:
+        assert "![time and floor against M](nvidia-h100-2026-11-25.png)" in md
+        assert (tmp_path / "nvidia-h100-2026-11-25.png").stat().st_size > 0
+
+
+# --- the command -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of mxmoe bench")
+def test_bench_quick_on_cpu_writes_json(tmp_path, capsys):
+    rc = main(["bench", "--quick", "--out", str(tmp_path), "--ceilings", "10", "0.1"])
+    assert rc == 0
+    (path,) = tmp_path.glob("*.json")
+    results = report.load_json(path)
+    assert results["complete"]
+    assert results["ceilings"]["source"] == "given"
+    assert any("not performance numbers" in n for n in results["notes"])
+    rows = results["rows"]
+    assert {r["M"] for r in rows} == {1, 4}
+    by_path = {r["backend"]: r for r in rows}
+    assert {"torch", "auto", "baseline_grouped_mm"} <= set(by_path)
+    for name in ("torch", "auto", "baseline_grouped_mm"):
+        row = by_path[name]
+        assert row["status"] == "ok" and row["ms"] > 0 and row["max_rel_err"] < 1e-4, row
+        assert row["floor_ms"] > 0 and row["ratio"] == pytest.approx(row["ms"] / row["floor_ms"])
+        assert row["graph"] is False
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-2].startswith("results: ")
+    assert "M  floor ms" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of mxmoe bench")
+def test_bench_sets_the_interpreter_before_triton_is_imported(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    code = ("import sys, mxmoe.cli as cli; cli.build_parser(); "
+            "assert 'triton' not in sys.modules, 'triton imported before bench ran'; "
+            f"sys.exit(cli.main(['bench', '--quick', '--tokens', '1', '--backends', 'torch', "
+            f"'--no-plot', '--ceilings', '10', '0.1', '--out', {str(tmp_path)!r}]))")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True,
+                   text=True, timeout=120)
+    (path,) = tmp_path.glob("*.json")
+    notes = json.loads(path.read_text())["notes"]
+    assert any("TRITON_INTERPRET=1 set by `mxmoe bench`" in n for n in notes), notes
+
+
+def test_bench_rejects_unknown_path(tmp_path):
+    with pytest.raises(SystemExit, match="unknown path 'nope'"):
+        main(["bench", "--backends", "nope", "--out", str(tmp_path), "--ceilings", "1", "1"])
+
