@@ -209,6 +209,32 @@ def test_render_benchmarks_script(tmp_path):
         assert (tmp_path / "nvidia-h100-2026-11-25.png").stat().st_size > 0
 
 
+def test_render_benchmarks_merges_runs_of_one_card(tmp_path):
+    first, second = synthetic_results(), synthetic_results()
+    for row in second["rows"]:
+        row["model"] = "gpt-oss-120b"
+    second["models"] = {"gpt-oss-120b": MODELS["120b"].as_dict()}
+    second["ceilings"] = {**second["ceilings"], "copy_gb_per_s": 2990.0}
+    report.write_json(first, tmp_path / "a.json")
+    report.write_json(second, tmp_path / "b.json")
+    output, merged = tmp_path / "BENCHMARKS.md", tmp_path / "merged.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "render_benchmarks.py"),
+                    str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--merged-json",
+                    str(merged), "--output", str(output), "--no-plot"],
+                   check=True, capture_output=True, text=True)
+    md = output.read_text()
+    assert "## gpt-oss-20b" in md and "## gpt-oss-120b" in md
+    assert "copy 3020 GB/s" in md and "copy 2990 GB/s" in md  # each run's own ceilings
+    assert len(report.load_json(merged)["rows"]) == 2 * len(first["rows"])
+
+
+def test_merge_refuses_two_cards():
+    other = synthetic_results()
+    other["device"] = "NVIDIA H200"
+    with pytest.raises(ValueError, match="different devices"):
+        report.merge([synthetic_results(), other], ["a", "b"])
+
+
 # --- the command -------------------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of mxmoe bench")

@@ -100,7 +100,7 @@ class DenseBaseline:
 
         rows = x.index_select(0, order // k)  # [M*k, H]
         h = self._gemm(rows, 0, offs, method) + self.b13.index_select(0, expert_of_row)
-        a = apply_activation(h, Activation.SWIGLUOAI, self.alpha, self.limit)  # [M*k, I]
+        a = apply_activation(h, Activation.SWIGLUOAI, self.alpha, self.limit).contiguous()
         y = self._gemm(a, 1, offs, method) + self.b2.index_select(0, expert_of_row)
         y = y * topk_weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)
         pairs = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order

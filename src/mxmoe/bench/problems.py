@@ -158,14 +158,18 @@ def make_rotations(model: ModelShape, num_tokens: int, count: int, dtype: torch.
                 avoid |= used[0]
             if avoid:
                 logits[:, sorted(avoid)] = _EXCLUDED_LOGIT
+        logits = logits.to(device)
+        # Routed on the device by the same `route` the paths call, so that the reference sees
+        # exactly their routing (a CPU softmax could break a near-tie at the k-th expert
+        # differently, and one token routed differently fails the check).
         weights, ids = route(logits, k)
         experts = set(ids.flatten().tolist())
         used.append(experts)
         rotations.inputs.append(Inputs(
             hidden_states=torch.randn(m, model.hidden, generator=g).to(dtype).to(device),
-            router_logits=logits.to(device),
-            topk_weights=weights.to(device),
-            topk_ids=ids.to(device),
+            router_logits=logits,
+            topk_weights=weights,
+            topk_ids=ids,
             touched_experts=len(experts),
         ))
     return rotations

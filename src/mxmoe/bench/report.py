@@ -83,6 +83,31 @@ def load_json(path: Path) -> dict:
     return results
 
 
+def merge(results_list: list[dict], names: list[str]) -> dict:
+    """Several runs on one card (say ``--models 20b`` and ``--models 120b``, each within a time
+    limit) as one result: their rows, each run's date, git sha and ceilings under ``runs``.
+    A later run's row replaces an earlier one for the same (model, M, path) in the tables."""
+    if not results_list:
+        raise ValueError("merge: no results")
+    devices = sorted({str(r.get("device")) for r in results_list})
+    if len(devices) > 1:
+        raise ValueError(f"merge: results come from different devices {devices}; timings from "
+                         f"different cards are not a comparison")
+    merged = dict(results_list[0])
+    merged["rows"] = [row for r in results_list for row in r["rows"]]
+    merged["models"] = {}
+    merged["notes"] = []
+    for r in results_list:
+        merged["models"].update(r.get("models") or {})
+        merged["notes"] += [n for n in r.get("notes", []) if n not in merged["notes"]]
+    merged["complete"] = all(r.get("complete", False) for r in results_list)
+    merged["runs"] = [{"file": name, "date": r.get("date"), "git_sha": r.get("git_sha"),
+                       "ceilings": r.get("ceilings"), "complete": r.get("complete")}
+                      for name, r in zip(names, results_list)]
+    validate(merged)
+    return merged
+
+
 def slug(text: str) -> str:
     """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``; a CPU run is ``"cpu"``."""
     if not text or text.lower().startswith("cpu"):
@@ -202,6 +227,15 @@ def header_line(results: dict) -> str:
             f"{results.get('git_sha')} | {results.get('date')}")
 
 
+def ceilings_lines(results: dict) -> list[str]:
+    """The ceilings of the run, or one line per run of a merged result."""
+    runs = results.get("runs") or []
+    if len(runs) <= 1:
+        return [ceilings_line(results)]
+    return [f"run {run['file']} ({run['date']}, git {run['git_sha']}): "
+            f"{ceilings_line({'ceilings': run['ceilings']})}" for run in runs]
+
+
 def ceilings_line(results: dict) -> str:
     c = results.get("ceilings") or {}
     if not c:
@@ -229,7 +263,7 @@ def errors(results: dict) -> list[str]:
 
 def render_text(results: dict) -> str:
     """The short table printed last: header, ceilings, one grid per model, errors."""
-    lines = [header_line(results), ceilings_line(results)]
+    lines = [header_line(results), *ceilings_lines(results)]
     lines += [f"note: {n}" for n in results.get("notes", [])]
     for model in _models(results):
         head, body = _grid(results, model)
@@ -254,13 +288,13 @@ def render_markdown(results: dict, plot: str | None = None, source: str | None =
              "and routings, beside its floor: max(bytes of the packed weights, scales and "
              "biases of the experts touched / copy bandwidth, useful FLOPs / bf16 matmul rate), "
              "both ceilings measured at the start of the same run.", "",
-             f"- {header_line(results)}", f"- {ceilings_line(results)}"]
+             f"- {header_line(results)}", *[f"- {c}" for c in ceilings_lines(results)]]
     settings = results.get("settings") or {}
     if settings:
         lines.append(f"- activations {settings.get('dtype')}, {settings.get('rotations')} "
                      f"rotating input sets, tolerance {settings.get('tolerance')}")
     if source:
-        lines.append(f"- results: `{source}`")
+        lines.append(f"- results: {source}")
     lines += [f"- note: {n}" for n in results.get("notes", [])]
     if not results.get("complete", True):
         lines.append("- **incomplete run**" + (f": {results['aborted']}" if results.get("aborted")
