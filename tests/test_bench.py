@@ -279,3 +279,80 @@ def test_bench_rejects_unknown_path(tmp_path):
     with pytest.raises(SystemExit, match="unknown path 'nope'"):
         main(["bench", "--backends", "nope", "--out", str(tmp_path), "--ceilings", "1", "1"])
 
+
+
+# --- the GPU timing code, driven by fake CUDA events (control flow only) -----------------------
+
+class _FakeEvent:
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        import time
+
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    state = {"mode": 0, "sleeps": 0}
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: state.__setitem__(
+        "sleeps", state["sleeps"] + 1), raising=False)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: state["mode"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode",
+                        lambda mode: state.__setitem__("mode", mode))
+    return state
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_time_graphs_cycles_through_every_graph(fake_cuda):
+    from mxmoe.bench.timing import time_graphs
+
+    graphs = [_FakeGraph() for _ in range(3)]
+    policy = RepPolicy(budget_s=0.01, min_reps_small=120, min_reps_large=120, max_reps=120)
+    timing = time_graphs(graphs, policy)
+    assert timing.graph and timing.reps == 120 and timing.ms >= 0
+    assert timing.ms_min <= timing.ms <= timing.ms_p90
+    counts = [g.replays for g in graphs]
+    assert max(counts) - min(counts) <= 1  # the rotation is even
+    assert fake_cuda["sleeps"] == 3  # one sleep per batch of 50 timed replays
+
+
+def test_time_eager_cuda_rotates_inputs(fake_cuda):
+    from mxmoe.bench.timing import time_eager_cuda
+
+    seen = []
+    policy = RepPolicy(budget_s=0.01, min_reps_small=10, min_reps_large=10, max_reps=10)
+    timing = time_eager_cuda(lambda inputs: seen.append(inputs), ["a", "b"], policy)
+    assert not timing.graph and timing.reps == 10
+    assert seen[-10:] == ["a", "b"] * 5
+
+
+def test_host_sync_reason(fake_cuda):
+    from mxmoe.bench.timing import host_sync_reason
+
+    def syncs(inputs):
+        assert fake_cuda["mode"] == "error"
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    def breaks(inputs):
+        raise RuntimeError("an unrelated failure")
+
+    assert "synchronizing" in host_sync_reason(syncs, None)
+    assert fake_cuda["mode"] == 0  # restored
+    assert host_sync_reason(lambda inputs: None, None) is None
+    with pytest.raises(RuntimeError, match="unrelated"):
+        host_sync_reason(breaks, None)
+    assert fake_cuda["mode"] == 0

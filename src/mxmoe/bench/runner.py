@@ -67,11 +67,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _cuda_alive(device: torch.device) -> bool:
-    try:
-        torch.cuda.synchronize(device)
-        return float(torch.ones(1, device=device).sum()) == 1.0
-    except Exception:
-        return False
+    """Whether CUDA work still runs. Tried twice: a failed capture can leave a non-sticky error
+    that the first call reads (and so clears); a faulted kernel's error never clears."""
+    for _ in range(2):
+        try:
+            torch.cuda.synchronize(device)
+            if float(torch.ones(1, device=device).sum()) == 1.0:
+                return True
+        except Exception:
+            pass
+    return False
 
 
 def _sync(device: torch.device) -> None:
