@@ -39,6 +39,7 @@ class Settings:
     policy: RepPolicy = field(default_factory=RepPolicy)
     tolerance: float = 2e-2
     json_path: Path | None = None  # rewritten after every M, so a cut-off run keeps its rows
+    time_limit_s: float | None = None  # start no new (model, M) point after this long
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -59,6 +60,10 @@ class ContextLost(RuntimeError):
     def __init__(self, message: str, row: dict | None = None):
         super().__init__(message)
         self.row = row
+
+
+class _OutOfTime(RuntimeError):
+    """`Settings.time_limit_s` has passed: stop cleanly, keep what was measured."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -142,15 +147,18 @@ class Runner:
             for model in self.s.models:
                 try:
                     self._run_model(model)
-                except ContextLost:
+                except (ContextLost, _OutOfTime):
                     raise
                 except Exception as exc:  # e.g. out of memory making the weights
                     self._say(f"{model.name}: skipped the rest of this model: {_one_line(exc)}")
                     if self.s.device.type == "cuda" and not _cuda_alive(self.s.device):
                         raise ContextLost(f"the CUDA context died in {model.name}") from exc
-        except ContextLost as exc:
+        except (ContextLost, _OutOfTime) as exc:
             self.results["aborted"] = str(exc)
             self._say(f"STOPPED: {exc}")
+        except KeyboardInterrupt:
+            self.results["aborted"] = "interrupted"
+            self._say("STOPPED: interrupted")
         self.results["complete"] = "aborted" not in self.results
         self._save()
         return self.results
@@ -163,6 +171,10 @@ class Runner:
         baseline: DenseBaseline | None = None
         try:
             for m in s.tokens:
+                elapsed = time.perf_counter() - self._t0
+                if s.time_limit_s is not None and elapsed > s.time_limit_s:
+                    raise _OutOfTime(f"time limit ({s.time_limit_s:g} s) reached after "
+                                     f"{elapsed:.0f} s, before {model.name} M={m}")
                 rotations = make_rotations(model, m, s.rotations, s.dtype, s.device)
                 floor = layer_floor(
                     num_tokens=m, hidden=model.hidden, inter=model.inter, top_k=model.top_k,

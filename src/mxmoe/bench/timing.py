@@ -9,7 +9,7 @@ inside them) and its writes would leave the new inputs in L2. Each graph's outpu
 checked against the reference after a replay into a NaN-filled buffer.
 
 A graph replay is bracketed by a pair of events; the median over replays is the time. Before
-each batch of replays the GPU is held busy for about a millisecond (`torch.cuda._sleep`) so
+each batch of replays the GPU is held busy for a few milliseconds (`torch.cuda._sleep`) so
 that the host can queue the whole batch and no replay waits for the host to launch it.
 """
 
@@ -26,9 +26,9 @@ from .problems import Inputs
 
 LayerFn = Callable[[Inputs], torch.Tensor]
 
-# Replays queued per batch behind one sleep kernel; the sleep (~1 ms) outlasts their launch.
+# Replays queued per batch behind one sleep kernel; the sleep (~2.5 ms) outlasts their launch.
 _BATCH = 50
-_SLEEP_CYCLES = 2_000_000
+_SLEEP_CYCLES = 5_000_000
 # Warm-up before timing: at least this long, so that clocks have ramped up.
 _WARMUP_S = 0.05
 

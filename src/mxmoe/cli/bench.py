@@ -48,6 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ceilings", nargs=2, type=float, default=None,
                         metavar=("COPY_GBPS", "MATMUL_TFLOPS"),
                         help="use these ceilings instead of measuring them")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no new point after this long; print and write what was "
+                             "measured (for machines that kill long commands)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
 
 
@@ -161,7 +164,7 @@ def run(args) -> int:
     json_path = report.results_path(args.out, env["device"], env["date"])
     settings = Settings(device=device, dtype=dtype, models=models, tokens=tokens, paths=paths,
                         rotations=rotations, policy=policy, tolerance=args.tolerance,
-                        json_path=json_path, notes=notes)
+                        json_path=json_path, time_limit_s=args.time_limit, notes=notes)
     settings_note = (f"paths: {' '.join(paths)} | M: {' '.join(map(str, tokens))} | "
                      f"{len(models)} model(s) | {rotations} rotations | budget "
                      f"{policy.budget_s:g} s/point")
