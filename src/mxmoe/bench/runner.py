@@ -281,8 +281,10 @@ class Runner:
                     row["detail"] = _auto_detail(device)
 
             # Correct first: the first call also compiles and autotunes.
+            t0 = time.perf_counter()
             out = fn(inputs[0])
             _sync(device)
+            first_call_s = time.perf_counter() - t0
             errors = [relative_error(out, reference)]
             del out
 
@@ -307,7 +309,7 @@ class Runner:
                     row["detail"] = "; ".join(x for x in (row["detail"], f"eager: {why_not}") if x)
                     timing = time_eager_cuda(fn, inputs, s.policy)
             else:
-                timing = time_cpu(fn, inputs, s.policy)
+                timing = time_cpu(fn, inputs, s.policy, estimate=first_call_s)
 
             err = max(errors)
             row.update(ms=timing.ms, ms_min=timing.ms_min, ms_p90=timing.ms_p90,
