@@ -196,6 +196,7 @@ class Runner:
                         row = self._row(model, m, path, floor, rotations)
                         row["error"] = f"reference failed: {_one_line(exc)}"
                         self._add(row)
+                    self._save()
                     continue
                 for path in s.paths:
                     if path == BASELINE and baseline is None:
