@@ -77,7 +77,8 @@ def test_rep_policy_bounds():
     assert policy.reps(4e-3) == 125
     assert policy.reps(0.1) == 20  # large M: at least 20
     assert policy.reps(1.0) == 10  # 20 would pass cap_s
-    assert policy.reps(100.0) == 3  # never fewer than 3
+    assert policy.reps(100.0) == 3  # never fewer than 3 ...
+    assert RepPolicy(min_reps_small=1, min_reps_large=1, cap_s=1.0).reps(5.0) == 1  # ... unless asked
 
 
 def test_decode_rotations_touch_disjoint_experts():
@@ -237,9 +238,13 @@ def test_merge_refuses_two_cards():
 
 # --- the command -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of mxmoe bench")
 def test_bench_quick_on_cpu_writes_json(tmp_path, capsys):
-    rc = main(["bench", "--quick", "--out", str(tmp_path), "--ceilings", "10", "0.1"])
+    # triton_dequant runs in the interpreter (conftest sets TRITON_INTERPRET=1 without a GPU);
+    # the other Triton backends are left out to keep this short.
+    rc = main(["bench", "--quick", "--out", str(tmp_path), "--ceilings", "10", "0.1",
+               "--backends", "torch", "triton_dequant", "auto", "baseline"])
     assert rc == 0
     (path,) = tmp_path.glob("*.json")
     results = report.load_json(path)
@@ -249,7 +254,8 @@ def test_bench_quick_on_cpu_writes_json(tmp_path, capsys):
     rows = results["rows"]
     assert {r["M"] for r in rows} == {1, 4}
     by_path = {r["backend"]: r for r in rows}
-    assert {"torch", "auto", "baseline_grouped_mm"} <= set(by_path)
+    assert set(by_path) == {"torch", "triton_dequant", "auto", "baseline_grouped_mm"}
+    assert by_path["triton_dequant"]["status"] in report.STATUSES
     for name in ("torch", "auto", "baseline_grouped_mm"):
         row = by_path[name]
         assert row["status"] == "ok" and row["ms"] > 0 and row["max_rel_err"] < 1e-4, row
@@ -260,6 +266,7 @@ def test_bench_quick_on_cpu_writes_json(tmp_path, capsys):
     assert "M  floor ms" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of mxmoe bench")
 def test_bench_sets_the_interpreter_before_triton_is_imported(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

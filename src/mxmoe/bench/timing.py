@@ -39,8 +39,8 @@ class RepPolicy:
 
     ``budget_s / estimate`` clamped to [min_reps, max_reps], where min_reps is
     ``min_reps_small`` for calls under ``small_s`` (decode sizes: noisy, cheap) and
-    ``min_reps_large`` otherwise; a point never takes more than ``cap_s`` unless 3 repetitions
-    already do.
+    ``min_reps_large`` otherwise; a point never takes more than ``cap_s`` unless
+    min(3, that minimum) repetitions already do.
     """
 
     budget_s: float = 0.5
@@ -55,7 +55,7 @@ class RepPolicy:
         lo = self.min_reps_small if t < self.small_s else self.min_reps_large
         n = max(lo, min(self.max_reps, int(self.budget_s / t)))
         if n * t > self.cap_s:
-            n = max(3, int(self.cap_s / t))
+            n = max(min(3, lo), int(self.cap_s / t))
         return n
 
 
