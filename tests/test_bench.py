@@ -14,7 +14,7 @@ import torch
 from mxmoe.bench import report
 from mxmoe.bench.baseline import DenseBaseline
 from mxmoe.bench.ceilings import H100_COPY_BYTES_PER_S, H100_MATMUL_FLOPS_PER_S
-from mxmoe.bench.floors import expert_bytes, layer_flops, layer_floor
+from mxmoe.bench.floors import dense_expert_bytes, expert_bytes, layer_flops, layer_floor
 from mxmoe.bench.problems import MODELS, CPU_MODEL, make_rotations, make_weights
 from mxmoe.bench.timing import RepPolicy
 from mxmoe.cli import main
@@ -56,6 +56,17 @@ def test_expert_bytes_match_the_tensors():
     assert expert_bytes(CPU_MODEL.hidden, CPU_MODEL.inter, 2) == per_expert
 
 
+def test_dense_floor_is_the_bf16_weights():
+    # 20b at M=1: 4 experts x 3·2880² bf16 weights (+ biases) = 199 MB at 3.02 TB/s = 66 us
+    shape = MODELS["20b"]
+    dense = layer_floor(num_tokens=1, hidden=shape.hidden, inter=shape.inter, top_k=4,
+                        touched_experts=4, bias_itemsize=2, copy_bytes_per_s=3.02e12,
+                        matmul_flops_per_s=732e12,
+                        bytes_per_expert=dense_expert_bytes(shape.hidden, shape.inter, 2))
+    assert dense.seconds == pytest.approx(4 * (3 * 2880**2 + 3 * 2880) * 2 / 3.02e12)
+    assert dense.seconds / gpt_oss_floor("20b", 1, 4).seconds == pytest.approx(3.76, rel=0.01)
+
+
 def test_layer_flops_formula():
     # 2·M·k·(H·2I + I·H) with M=3, k=2, H=64, I=32
     assert layer_flops(3, 64, 32, 2) == 2 * 3 * 2 * (64 * 64 + 32 * 64)
@@ -78,7 +89,8 @@ def test_rep_policy_bounds():
     assert policy.reps(0.1) == 20  # large M: at least 20
     assert policy.reps(1.0) == 10  # 20 would pass cap_s
     assert policy.reps(100.0) == 3  # never fewer than 3 ...
-    assert RepPolicy(min_reps_small=1, min_reps_large=1, cap_s=1.0).reps(5.0) == 1  # ... unless asked
+    # ... unless a minimum below 3 is asked for
+    assert RepPolicy(min_reps_small=1, min_reps_large=1, cap_s=1.0).reps(5.0) == 1
 
 
 def test_decode_rotations_touch_disjoint_experts():

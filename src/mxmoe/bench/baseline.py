@@ -72,7 +72,8 @@ class DenseBaseline:
                                 self.w2.transpose(-2, -1).contiguous())
         return self._contiguous
 
-    def _gemm(self, rows: torch.Tensor, which: int, offs: torch.Tensor, method: str) -> torch.Tensor:
+    def _gemm(self, rows: torch.Tensor, which: int, offs: torch.Tensor, method: str
+              ) -> torch.Tensor:
         """``rows [T, K]`` (sorted by expert) times each expert's weights: ``[T, N]``."""
         if method == "mm_loop":
             weight = self.w13 if which == 0 else self.w2  # [E, N, K]

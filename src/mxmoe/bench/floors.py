@@ -24,6 +24,11 @@ def expert_bytes(hidden: int, inter: int, bias_itemsize: int) -> int:
     return weights // 2 + weights // MXFP4_BLOCK_SIZE + (2 * inter + hidden) * bias_itemsize
 
 
+def dense_expert_bytes(hidden: int, inter: int, itemsize: int) -> int:
+    """Bytes of one expert stored dense (the bf16 baseline's weights) with its biases."""
+    return (3 * hidden * inter + 2 * inter + hidden) * itemsize
+
+
 def layer_flops(num_tokens: int, hidden: int, inter: int, top_k: int) -> int:
     """Useful FLOPs of the two expert GEMMs: ``2·M·k·(H·2I + I·H)``."""
     return 2 * num_tokens * top_k * (hidden * 2 * inter + inter * hidden)
@@ -44,14 +49,18 @@ class Floor:
 
 def layer_floor(*, num_tokens: int, hidden: int, inter: int, top_k: int,
                 touched_experts: float, bias_itemsize: int,
-                copy_bytes_per_s: float, matmul_flops_per_s: float) -> Floor:
-    """The floor of one layer call. ``touched_experts`` may be a mean over several routings."""
+                copy_bytes_per_s: float, matmul_flops_per_s: float,
+                bytes_per_expert: int | None = None) -> Floor:
+    """The floor of one layer call. ``touched_experts`` may be a mean over several routings;
+    ``bytes_per_expert`` replaces the MXFP4 `expert_bytes` (e.g. by `dense_expert_bytes`)."""
     if copy_bytes_per_s <= 0 or matmul_flops_per_s <= 0:
         raise ValueError(
             f"ceilings must be positive, got copy {copy_bytes_per_s} B/s and matmul "
             f"{matmul_flops_per_s} FLOP/s"
         )
-    nbytes = touched_experts * expert_bytes(hidden, inter, bias_itemsize)
+    if bytes_per_expert is None:
+        bytes_per_expert = expert_bytes(hidden, inter, bias_itemsize)
+    nbytes = touched_experts * bytes_per_expert
     flops = layer_flops(num_tokens, hidden, inter, top_k)
     memory_s = nbytes / copy_bytes_per_s
     compute_s = flops / matmul_flops_per_s

@@ -44,14 +44,17 @@ CPU_TOKENS_QUICK = (1, 4)
 def custom_model(hidden: int, inter: int, experts: int, top_k: int) -> ModelShape:
     """A `--custom H I E K` shape; ValueError naming the bad value."""
     if hidden <= 0 or hidden % MXFP4_BLOCK_SIZE:
-        raise ValueError(f"--custom: H must be a positive multiple of {MXFP4_BLOCK_SIZE}, got {hidden}")
+        raise ValueError(
+            f"--custom: H must be a positive multiple of {MXFP4_BLOCK_SIZE}, got {hidden}")
     if inter <= 0 or inter % MXFP4_BLOCK_SIZE:
-        raise ValueError(f"--custom: I must be a positive multiple of {MXFP4_BLOCK_SIZE}, got {inter}")
+        raise ValueError(
+            f"--custom: I must be a positive multiple of {MXFP4_BLOCK_SIZE}, got {inter}")
     if experts < 1:
         raise ValueError(f"--custom: E must be >= 1, got {experts}")
     if not 1 <= top_k <= experts:
         raise ValueError(f"--custom: K must be in [1, E={experts}], got {top_k}")
-    return ModelShape(f"custom-H{hidden}-I{inter}-E{experts}-k{top_k}", hidden, inter, experts, top_k)
+    return ModelShape(f"custom-H{hidden}-I{inter}-E{experts}-k{top_k}", hidden, inter, experts,
+                      top_k)
 
 
 # Root-mean-square of a uniformly random E2M1 code (all 16 codes equally likely).
@@ -86,8 +89,9 @@ class Weights:
 
     @property
     def nbytes(self) -> int:
-        return (self.w13.nbytes + self.w2.nbytes + self.w13_bias.numel() * self.w13_bias.element_size()
-                + self.w2_bias.numel() * self.w2_bias.element_size())
+        biases = (self.w13_bias.numel() * self.w13_bias.element_size()
+                  + self.w2_bias.numel() * self.w2_bias.element_size())
+        return self.w13.nbytes + self.w2.nbytes + biases
 
 
 def make_weights(model: ModelShape, dtype: torch.dtype, device, seed: int = 0) -> Weights:

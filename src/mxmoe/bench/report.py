@@ -120,7 +120,8 @@ def results_path(out_dir: Path, device: str, date: str | None = None) -> Path:
     date = (date or time.strftime("%Y-%m-%d", time.gmtime()))[:10]
     path = Path(out_dir) / f"{slug(device)}-{date}.json"
     if path.exists():
-        path = Path(out_dir) / f"{slug(device)}-{date}-{time.strftime('%H%M%S', time.gmtime())}.json"
+        stamp = time.strftime("%H%M%S", time.gmtime())
+        path = Path(out_dir) / f"{slug(device)}-{date}-{stamp}.json"
     return path
 
 

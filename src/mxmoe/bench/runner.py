@@ -19,7 +19,7 @@ from ..routing import route
 from . import report
 from .baseline import DenseBaseline
 from .ceilings import Ceilings
-from .floors import Floor, layer_floor
+from .floors import Floor, dense_expert_bytes, layer_floor
 from .problems import Inputs, ModelShape, Rotations, Weights, make_rotations, make_weights
 from .timing import (RepPolicy, Timing, capture_graphs, host_sync_reason, time_cpu,
                      time_eager_cuda, time_graphs)
@@ -124,6 +124,7 @@ class Runner:
                                           settings.notes)
         self._t0 = time.perf_counter()
         self._traced: set[str] = set()  # paths whose first traceback was printed
+        self._dense_floor: Floor | None = None  # of the current point
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -165,8 +166,9 @@ class Runner:
 
     def _run_model(self, model: ModelShape) -> None:
         s = self.s
+        dtype = str(s.dtype).replace("torch.", "")
         self._say(f"{model.name}: H={model.hidden} I={model.inter} E={model.experts} "
-                  f"k={model.top_k}, {str(s.dtype).replace('torch.', '')} activations, making weights")
+                  f"k={model.top_k}, {dtype} activations, making weights")
         weights = make_weights(model, s.dtype, s.device)
         baseline: DenseBaseline | None = None
         try:
@@ -176,13 +178,17 @@ class Runner:
                     raise _OutOfTime(f"time limit ({s.time_limit_s:g} s) reached after "
                                      f"{elapsed:.0f} s, before {model.name} M={m}")
                 rotations = make_rotations(model, m, s.rotations, s.dtype, s.device)
-                floor = layer_floor(
+                floor_args = dict(
                     num_tokens=m, hidden=model.hidden, inter=model.inter, top_k=model.top_k,
                     touched_experts=rotations.mean_touched_experts,
                     bias_itemsize=weights.w13_bias.element_size(),
                     copy_bytes_per_s=self.ceilings.copy_bytes_per_s,
                     matmul_flops_per_s=self.ceilings.matmul_flops_per_s,
                 )
+                floor = layer_floor(**floor_args)
+                # What the same layer could do with dense weights (the baseline's own floor).
+                self._dense_floor = layer_floor(**floor_args, bytes_per_expert=dense_expert_bytes(
+                    model.hidden, model.inter, weights.w13_bias.element_size()))
                 first = rotations.inputs[0]
                 try:
                     reference = fused_experts_reference(
@@ -254,6 +260,7 @@ class Runner:
             "bound": floor.bound,
             "floor_memory_ms": floor.memory_seconds * 1e3,
             "floor_compute_ms": floor.compute_seconds * 1e3,
+            "floor_dense_ms": self._dense_floor.seconds * 1e3 if self._dense_floor else None,
             "touched_experts": rotations.mean_touched_experts,
             "rotations": len(rotations.inputs),
             "disjoint_rotations": rotations.disjoint_experts,

@@ -138,7 +138,8 @@ def _run(args) -> int:
         raise SystemExit(f"mxmoe bench: {exc}") from None
     if cuda:
         models = models or list(problems.MODELS.values())
-        tokens = args.tokens or list(problems.GPU_TOKENS_QUICK if args.quick else problems.GPU_TOKENS)
+        tokens = args.tokens or list(
+            problems.GPU_TOKENS_QUICK if args.quick else problems.GPU_TOKENS)
         policy = (RepPolicy(budget_s=0.15, min_reps_small=100, min_reps_large=10, cap_s=3.0)
                   if args.quick else RepPolicy())
         rotations = args.rotations or 4
@@ -151,7 +152,8 @@ def _run(args) -> int:
             models = [problems.CPU_MODEL]
         elif any(m.hidden * m.inter * m.experts > 2**24 for m in models):
             notes.append("large shapes on the CPU: this will be slow")
-        tokens = args.tokens or list(problems.CPU_TOKENS_QUICK if args.quick else problems.CPU_TOKENS)
+        tokens = args.tokens or list(
+            problems.CPU_TOKENS_QUICK if args.quick else problems.CPU_TOKENS)
         # Not performance numbers: one timed call after the checked one is enough for a slow
         # (interpreted) path; the interpreter must stay well under a minute on 2 cores.
         policy = RepPolicy(budget_s=0.05 if args.quick else 0.1, min_reps_small=1,
