@@ -356,7 +356,7 @@ def test_time_eager_cuda_rotates_inputs(fake_cuda):
     policy = RepPolicy(budget_s=0.01, min_reps_small=10, min_reps_large=10, max_reps=10)
     timing = time_eager_cuda(lambda inputs: seen.append(inputs), ["a", "b"], policy)
     assert not timing.graph and timing.reps == 10
-    assert seen[-10:] == ["a", "b"] * 5
+    assert seen == ["a", "b"] * (len(seen) // 2) + ["a"] * (len(seen) % 2)  # never a repeat
 
 
 def test_host_sync_reason(fake_cuda):

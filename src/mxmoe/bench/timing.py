@@ -15,6 +15,7 @@ that the host can queue the whole batch and no replay waits for the host to laun
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -151,15 +152,22 @@ def _estimate_cuda(step: Callable[[int], None], count: int) -> float:
 
 
 def _time_cuda(step: Callable[[int], None], cycle: int, policy: RepPolicy, graph: bool) -> Timing:
+    # One running count across warm-up and timing, so the rotation never repeats a set twice
+    # in a row where one phase ends and the next begins.
+    calls = itertools.count()
+
+    def next_step(_: int) -> None:
+        step(next(calls))
+
     for i in range(cycle):  # first replays upload the graphs; not part of the estimate
-        step(i)
+        next_step(i)
     torch.cuda.synchronize()
-    estimate = _estimate_cuda(step, max(2, cycle))
+    estimate = _estimate_cuda(next_step, max(2, cycle))
     warmup = min(500, int(_WARMUP_S / max(estimate, 1e-7)))
     if warmup:
-        _estimate_cuda(step, warmup)
+        _estimate_cuda(next_step, warmup)
     n = policy.reps(estimate)
-    return Timing.from_seconds(_timed_cuda(step, n, sleep=graph), graph)
+    return Timing.from_seconds(_timed_cuda(next_step, n, sleep=graph), graph)
 
 
 def time_graphs(graphs: Sequence[torch.cuda.CUDAGraph], policy: RepPolicy) -> Timing:
