@@ -199,6 +199,8 @@ def test_results_path_slug(tmp_path):
     path.write_text("{}")
     assert report.results_path(tmp_path, "NVIDIA H100 80GB HBM3", "2026-11-25") != path
     assert report.results_path(tmp_path, "cpu (x86_64)", "2026-11-25").name == "cpu-2026-11-25.json"
+    tagged = report.results_path(tmp_path, "NVIDIA H100 80GB HBM3", "2026-11-25", tag="120b")
+    assert tagged.name == "nvidia-h100-80gb-hbm3-2026-11-25-120b.json"
 
 
 def test_render_benchmarks_script(tmp_path):

@@ -115,13 +115,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def results_path(out_dir: Path, device: str, date: str | None = None) -> Path:
-    """``<out_dir>/<device slug>-<YYYY-MM-DD>.json``; a time is added if that file exists."""
+def results_path(out_dir: Path, device: str, date: str | None = None, tag: str = "") -> Path:
+    """``<out_dir>/<device slug>-<YYYY-MM-DD>[-<tag>].json``; a time is added if that file
+    exists."""
     date = (date or time.strftime("%Y-%m-%d", time.gmtime()))[:10]
-    path = Path(out_dir) / f"{slug(device)}-{date}.json"
+    stem = f"{slug(device)}-{date}" + (f"-{slug(tag)}" if tag else "")
+    path = Path(out_dir) / f"{stem}.json"
     if path.exists():
-        stamp = time.strftime("%H%M%S", time.gmtime())
-        path = Path(out_dir) / f"{slug(device)}-{date}-{stamp}.json"
+        path = Path(out_dir) / f"{stem}-{time.strftime('%H%M%S', time.gmtime())}.json"
     return path
 
 

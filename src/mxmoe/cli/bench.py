@@ -38,6 +38,8 @@ def add_arguments(parser) -> None:
                         help="activation dtype (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                         help="directory for the JSON and the PNG (default: benchmarks/results)")
+    parser.add_argument("--tag", default="",
+                        help="added to the file name: <gpu>-<date>-<tag>.json")
     parser.add_argument("--quick", action="store_true", help="fewer M values and repetitions")
     parser.add_argument("--rotations", type=int, default=None,
                         help="input sets (one CUDA graph each) cycled through (default 4; 2 on "
@@ -188,7 +190,7 @@ def _run(args) -> int:
             log(f"note: {notes[-1]}")
     log(report.ceilings_line({"ceilings": ceilings.as_dict()}))
 
-    json_path = report.results_path(args.out, env["device"], env["date"])
+    json_path = report.results_path(args.out, env["device"], env["date"], args.tag)
     settings = Settings(device=device, dtype=dtype, models=models, tokens=tokens, paths=paths,
                         rotations=rotations, policy=policy, tolerance=args.tolerance,
                         json_path=json_path, time_limit_s=args.time_limit, notes=notes)
