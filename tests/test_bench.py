@@ -250,6 +250,45 @@ def test_merge_refuses_two_cards():
         report.merge([synthetic_results(), other], ["a", "b"])
 
 
+# --- the runner --------------------------------------------------------------------------------
+
+def test_runner_records_failures_and_goes_on(monkeypatch, tmp_path):
+    from mxmoe.bench import runner
+    from mxmoe.bench.ceilings import given_ceilings
+
+    real = runner.backend_layer
+
+    def layer(name, weights):
+        if name == "triton_dequant":  # raises: an error row, the others still run
+            def broken(inputs):
+                raise RuntimeError("kernel exploded")
+            return broken
+        if name == "triton_scaled":  # wrong by 50%: a FAIL row, still timed
+            inner = real("torch", weights)
+            return lambda inputs: inner(inputs) * 1.5
+        return real(name, weights)
+
+    monkeypatch.setattr(runner, "backend_layer", layer)
+    settings = runner.Settings(
+        device=torch.device("cpu"), dtype=torch.float32, models=[CPU_MODEL], tokens=[1, 4],
+        paths=["triton_dequant", "triton_scaled", "torch", "baseline"], rotations=2,
+        policy=RepPolicy(budget_s=0.01, min_reps_small=1, min_reps_large=1, max_reps=3),
+        json_path=tmp_path / "r.json")
+    lines = []
+    results = runner.Runner(settings, given_ceilings(10, 0.1), {"device": "cpu"},
+                            log=lines.append).run()
+    assert results["complete"]
+    by = {(r["backend"], r["M"]): r for r in report.load_json(tmp_path / "r.json")["rows"]}
+    for m in (1, 4):
+        assert by["triton_dequant", m]["status"] == "error"
+        assert by["triton_dequant", m]["error"] == "RuntimeError: kernel exploded"
+        assert by["triton_scaled", m]["status"] == "FAIL"
+        assert by["triton_scaled", m]["ms"] > 0 and by["triton_scaled", m]["max_rel_err"] > 0.4
+        assert by["torch", m]["status"] == "ok"
+        assert by["baseline_grouped_mm", m]["status"] == "ok"
+    assert sum("Traceback" in line for line in lines) == 1  # printed once per path, not per M
+
+
 # --- the command -------------------------------------------------------------------------------
 
 @pytest.mark.slow
