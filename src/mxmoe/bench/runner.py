@@ -337,5 +337,7 @@ class Runner:
                     f"rerun without it (--backends ...) to measure the rest", row
                 ) from exc
         finally:
-            del graphs, outputs
+            del graphs, outputs  # frees the graphs' private memory pools ...
+            if device.type == "cuda" and _cuda_alive(device):
+                torch.cuda.empty_cache()  # ... for the next path's graphs
         return row
