@@ -103,6 +103,15 @@ def test_decode_rotations_touch_disjoint_experts():
     assert all(r.touched_experts == model.top_k for r in rotations.inputs)
 
 
+def test_torch_route_is_the_route_specification():
+    from mxmoe import route
+    from mxmoe.bench.problems import torch_route
+
+    logits = torch.randn(33, 32, generator=torch.Generator().manual_seed(3))
+    for got, expected in zip(torch_route(logits, 4), route(logits, 4)):  # route's torch path
+        assert torch.equal(got, expected)
+
+
 def test_large_m_rotations_are_random_and_count_touched_experts():
     rotations = make_rotations(CPU_MODEL, 16, 3, torch.float32, "cpu")
     assert not rotations.disjoint_experts

@@ -1,10 +1,11 @@
 """The plain-torch baseline: weights dequantized once to the activation dtype, grouped GEMMs.
 
-What a user without mxmoe would write (and what the MXFP4 paths must beat): route, sort the
-(token, slot) pairs by expert on the device (`torch.argsort`), gather their rows, one grouped
-GEMM for w13 (`torch._grouped_mm`), bias and swiglu, one grouped GEMM for w2, bias, routing
-weight, and the weighted sum by scattering the pairs back (`index_copy_`) and summing each
-token's k rows. Nothing reads data on the host, so it can be captured in a CUDA graph.
+What a user without mxmoe would write (and what the MXFP4 paths must beat): route in torch
+(softmax, top-k, renormalize; not mxmoe's fused router), sort the (token, slot) pairs by expert
+on the device (`torch.argsort`), gather their rows, one grouped GEMM for w13
+(`torch._grouped_mm`), bias and swiglu, one grouped GEMM for w2, bias, routing weight, and the
+weighted sum by scattering the pairs back (`index_copy_`) and summing each token's k rows.
+Nothing reads data on the host, so it can be captured in a CUDA graph.
 
 `torch._grouped_mm` (2D × 3D form: ``mat_a [T, K]``, ``mat_b [E, K, N]``, ``offs`` int32 ``[E]``
 cumulative row ends) is private and needs sm90+ on CUDA. `DenseBaseline.select` tries it with
@@ -20,8 +21,7 @@ import torch
 from ..activations import Activation, apply_activation
 from ..cli._common import relative_error
 from ..constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
-from ..routing import route
-from .problems import Inputs, Weights
+from .problems import Inputs, Weights, torch_route
 
 #: method -> the row label it is reported under.
 LABELS = {
@@ -91,7 +91,7 @@ class DenseBaseline:
         """``[M, H]`` in ``x.dtype``: the whole layer from the router logits."""
         method = method or self.method
         m, k = x.shape[0], self.top_k
-        topk_weights, topk_ids = route(router_logits, k)
+        topk_weights, topk_ids = torch_route(router_logits, k)
         flat = topk_ids.reshape(-1).to(torch.int64)  # [M*k] expert of each pair
         order = torch.argsort(flat, stable=True)  # pairs sorted by expert
         expert_of_row = flat[order]

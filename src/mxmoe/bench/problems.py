@@ -9,7 +9,6 @@ import torch
 
 from ..constants import E8M0_EXPONENT_BIAS, F4_E2M1_VALUES, MXFP4_BLOCK_SIZE
 from ..format import MXFP4Tensor
-from ..routing import route
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,15 @@ def custom_model(hidden: int, inter: int, experts: int, top_k: int) -> ModelShap
         raise ValueError(f"--custom: K must be in [1, E={experts}], got {top_k}")
     return ModelShape(f"custom-H{hidden}-I{inter}-E{experts}-k{top_k}", hidden, inter, experts,
                       top_k)
+
+
+def torch_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router as plain torch (softmax over E in float32 -> top-k -> renormalize): the
+    specification of `mxmoe.route`, which on a GPU runs a fused Triton kernel instead. The
+    reference routing and the baseline use this one."""
+    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1, sorted=True)
+    return weights / weights.sum(dim=-1, keepdim=True), ids.to(torch.int32)
 
 
 # Root-mean-square of a uniformly random E2M1 code (all 16 codes equally likely).
@@ -163,10 +171,9 @@ def make_rotations(model: ModelShape, num_tokens: int, count: int, dtype: torch.
             if avoid:
                 logits[:, sorted(avoid)] = _EXCLUDED_LOGIT
         logits = logits.to(device)
-        # Routed on the device by the same `route` the paths call, so that the reference sees
-        # exactly their routing (a CPU softmax could break a near-tie at the k-th expert
-        # differently, and one token routed differently fails the check).
-        weights, ids = route(logits, k)
+        # The reference routing: the torch specification, on the device. A path whose router
+        # picks other experts fails the check (random logits make exact ties vanishingly rare).
+        weights, ids = torch_route(logits, k)
         experts = set(ids.flatten().tolist())
         used.append(experts)
         rotations.inputs.append(Inputs(
