@@ -425,3 +425,69 @@ def test_host_sync_reason(fake_cuda):
     with pytest.raises(RuntimeError, match="unrelated"):
         host_sync_reason(breaks, None)
     assert fake_cuda["mode"] == 0
+
+
+class _ReplayGraph:
+    """Stands in for a captured CUDA graph: a replay recomputes into the static output."""
+
+    def __init__(self, fn, inputs, out, writes=True):
+        self.fn, self.inputs, self.out, self.writes = fn, inputs, out, writes
+
+    def replay(self):
+        if self.writes:
+            self.out.copy_(self.fn(self.inputs))
+
+
+def test_runner_gpu_branch_with_fakes(fake_cuda, monkeypatch, tmp_path):
+    """The CUDA branch of the runner (sync check, capture, NaN-filled replay check, graph or
+    eager timing) driven on the CPU: CUDA events, capture and the sync check are fakes."""
+    from mxmoe.bench import runner
+    from mxmoe.bench.ceilings import given_ceilings
+
+    made = {}  # path name -> its layer function
+    real_layer = runner.backend_layer
+
+    def layer(name, weights):
+        made[name] = real_layer("torch" if name != "auto" else "auto", weights)
+        return made[name]
+
+    def sync_reason(fn, inputs):  # "torch" synchronises with the host (as the reference does)
+        return "called a synchronizing CUDA operation" if fn is made.get("torch") else None
+
+    def capture(fn, input_sets):
+        if fn is made.get("triton_scaled"):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        outputs = [fn(inputs) for inputs in input_sets]
+        writes = fn is not made.get("bf16")  # bf16's replays leave the output unwritten
+        return [_ReplayGraph(fn, i, o, writes) for i, o in zip(input_sets, outputs)], outputs
+
+    monkeypatch.setattr(runner, "capture_graphs", capture)
+    monkeypatch.setattr(runner, "host_sync_reason", sync_reason)
+    monkeypatch.setattr(runner, "backend_layer", layer)
+    monkeypatch.setattr(runner, "_cuda_alive", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    settings = runner.Settings(
+        device=torch.device("cpu"), dtype=torch.float32, models=[CPU_MODEL], tokens=[1, 4],
+        paths=["torch", "triton_scaled", "bf16", "auto", "baseline"], rotations=3,
+        policy=RepPolicy(budget_s=0.01, min_reps_small=5, min_reps_large=5, max_reps=5),
+        json_path=tmp_path / "r.json")
+    run = runner.Runner(settings, given_ceilings(10, 0.1), {"device": "fake"},
+                        log=lambda line: None)
+    run.gpu = True
+    results = run.run()
+    assert results["complete"]
+    by = {(r["backend"], r["M"]): r for r in results["rows"]}
+    for m in (1, 4):
+        torch_row = by["torch", m]
+        assert not torch_row["graph"] and torch_row["status"] == "ok"
+        assert "eager: called a synchronizing CUDA operation" in torch_row["detail"]
+        scaled = by["triton_scaled", m]
+        assert not scaled["graph"] and scaled["status"] == "ok"
+        assert "eager: capture failed: RuntimeError" in scaled["detail"]
+        unwritten = by["bf16", m]
+        assert unwritten["graph"] and unwritten["status"] == "FAIL"
+        assert unwritten["ms"] is not None and "NaN" in unwritten["error"]
+        auto = by["auto", m]
+        assert auto["graph"] and auto["status"] == "ok" and auto["reps"] == 5
+        assert "auto -> torch" in auto["detail"]
+        assert by["baseline_grouped_mm", m]["graph"]

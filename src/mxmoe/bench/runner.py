@@ -123,6 +123,9 @@ class Runner:
                                           {m.name: m.as_dict() for m in settings.models},
                                           settings.notes)
         self._t0 = time.perf_counter()
+        #: CUDA graphs and events (else the wall clock). Tests set it to drive the GPU branch
+        #: with fakes on the CPU.
+        self.gpu = settings.device.type == "cuda"
         self._traced: set[str] = set()  # paths whose first traceback was printed
         self._dense_floor: Floor | None = None  # of the current point
 
@@ -152,7 +155,7 @@ class Runner:
                     raise
                 except Exception as exc:  # e.g. out of memory making the weights
                     self._say(f"{model.name}: skipped the rest of this model: {_one_line(exc)}")
-                    if self.s.device.type == "cuda" and not _cuda_alive(self.s.device):
+                    if self.gpu and not _cuda_alive(self.s.device):
                         raise ContextLost(f"the CUDA context died in {model.name}") from exc
         except (ContextLost, _OutOfTime) as exc:
             self.results["aborted"] = str(exc)
@@ -223,7 +226,7 @@ class Runner:
                     self._add(row)
                 del rotations, reference, first
                 self._save()
-                if s.device.type == "cuda":
+                if self.gpu:
                     torch.cuda.empty_cache()
         finally:
             del baseline, weights
@@ -233,7 +236,7 @@ class Runner:
                 clear_dense_cache()
             except ImportError:
                 pass
-            if s.device.type == "cuda":
+            if self.gpu:
                 torch.cuda.empty_cache()
 
     def _add(self, row: dict) -> None:
@@ -297,7 +300,7 @@ class Runner:
             del out
 
             timing: Timing
-            if device.type == "cuda":
+            if self.gpu:
                 why_not = host_sync_reason(fn, inputs[0])
                 if why_not is None:
                     try:
@@ -331,13 +334,13 @@ class Runner:
                 row["error"] = "output has NaN or Inf (or elements never written)"
         except Exception as exc:
             self._failed(row, path, exc)
-            if device.type == "cuda" and not _cuda_alive(device):
+            if self.gpu and not _cuda_alive(device):
                 raise ContextLost(
                     f"the CUDA context died in {path} at {model.name} M={m} ({row['error']}); "
                     f"rerun without it (--backends ...) to measure the rest", row
                 ) from exc
         finally:
             del graphs, outputs  # frees the graphs' private memory pools ...
-            if device.type == "cuda" and _cuda_alive(device):
+            if self.gpu and _cuda_alive(device):
                 torch.cuda.empty_cache()  # ... for the next path's graphs
         return row
