@@ -394,6 +394,7 @@ def test_time_graphs_cycles_through_every_graph(fake_cuda):
     timing = time_graphs(graphs, policy)
     assert timing.graph and timing.reps == 120 and timing.ms >= 0
     assert timing.ms_min <= timing.ms <= timing.ms_p90
+    assert timing.ms_batch_mean is not None and timing.ms_batch_mean >= 0
     counts = [g.replays for g in graphs]
     assert max(counts) - min(counts) <= 1  # the rotation is even
     assert fake_cuda["sleeps"] == 3  # one sleep per batch of 50 timed replays

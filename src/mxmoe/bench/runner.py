@@ -260,6 +260,7 @@ class Runner:
             "reps": 0,
             "ms_min": None,
             "ms_p90": None,
+            "ms_batch_mean": None,
             "bound": floor.bound,
             "floor_memory_ms": floor.memory_seconds * 1e3,
             "floor_compute_ms": floor.compute_seconds * 1e3,
@@ -324,7 +325,7 @@ class Runner:
 
             err = max(errors)
             row.update(ms=timing.ms, ms_min=timing.ms_min, ms_p90=timing.ms_p90,
-                       reps=timing.reps, graph=timing.graph,
+                       ms_batch_mean=timing.ms_batch_mean, reps=timing.reps, graph=timing.graph,
                        ratio=timing.ms / row["floor_ms"] if row["floor_ms"] else None)
             if math.isfinite(err):
                 row["max_rel_err"] = err

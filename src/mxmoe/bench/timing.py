@@ -67,13 +67,18 @@ class Timing:
     ms_p90: float
     reps: int
     graph: bool
+    #: Back-to-back replays: (last end - first start) / count per batch, averaged. Includes the
+    #: gaps between replays but not the events' own cost; a check on the per-replay median.
+    ms_batch_mean: float | None = None
 
     @classmethod
-    def from_seconds(cls, seconds: Sequence[float], graph: bool) -> "Timing":
+    def from_seconds(cls, seconds: Sequence[float], graph: bool,
+                     batch_mean_s: float | None = None) -> "Timing":
         ordered = sorted(seconds)
         p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
         return cls(statistics.median(ordered) * 1e3, ordered[0] * 1e3, p90 * 1e3,
-                   len(ordered), graph)
+                   len(ordered), graph,
+                   None if batch_mean_s is None else batch_mean_s * 1e3)
 
 
 def host_sync_reason(fn: LayerFn, inputs: Inputs) -> str | None:
@@ -125,8 +130,10 @@ def _sleep_ahead() -> None:
         sleep(_SLEEP_CYCLES)
 
 
-def _timed_cuda(step: Callable[[int], None], n: int, sleep: bool) -> list[float]:
-    """Seconds of ``step(i)`` for i in range(n), each between two CUDA events."""
+def _timed_cuda(step: Callable[[int], None], n: int, sleep: bool
+                ) -> tuple[list[float], float]:
+    """Seconds of ``step(i)`` for i in range(n), each between two CUDA events; and the mean
+    over batches of (last end - first start) / steps in the batch."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for first in range(0, n, _BATCH):
@@ -137,7 +144,10 @@ def _timed_cuda(step: Callable[[int], None], n: int, sleep: bool) -> list[float]
             step(i)
             ends[i].record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    batches = [(first, min(n, first + _BATCH)) for first in range(0, n, _BATCH)]
+    batch_mean = statistics.fmean(starts[a].elapsed_time(ends[b - 1]) / 1e3 / (b - a)
+                                  for a, b in batches)
+    return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)], batch_mean
 
 
 def _estimate_cuda(step: Callable[[int], None], count: int) -> float:
@@ -166,8 +176,8 @@ def _time_cuda(step: Callable[[int], None], cycle: int, policy: RepPolicy, graph
     warmup = min(500, int(_WARMUP_S / max(estimate, 1e-7)))
     if warmup:
         _estimate_cuda(next_step, warmup)
-    n = policy.reps(estimate)
-    return Timing.from_seconds(_timed_cuda(next_step, n, sleep=graph), graph)
+    seconds, batch_mean = _timed_cuda(next_step, policy.reps(estimate), sleep=graph)
+    return Timing.from_seconds(seconds, graph, batch_mean)
 
 
 def time_graphs(graphs: Sequence[torch.cuda.CUDAGraph], policy: RepPolicy) -> Timing:
