@@ -57,12 +57,11 @@ def custom_model(hidden: int, inter: int, experts: int, top_k: int) -> ModelShap
 
 
 def torch_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router as plain torch (softmax over E in float32 -> top-k -> renormalize): the
-    specification of `mxmoe.route`, which on a GPU runs a fused Triton kernel instead. The
-    reference routing and the baseline use this one."""
-    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1, sorted=True)
-    return weights / weights.sum(dim=-1, keepdim=True), ids.to(torch.int32)
+    """The router in plain torch, as `mxmoe.route` specifies it (top-k of the float32 logits,
+    softmax over those k) but without its fused Triton kernel, which it runs on a GPU. The
+    reference routing and the baseline use this one; a test pins it to `route`'s torch path."""
+    top_logits, ids = torch.topk(router_logits.to(torch.float32), top_k, dim=-1, sorted=True)
+    return torch.softmax(top_logits, dim=-1), ids.to(torch.int32)
 
 
 # Root-mean-square of a uniformly random E2M1 code (all 16 codes equally likely).
