@@ -1,0 +1,347 @@
+"""The benchmark loop: for each model and M, check every path against the fp32 reference, then
+time it beside the layer's floor. One failing path is recorded and the run goes on."""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..api import fused_experts
+from ..cli._common import relative_error
+from ..reference import fused_experts_reference
+from ..routing import route
+from . import report
+from .baseline import DenseBaseline
+from .ceilings import Ceilings
+from .floors import Floor, dense_expert_bytes, layer_floor
+from .problems import Inputs, ModelShape, Rotations, Weights, make_rotations, make_weights
+from .timing import (RepPolicy, Timing, capture_graphs, host_sync_reason, time_cpu,
+                     time_eager_cuda, time_graphs)
+
+#: The path name that selects the plain-torch bf16-weights baseline.
+BASELINE = "baseline"
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    dtype: torch.dtype
+    models: list[ModelShape]
+    tokens: list[int]
+    paths: list[str]  # mxmoe backend names, "auto", "baseline"
+    rotations: int = 4
+    policy: RepPolicy = field(default_factory=RepPolicy)
+    tolerance: float = 2e-2
+    json_path: Path | None = None  # rewritten after every M, so a cut-off run keeps its rows
+    time_limit_s: float | None = None  # start no new (model, M) point after this long
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "tokens": list(self.tokens),
+            "paths": list(self.paths),
+            "rotations": self.rotations,
+            "budget_s": self.policy.budget_s,
+            "tolerance": self.tolerance,
+        }
+
+
+class ContextLost(RuntimeError):
+    """The CUDA context is unusable (a kernel faulted): nothing more can run in this process."""
+
+    def __init__(self, message: str, row: dict | None = None):
+        super().__init__(message)
+        self.row = row
+
+
+class _OutOfTime(RuntimeError):
+    """`Settings.time_limit_s` has passed: stop cleanly, keep what was measured."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _cuda_alive(device: torch.device) -> bool:
+    """Whether CUDA work still runs. Tried twice: a failed capture can leave a non-sticky error
+    that the first call reads (and so clears); a faulted kernel's error never clears."""
+    for _ in range(2):
+        try:
+            torch.cuda.synchronize(device)
+            if float(torch.ones(1, device=device).sum()) == 1.0:
+                return True
+        except Exception:
+            pass
+    return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def backend_layer(name: str, weights: Weights) -> Callable[[Inputs], torch.Tensor]:
+    """The whole layer through `mxmoe`: route the logits, then `fused_experts` on ``name``."""
+    top_k = weights.model.top_k
+
+    def layer(inputs: Inputs) -> torch.Tensor:
+        topk_weights, topk_ids = route(inputs.router_logits, top_k)
+        return fused_experts(
+            inputs.hidden_states, weights.w13, weights.w2, topk_weights, topk_ids,
+            w13_bias=weights.w13_bias, w2_bias=weights.w2_bias, activation="swigluoai",
+            backend=name,
+        )
+
+    return layer
+
+
+def _auto_detail(device: torch.device) -> str:
+    from ..backends import resolve_backend
+
+    try:
+        return f"auto -> {resolve_backend('auto', device).name}"
+    except Exception as exc:
+        return f"auto does not resolve: {_one_line(exc)}"
+
+
+class Runner:
+    def __init__(self, settings: Settings, ceilings: Ceilings, environment: dict,
+                 log: Callable[[str], None] = print):
+        self.s = settings
+        self.ceilings = ceilings
+        self.log = log
+        self.results = report.new_results(environment, ceilings.as_dict(), settings.as_dict(),
+                                          {m.name: m.as_dict() for m in settings.models},
+                                          settings.notes)
+        self._t0 = time.perf_counter()
+        #: CUDA graphs and events (else the wall clock). Tests set it to drive the GPU branch
+        #: with fakes on the CPU.
+        self.gpu = settings.device.type == "cuda"
+        self._traced: set[str] = set()  # paths whose first traceback was printed
+        self._dense_floor: Floor | None = None  # of the current point
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        self.log(f"[{time.perf_counter() - self._t0:7.1f}s] {text}")
+
+    def _save(self) -> None:
+        if self.s.json_path is not None:
+            report.write_json(self.results, self.s.json_path)
+
+    def _failed(self, row: dict, path: str, exc: BaseException) -> None:
+        row["status"] = "error"
+        row["error"] = _one_line(exc)
+        if path not in self._traced:  # the full story once per path; one line after that
+            self._traced.add(path)
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self.log("    " + "\n    ".join(tb.rstrip().splitlines()[-12:]))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        try:
+            for model in self.s.models:
+                try:
+                    self._run_model(model)
+                except (ContextLost, _OutOfTime):
+                    raise
+                except Exception as exc:  # e.g. out of memory making the weights
+                    self._say(f"{model.name}: skipped the rest of this model: {_one_line(exc)}")
+                    if self.gpu and not _cuda_alive(self.s.device):
+                        raise ContextLost(f"the CUDA context died in {model.name}") from exc
+        except (ContextLost, _OutOfTime) as exc:
+            self.results["aborted"] = str(exc)
+            self._say(f"STOPPED: {exc}")
+        except KeyboardInterrupt:
+            self.results["aborted"] = "interrupted"
+            self._say("STOPPED: interrupted")
+        self.results["complete"] = "aborted" not in self.results
+        self._save()
+        return self.results
+
+    def _run_model(self, model: ModelShape) -> None:
+        s = self.s
+        dtype = str(s.dtype).replace("torch.", "")
+        self._say(f"{model.name}: H={model.hidden} I={model.inter} E={model.experts} "
+                  f"k={model.top_k}, {dtype} activations, making weights")
+        weights = make_weights(model, s.dtype, s.device)
+        baseline: DenseBaseline | None = None
+        try:
+            for m in s.tokens:
+                elapsed = time.perf_counter() - self._t0
+                if s.time_limit_s is not None and elapsed > s.time_limit_s:
+                    raise _OutOfTime(f"time limit ({s.time_limit_s:g} s) reached after "
+                                     f"{elapsed:.0f} s, before {model.name} M={m}")
+                rotations = make_rotations(model, m, s.rotations, s.dtype, s.device)
+                floor_args = dict(
+                    num_tokens=m, hidden=model.hidden, inter=model.inter, top_k=model.top_k,
+                    touched_experts=rotations.mean_touched_experts,
+                    bias_itemsize=weights.w13_bias.element_size(),
+                    copy_bytes_per_s=self.ceilings.copy_bytes_per_s,
+                    matmul_flops_per_s=self.ceilings.matmul_flops_per_s,
+                )
+                floor = layer_floor(**floor_args)
+                # What the same layer could do with dense weights (the baseline's own floor).
+                self._dense_floor = layer_floor(**floor_args, bytes_per_expert=dense_expert_bytes(
+                    model.hidden, model.inter, weights.w13_bias.element_size()))
+                first = rotations.inputs[0]
+                try:
+                    reference = fused_experts_reference(
+                        first.hidden_states, weights.w13, weights.w2, first.topk_weights,
+                        first.topk_ids, w13_bias=weights.w13_bias, w2_bias=weights.w2_bias,
+                    )
+                except Exception as exc:
+                    self._say(f"{model.name} M={m}: the fp32 reference failed, nothing is "
+                              f"checked or timed at this M: {_one_line(exc)}")
+                    for path in s.paths:
+                        row = self._row(model, m, path, floor, rotations)
+                        row["error"] = f"reference failed: {_one_line(exc)}"
+                        self._add(row)
+                    self._save()
+                    continue
+                for path in s.paths:
+                    if path == BASELINE and baseline is None:
+                        try:
+                            baseline = DenseBaseline(weights, s.dtype)
+                        except Exception as exc:
+                            row = self._row(model, m, "baseline", floor, rotations)
+                            self._failed(row, path, exc)
+                            self._add(row)
+                            continue
+                    try:
+                        row = self._measure(model, m, path, weights, baseline, rotations,
+                                            floor, reference)
+                    except ContextLost as exc:
+                        if exc.row is not None:
+                            self._add(exc.row)
+                        raise
+                    self._add(row)
+                del rotations, reference, first
+                self._save()
+                if self.gpu:
+                    torch.cuda.empty_cache()
+        finally:
+            del baseline, weights
+            try:
+                from ..backends.bf16 import clear_dense_cache
+
+                clear_dense_cache()
+            except ImportError:
+                pass
+            if self.gpu:
+                torch.cuda.empty_cache()
+
+    def _add(self, row: dict) -> None:
+        self.results["rows"].append(row)
+        self.log(report.format_row(row, self._t0))
+
+    def _row(self, model: ModelShape, m: int, backend: str, floor: Floor,
+             rotations: Rotations) -> dict:
+        return {
+            "model": model.name,
+            "M": m,
+            "backend": backend,
+            "ms": None,
+            "floor_ms": floor.seconds * 1e3,
+            "ratio": None,
+            "max_rel_err": None,
+            "graph": False,
+            "status": "error",
+            "error": None,
+            "detail": "",
+            "reps": 0,
+            "ms_min": None,
+            "ms_p90": None,
+            "ms_batch_mean": None,
+            "bound": floor.bound,
+            "floor_memory_ms": floor.memory_seconds * 1e3,
+            "floor_compute_ms": floor.compute_seconds * 1e3,
+            "floor_dense_ms": self._dense_floor.seconds * 1e3 if self._dense_floor else None,
+            "touched_experts": rotations.mean_touched_experts,
+            "rotations": len(rotations.inputs),
+            "disjoint_rotations": rotations.disjoint_experts,
+            "dtype": str(self.s.dtype).replace("torch.", ""),
+        }
+
+    def _measure(self, model: ModelShape, m: int, path: str, weights: Weights,
+                 baseline: DenseBaseline | None, rotations: Rotations, floor: Floor,
+                 reference: torch.Tensor) -> dict:
+        s = self.s
+        device = s.device
+        row = self._row(model, m, path, floor, rotations)
+        inputs = rotations.inputs
+        graphs, outputs = [], []
+        try:
+            if path == BASELINE:
+                if baseline is None:
+                    raise RuntimeError("the baseline's dense weights were not made")
+                baseline.select(inputs[0])
+                row["backend"] = baseline.label
+                row["detail"] = "; ".join([baseline.method, *baseline.notes])
+                fn = baseline
+            else:
+                fn = backend_layer(path, weights)
+                if path == "auto":
+                    row["detail"] = _auto_detail(device)
+
+            # Correct first: the first call also compiles and autotunes.
+            t0 = time.perf_counter()
+            out = fn(inputs[0])
+            _sync(device)
+            first_call_s = time.perf_counter() - t0
+            errors = [relative_error(out, reference)]
+            del out
+
+            timing: Timing
+            if self.gpu:
+                why_not = host_sync_reason(fn, inputs[0])
+                if why_not is None:
+                    try:
+                        graphs, outputs = capture_graphs(fn, inputs)
+                    except Exception as exc:
+                        graphs, outputs = [], []
+                        if not _cuda_alive(device):
+                            raise
+                        why_not = f"capture failed: {_one_line(exc)}"
+                if graphs:
+                    outputs[0].fill_(float("nan"))  # a replay that skips an element shows it
+                    graphs[0].replay()
+                    _sync(device)
+                    errors.append(relative_error(outputs[0], reference))
+                    timing = time_graphs(graphs, s.policy)
+                else:
+                    row["detail"] = "; ".join(x for x in (row["detail"], f"eager: {why_not}") if x)
+                    timing = time_eager_cuda(fn, inputs, s.policy)
+            else:
+                timing = time_cpu(fn, inputs, s.policy, estimate=first_call_s)
+
+            err = max(errors)
+            row.update(ms=timing.ms, ms_min=timing.ms_min, ms_p90=timing.ms_p90,
+                       ms_batch_mean=timing.ms_batch_mean, reps=timing.reps, graph=timing.graph,
+                       ratio=timing.ms / row["floor_ms"] if row["floor_ms"] else None)
+            if math.isfinite(err):
+                row["max_rel_err"] = err
+                row["status"] = "ok" if err <= s.tolerance else "FAIL"
+            else:
+                row["status"] = "FAIL"
+                row["error"] = "output has NaN or Inf (or elements never written)"
+        except Exception as exc:
+            self._failed(row, path, exc)
+            if self.gpu and not _cuda_alive(device):
+                raise ContextLost(
+                    f"the CUDA context died in {path} at {model.name} M={m} ({row['error']}); "
+                    f"rerun without it (--backends ...) to measure the rest", row
+                ) from exc
+        finally:
+            del graphs, outputs  # frees the graphs' private memory pools ...
+            if self.gpu and _cuda_alive(device):
+                torch.cuda.empty_cache()  # ... for the next path's graphs
+        return row
