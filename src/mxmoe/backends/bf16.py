@@ -29,7 +29,10 @@ def dense_weights(weight: MXFP4Tensor, dtype: torch.dtype) -> torch.Tensor:
     entry = _DENSE_CACHE.get(id(blocks))
     if entry is not None and entry[0]() is blocks and entry[1] == key:
         return entry[2]
-    dense = weight.dequantize(dtype).contiguous()
+    # One expert at a time: dequantizing works in float32 with int64 lookups, ~20 bytes a weight.
+    dense = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for expert in range(weight.shape[0]):
+        dense[expert] = weight[expert].dequantize(dtype)
     blocks_id = id(blocks)
     ref = weakref.ref(blocks, lambda _ref: _DENSE_CACHE.pop(blocks_id, None))
     _DENSE_CACHE[blocks_id] = (ref, key, dense)
