@@ -1,0 +1,174 @@
+"""`mxmoe::fused_experts` as a PyTorch operator: opcheck, torch.compile(fullgraph=True), gradients.
+
+torch backend on the CPU. Compiles are few and small: aot_eager (no code generation) where the
+point is the graph, one inductor compile of the layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import mxmoe
+from mxmoe.reference import fused_experts_reference
+
+from helpers import make_moe, rel_err
+
+H, I, E, K = 64, 32, 4, 2
+
+
+def _problem(m=5, *, dtype=torch.float32, bias=True, e_global=None, requires_grad=False, seed=0):
+    kwargs = make_moe(m, H, I, E, K, dtype=dtype, bias=bias, e_global=e_global, seed=seed)
+    if e_global is not None:
+        # Global experts 0..E-1 are local 0..E-1; the rest live on other ranks.
+        kwargs["expert_map"] = torch.tensor(
+            [g if g < E else -1 for g in range(e_global)], dtype=torch.int32
+        )
+    if requires_grad:
+        for name in ("hidden_states", "topk_weights", "w13_bias", "w2_bias"):
+            if kwargs[name] is not None:
+                kwargs[name].requires_grad_()
+    return kwargs
+
+
+def _op_args(kwargs, *, activation="swigluoai", on_input=False, backend="torch"):
+    """The operator's positional arguments for a `fused_experts` keyword dict."""
+    return (
+        kwargs["hidden_states"], kwargs["w13"].blocks, kwargs["w13"].scales, kwargs["w2"].blocks,
+        kwargs["w2"].scales, kwargs["topk_weights"], kwargs["topk_ids"], kwargs["w13_bias"],
+        kwargs["w2_bias"], kwargs.get("expert_map"), activation, 1.702, 7.0, on_input, backend,
+    )
+
+
+CASES = {
+    "biases": dict(),
+    "no biases": dict(bias=False),
+    "fp16 activations": dict(dtype=torch.float16),
+    "expert_map: 2 of 6 experts remote": dict(e_global=6),
+    "router weight on input": dict(on_input=True),
+    "silu, [gate | up] rows": dict(activation="silu"),
+}
+
+
+def _split(case: dict) -> tuple[dict, dict]:
+    problem = {k: v for k, v in case.items() if k not in ("on_input", "activation")}
+    scalars = {k: v for k, v in case.items() if k in ("on_input", "activation")}
+    return problem, scalars
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_opcheck(case):
+    problem, scalars = _split(case)
+    opcheck(torch.ops.mxmoe.fused_experts.default, _op_args(_problem(**problem), **scalars))
+
+
+def test_opcheck_with_gradients():
+    """With inputs that require grad opcheck also checks the backward against AOT autograd's."""
+    opcheck(torch.ops.mxmoe.fused_experts.default, _op_args(_problem(requires_grad=True)))
+
+
+def test_opcheck_zero_tokens():
+    opcheck(torch.ops.mxmoe.fused_experts.default, _op_args(_problem(m=0)))
+
+
+def test_fake_implementation_gives_shape_and_dtype_without_data():
+    args = [a.to("meta") if isinstance(a, torch.Tensor) else a
+            for a in _op_args(_problem(m=7, dtype=torch.float16))]
+    out = torch.ops.mxmoe.fused_experts(*args)
+    assert out.device.type == "meta" and out.shape == (7, H) and out.dtype == torch.float16
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_gradients_match_autograd_through_the_reference(case):
+    """The written-out backward against autograd through `fused_experts_reference`."""
+    problem, scalars = _split(case)
+    kwargs = _problem(**problem, requires_grad=True)
+    on_input = scalars.get("on_input", False)
+    activation = scalars.get("activation", "swigluoai")
+    inputs = [kwargs[n] for n in ("hidden_states", "topk_weights", "w13_bias", "w2_bias")
+              if kwargs[n] is not None]
+    out = mxmoe.fused_experts(**kwargs, activation=activation,
+                              apply_router_weight_on_input=on_input, backend="torch")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    ref = fused_experts_reference(**kwargs, activation=mxmoe.Activation(activation),
+                                  apply_router_weight_on_input=on_input)
+    want = torch.autograd.grad(ref, inputs, grad_out.float())
+    tol = 1e-2 if problem.get("dtype") == torch.float16 else 1e-5
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and rel_err(g, w) < tol
+
+
+def test_gradients_are_zero_when_every_expert_is_remote():
+    kwargs = _problem(e_global=6, requires_grad=True)
+    kwargs["expert_map"] = torch.full((6,), -1, dtype=torch.int32)
+    out = mxmoe.fused_experts(**kwargs, backend="torch")
+    grads = torch.autograd.grad(out.sum(), [kwargs["hidden_states"], kwargs["topk_weights"]])
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_compiled_function_equals_eager():
+    kwargs = _problem()
+
+    def f(kwargs):
+        return mxmoe.fused_experts(**kwargs, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(kwargs), f(kwargs))
+
+
+def _layer(seed=0) -> mxmoe.MXFP4MoE:
+    g = torch.Generator().manual_seed(seed)
+    return mxmoe.MXFP4MoE.from_dense(
+        torch.randn(E, H, generator=g), torch.randn(E, generator=g),
+        torch.randn(E, 2 * I, H, generator=g) * H**-0.5, torch.randn(E, H, I, generator=g) * I**-0.5,
+        torch.randn(E, 2 * I, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.1,
+        top_k=K, backend="torch",
+    )
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_layer_equals_eager_inductor():
+    layer = _layer()
+    x = torch.randn(2, 3, H, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(layer, fullgraph=True)  # inductor: C++ code for the router
+    assert rel_err(compiled(x), layer(x)) < 1e-6
+
+
+def test_compiled_layer_with_gradients_equals_eager():
+    layer = _layer()
+    x = torch.randn(2, 3, H, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    got = torch.autograd.grad(out.sum(), [x, layer.router.weight])
+    want_out = layer(x)
+    want = torch.autograd.grad(want_out.sum(), [x, layer.router.weight])
+    assert torch.equal(out, want_out)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@torch.no_grad()
+def test_no_recompile_across_token_counts():
+    torch._dynamo.reset()  # forget compiles of MXFP4MoE.forward by other tests
+    layer = _layer()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for m in (3, 5, 9):
+            x = torch.randn(m, H)
+            assert torch.equal(compiled(x), layer(x))
+
+
+def test_compiled_code_keeps_the_data_checks():
+    """The id check reads data, so it runs in the operator: compiled code still raises."""
+    kwargs = _problem(m=2)
+
+    def f(kwargs):
+        return mxmoe.fused_experts(**kwargs, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled(kwargs)
+    kwargs["topk_ids"] = torch.tensor([[0, 1], [2, E]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"topk_ids values must be in \[0, 4\)"):
+        compiled(kwargs)
