@@ -118,6 +118,31 @@ def test_compiled_function_equals_eager():
     assert torch.equal(compiled(kwargs), f(kwargs))
 
 
+def test_compiled_graph_holds_the_operator():
+    """One opaque node, not the reference's Python inlined into the graph."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    kwargs = _problem()
+    compiled = torch.compile(lambda kw: mxmoe.fused_experts(**kw, backend="torch"),
+                             fullgraph=True, backend=capture)
+    compiled(kwargs)
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.mxmoe.fused_experts.default) == 1
+    assert torch.ops.aten.nonzero.default not in targets
+
+
+def test_eager_call_without_dispatcher_equals_the_operator():
+    """Eager inference skips the dispatcher (`run_fused_experts`); the result is the same."""
+    kwargs = _problem()
+    direct = mxmoe.fused_experts(**kwargs, backend="torch")
+    dispatched = torch.ops.mxmoe.fused_experts(*_op_args(kwargs))
+    assert torch.equal(direct, dispatched)
+
+
 def _layer(seed=0) -> mxmoe.MXFP4MoE:
     g = torch.Generator().manual_seed(seed)
     return mxmoe.MXFP4MoE.from_dense(

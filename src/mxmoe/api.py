@@ -7,7 +7,7 @@ import torch
 from .activations import Activation
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor
-from .ops import fused_experts_op
+from .ops import run_fused_experts
 from .validation import check_fused_experts_args
 
 __all__ = ["fused_experts"]
@@ -58,7 +58,7 @@ def fused_experts(
     )
     # The operator does the rest (data checks, backend choice, the run); to torch.compile it
     # is one opaque node, so a compiled caller keeps one graph.
-    return fused_experts_op(
+    return run_fused_experts(
         hidden_states,
         w13.blocks,
         w13.scales,

@@ -1,10 +1,11 @@
 """`mxmoe::fused_experts`: the fused-experts computation as a PyTorch custom operator.
 
-`mxmoe.fused_experts` validates its arguments in Python and calls this operator; so does the
-`MXFP4MoE` layer, through it. To `torch.compile` the operator is opaque: dynamo records one
-node, shapes come from the fake implementation (``[M, H]`` in the activation dtype), and the
-real implementation runs at run time, eager or compiled alike. So a compiled model never
-breaks its graph on mxmoe, whichever backend runs underneath.
+`mxmoe.fused_experts` validates its arguments in Python and calls this operator (through
+`run_fused_experts`); so does the `MXFP4MoE` layer, through it. To `torch.compile` the operator
+is opaque: dynamo records one node, shapes come from the fake implementation (``[M, H]`` in the
+activation dtype), and the real implementation runs at run time. So a compiled model never
+breaks its graph on mxmoe, whichever backend runs underneath. (Plain eager inference skips the
+dispatcher: see `run_fused_experts`.)
 
 The operator takes the MXFP4 weights as loose (blocks, scales) tensors because an operator's
 schema only knows tensors and scalars; `fused_experts` is the place that unpacks `MXFP4Tensor`.
@@ -33,7 +34,7 @@ from .format import MXFP4Tensor
 from .reference import local_expert_ids
 from .validation import MoEProblem, check_routing_values, routing_values_checked
 
-__all__ = ["fused_experts_op", "fused_experts_backward_op"]
+__all__ = ["run_fused_experts", "fused_experts_op", "fused_experts_backward_op"]
 
 
 def _problem(
@@ -57,8 +58,7 @@ def _problem(
     )
 
 
-@torch.library.custom_op("mxmoe::fused_experts", mutates_args=())
-def fused_experts_op(
+def _fused_experts_impl(
     hidden_states: torch.Tensor,  # [M, H] bf16/fp16/fp32
     w13_blocks: torch.Tensor,  # [E, 2I, H/2] uint8
     w13_scales: torch.Tensor,  # [E, 2I, H/32] uint8
@@ -99,6 +99,59 @@ def fused_experts_op(
         problem=problem,
     )
     return chosen.run(args)
+
+
+fused_experts_op = torch.library.custom_op(
+    "mxmoe::fused_experts", _fused_experts_impl, mutates_args=()
+)
+
+
+def run_fused_experts(
+    hidden_states: torch.Tensor,
+    w13_blocks: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2_blocks: torch.Tensor,
+    w2_scales: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_bias: Optional[torch.Tensor],
+    w2_bias: Optional[torch.Tensor],
+    expert_map: Optional[torch.Tensor],
+    activation: str,
+    alpha: float,
+    limit: float,
+    apply_router_weight_on_input: bool,
+    backend: str,
+) -> torch.Tensor:
+    """Run ``mxmoe::fused_experts``: through the dispatcher whenever PyTorch must see the
+    operator, else its implementation directly.
+
+    The dispatcher round trip of a Python custom operator costs tens of microseconds a call
+    (measured on the CPU), as much as a decode step's whole MoE kernel on a GPU. So the operator
+    is dispatched while `torch.compile` or ``torch.export`` traces (dynamo, or fake / meta
+    tensors, or any dispatch mode), and when a gradient is wanted; plain eager inference calls
+    the implementation itself, which computes the same thing.
+    """
+    args = (hidden_states, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights, topk_ids,
+            w13_bias, w2_bias, expert_map, activation, alpha, limit,
+            apply_router_weight_on_input, backend)
+    if _must_dispatch(hidden_states, topk_weights, w13_bias, w2_bias):
+        return fused_experts_op(*args)
+    return _fused_experts_impl(*args)
+
+
+def _must_dispatch(hidden_states, topk_weights, w13_bias, w2_bias) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    # A subclass (FakeTensor, functional tensors) or an active dispatch mode means a tracer.
+    if type(hidden_states) is not torch.Tensor or hidden_states.is_meta:
+        return True
+    if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+        return True
+    if torch.is_grad_enabled():
+        return any(t is not None and t.requires_grad
+                   for t in (hidden_states, topk_weights, w13_bias, w2_bias))
+    return False
 
 
 @fused_experts_op.register_fake

@@ -145,8 +145,8 @@ def _mxfp4_expert_weight(where: str, experts, proj: str, n: int, k: int) -> MXFP
     num_experts = experts.num_experts
     blocks = getattr(experts, f"{proj}_blocks", None)
     scales = getattr(experts, f"{proj}_scales", None)
-    if blocks is not None and scales is not None:
-        # Checkpoint layout, kept as parameters by some transformers versions.
+    if all(isinstance(t, torch.Tensor) and not t.is_meta for t in (blocks, scales)):
+        # Checkpoint layout: the parameters of transformers < 5 before (or instead of) swizzling.
         _check_tensor(where, f"{proj}_blocks", blocks,
                       (num_experts, n, k // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2), floating=False)
         _check_tensor(where, f"{proj}_scales", scales,
