@@ -163,6 +163,43 @@ def test_wrong_expert_shape_raises(model):
         use_mxmoe(broken)
 
 
+def test_mxfp4_checkpoint_loaded_dequantized_gives_back_its_own_bytes(model, tmp_path):
+    """The path a real gpt-oss checkpoint takes without triton_kernels: transformers loads the
+    ``*_blocks``/``*_scales`` tensors dequantized to bf16 (``Mxfp4Config(dequantize=True)``),
+    and use_mxmoe's quantization recovers the checkpoint's bytes exactly."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    tensors, packed = {}, {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            q = mxmoe.quantize_mxfp4(value.transpose(1, 2))  # [E, N, K], checkpoint orientation
+            packed[name] = q
+            tensors[f"{name}_blocks"] = q.blocks.unflatten(-1, (-1, 16)).contiguous()
+            tensors[f"{name}_scales"] = q.scales
+        else:
+            tensors[name] = value.contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True)
+    )
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    use_mxmoe(loaded, backend="torch")
+    for i, layer in enumerate(loaded.model.layers):
+        w13 = packed[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        w2 = packed[f"model.layers.{i}.mlp.experts.down_proj"]
+        assert torch.equal(layer.mlp.w13_blocks, w13.blocks)
+        assert torch.equal(layer.mlp.w13_scales, w13.scales)
+        assert torch.equal(layer.mlp.w2_blocks, w2.blocks)
+        assert torch.equal(layer.mlp.w2_scales, w2.scales)
+
+
 # --- experts already in MXFP4 (transformers' Mxfp4 integration, model not dequantized) -------
 
 class _IdentityLayout:
