@@ -147,7 +147,8 @@ def _layer(seed=0) -> mxmoe.MXFP4MoE:
     g = torch.Generator().manual_seed(seed)
     return mxmoe.MXFP4MoE.from_dense(
         torch.randn(E, H, generator=g), torch.randn(E, generator=g),
-        torch.randn(E, 2 * I, H, generator=g) * H**-0.5, torch.randn(E, H, I, generator=g) * I**-0.5,
+        torch.randn(E, 2 * I, H, generator=g) * H**-0.5,
+        torch.randn(E, H, I, generator=g) * I**-0.5,
         torch.randn(E, 2 * I, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.1,
         top_k=K, backend="torch",
     )

@@ -18,10 +18,11 @@ block returns what the replaced one returned: ``(hidden [B, S, H], router_scores
 `GptOssMLP`, ``(hidden, router_logits [B*S, E])`` for `Mxfp4GptOssMLP`; the decoder layer uses
 the first. Checked against transformers 5.24's gpt-oss modules; any other structure raises.
 
-The patched model is for inference (mxmoe has no backward), and its state dict holds mxmoe's
-buffers (``mlp.w13_blocks`` ...), not a transformers checkpoint: do not ``save_pretrained`` it.
-The router is kept as a `GptOssTopKRouter` subclass so that ``output_router_logits`` still
-records its logits.
+The expert weights of the patched model are frozen MXFP4 buffers (gradients still reach the
+hidden states, the router and the biases, slowly: see `mxmoe.ops`), and its state dict holds
+mxmoe's buffers (``mlp.w13_blocks`` ...), not a transformers checkpoint: do not
+``save_pretrained`` it. The router is kept as a `GptOssTopKRouter` subclass so that
+``output_router_logits`` still records its logits.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..constants import MXFP4_BLOCK_SIZE
+from ..constants import BYTES_PER_BLOCK, MXFP4_BLOCK_SIZE
 from ..format import MXFP4Tensor, quantize_mxfp4
 from ..layer import MXFP4MoE
 
@@ -105,7 +106,8 @@ def _version_tuple(version: str) -> tuple[int, int]:
 
 
 def _check_tensor(where: str, name: str, t, shape: tuple, *, floating: bool | None) -> None:
-    """Raise naming ``where.name`` unless ``t`` is a real tensor of ``shape`` (and float or uint8)."""
+    """Raise naming ``where.name`` unless ``t`` is a loaded tensor of ``shape`` whose dtype is
+    floating (``floating=True``) or uint8 (``False``)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{where}.{name}: expected a tensor {shape}, got {type(t).__name__}")
     if t.is_meta:
@@ -148,7 +150,7 @@ def _mxfp4_expert_weight(where: str, experts, proj: str, n: int, k: int) -> MXFP
     if all(isinstance(t, torch.Tensor) and not t.is_meta for t in (blocks, scales)):
         # Checkpoint layout: the parameters of transformers < 5 before (or instead of) swizzling.
         _check_tensor(where, f"{proj}_blocks", blocks,
-                      (num_experts, n, k // MXFP4_BLOCK_SIZE, MXFP4_BLOCK_SIZE // 2), floating=False)
+                      (num_experts, n, k // MXFP4_BLOCK_SIZE, BYTES_PER_BLOCK), floating=False)
         _check_tensor(where, f"{proj}_scales", scales,
                       (num_experts, n, k // MXFP4_BLOCK_SIZE), floating=False)
         return MXFP4Tensor.from_gpt_oss_blocks(blocks.detach(), scales.detach())
@@ -289,7 +291,9 @@ def use_mxmoe(model, *, backend: str = "auto"):
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, modeling_gpt_oss.GptOssDecoderLayer)]
     if any(not hasattr(layer, "mlp") for _, layer in layers):
-        raise ValueError("a GptOssDecoderLayer has no .mlp: not the gpt-oss structure use_mxmoe knows")
+        raise ValueError(
+            "a GptOssDecoderLayer has no .mlp: not the gpt-oss structure use_mxmoe knows"
+        )
     if not layers:
         raise ValueError(f"{type(model).__name__} has no GptOssDecoderLayer modules to patch")
 
