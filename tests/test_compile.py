@@ -1,10 +1,13 @@
 """`mxmoe::fused_experts` as a PyTorch operator: opcheck, torch.compile(fullgraph=True), gradients.
 
 torch backend on the CPU. Compiles are few and small: aot_eager (no code generation) where the
-point is the graph, one inductor compile of the layer.
+point is the graph, one inductor compile of the layer. At the end, the Triton backends under
+the interpreter and a gpt-oss-20b-shaped layer on the GPU (both need mxmoe.kernels.fused_moe).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -198,3 +201,55 @@ def test_compiled_code_keeps_the_data_checks():
     kwargs["topk_ids"] = torch.tensor([[0, 1], [2, E]], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"topk_ids values must be in \[0, 4\)"):
         compiled(kwargs)
+
+
+# --- Triton backends (need mxmoe.kernels.fused_moe, on another branch until merged) ---------
+
+HAS_KERNELS = importlib.util.find_spec("mxmoe.kernels.fused_moe") is not None
+needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="mxmoe.kernels.fused_moe not present")
+
+
+@needs_kernels
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton_dequant", "triton_scaled"])
+@torch.no_grad()
+def test_compiled_layer_equals_eager_on_triton_backends_interpreted(backend):
+    """fp16: the interpreter computes bf16 wrongly (FACTS)."""
+    layer = _layer()
+    layer.backend = backend
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(1)).half()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), layer(x))
+
+
+def _gpt_oss_20b_layer(backend: str, device) -> mxmoe.MXFP4MoE:
+    """gpt-oss-20b's MoE shape (E=32, H=I=2880, k=4) with random codes and sane scales."""
+    e, h, i = 32, 2880, 2880
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def weight(n, k):
+        blocks = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, device=device,
+                               generator=g)
+        scales = torch.randint(118, 122, (e, n, k // 32), dtype=torch.uint8, device=device,
+                               generator=g)
+        return mxmoe.MXFP4Tensor(blocks, scales)
+
+    return mxmoe.MXFP4MoE(
+        weight(2 * i, h), weight(h, i),
+        torch.randn(e, h, device=device, generator=g, dtype=torch.bfloat16),
+        torch.randn(e, device=device, generator=g, dtype=torch.bfloat16),
+        torch.randn(e, 2 * i, device=device, generator=g, dtype=torch.bfloat16) * 0.1,
+        torch.randn(e, h, device=device, generator=g, dtype=torch.bfloat16) * 0.1,
+        top_k=4, backend=backend,
+    )
+
+
+@needs_kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64, 1000], ids=["M=1 decode", "M=64", "M=1000 prefill"])
+@torch.no_grad()
+def test_compiled_gpt_oss_20b_layer_equals_eager_on_gpu(m):
+    layer = _gpt_oss_20b_layer("auto", "cuda")
+    x = torch.randn(m, 2880, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert rel_err(compiled(x), layer(x)) < 1e-2
