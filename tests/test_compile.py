@@ -189,6 +189,17 @@ def test_no_recompile_across_token_counts():
             assert torch.equal(compiled(x), layer(x))
 
 
+@torch.no_grad()
+def test_torch_export_holds_the_operator():
+    """torch.export traces with fake tensors: the operator is dispatched, never run."""
+    layer = _layer()
+    x = torch.randn(5, H)
+    exported = torch.export.export(layer, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.mxmoe.fused_experts.default) == 1
+    assert torch.equal(exported.module()(x), layer(x))
+
+
 def test_compiled_code_keeps_the_data_checks():
     """The id check reads data, so it runs in the operator: compiled code still raises."""
     kwargs = _problem(m=2)
