@@ -96,8 +96,8 @@ def test_router_logits_and_aux_loss_still_recorded(model, prompt):
     out = patched(prompt, output_router_logits=True)
     assert len(out.router_logits) == len(ref.router_logits) == 2
     for got, want in zip(out.router_logits, ref.router_logits):
-        assert torch.allclose(got, want)
-    assert torch.allclose(out.aux_loss, ref.aux_loss)
+        assert rel_err(got, want) < 1e-5  # layer 1's input differs by summation order
+    assert rel_err(out.aux_loss, ref.aux_loss) < 1e-5
 
 
 def test_block_returns_what_gpt_oss_mlp_returned(model):

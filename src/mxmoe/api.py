@@ -49,7 +49,8 @@ def fused_experts(
         ``[M, H]`` in ``hidden_states.dtype``.
 
     Runs the ``mxmoe::fused_experts`` operator (`mxmoe.ops`), so it compiles under
-    ``torch.compile(fullgraph=True)``. No backward: inference only.
+    ``torch.compile(fullgraph=True)``. Gradients reach hidden_states, topk_weights and the
+    biases through a slow pure-torch backward; the MXFP4 weights are constants.
     """
     problem = check_fused_experts_args(
         hidden_states, w13, w2, topk_weights, topk_ids,
