@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .activations import Activation
-from .backends import MoEArgs, resolve_backend
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor
+from .ops import run_fused_experts
 from .validation import check_fused_experts_args
 
 __all__ = ["fused_experts"]
@@ -47,29 +47,32 @@ def fused_experts(
 
     Returns:
         ``[M, H]`` in ``hidden_states.dtype``.
+
+    Runs the ``mxmoe::fused_experts`` operator (`mxmoe.ops`), so it compiles under
+    ``torch.compile(fullgraph=True)``. Gradients reach hidden_states, topk_weights and the
+    biases through a slow pure-torch backward; the MXFP4 weights are constants.
     """
     problem = check_fused_experts_args(
         hidden_states, w13, w2, topk_weights, topk_ids,
         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
         alpha=alpha, limit=limit, expert_map=expert_map,
     )
-    if problem.num_tokens == 0 or problem.num_local_experts == 0:
-        # No tokens, or (expert parallelism over more ranks than experts) no local experts:
-        # nothing to compute, and backends need not handle an empty weight tensor.
-        return hidden_states.new_zeros((problem.num_tokens, problem.hidden))
-    chosen = resolve_backend(backend, hidden_states.device, problem)
-    args = MoEArgs(
-        hidden_states=hidden_states,
-        w13=w13,
-        w2=w2,
-        topk_weights=topk_weights,
-        topk_ids=topk_ids,
-        w13_bias=w13_bias,
-        w2_bias=w2_bias,
-        alpha=float(alpha),
-        limit=float(limit),
-        expert_map=expert_map,
-        apply_router_weight_on_input=bool(apply_router_weight_on_input),
-        problem=problem,
+    # The operator does the rest (data checks, backend choice, the run); to torch.compile it
+    # is one opaque node, so a compiled caller keeps one graph.
+    return run_fused_experts(
+        hidden_states,
+        w13.blocks,
+        w13.scales,
+        w2.blocks,
+        w2.scales,
+        topk_weights,
+        topk_ids,
+        w13_bias,
+        w2_bias,
+        expert_map,
+        problem.activation.value,
+        float(alpha),
+        float(limit),
+        bool(apply_router_weight_on_input),
+        backend,
     )
-    return chosen.run(args)

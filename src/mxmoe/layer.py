@@ -172,6 +172,13 @@ class MXFP4MoE(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_routing(hidden_states)[0]
+
+    def forward_with_routing(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output [..., H], router_logits [M, E], topk_weights [M, k])``, M tokens in all:
+        `forward` and the routing, for wrappers whose callers expect it back."""
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"MXFP4MoE expects [..., H={self.hidden_size}], got {tuple(hidden_states.shape)}"
@@ -186,7 +193,7 @@ class MXFP4MoE(nn.Module):
         else:
             out = self._experts(x, topk_weights, topk_ids)
         out = self._sum_partial_outputs(out)
-        return out.reshape(*leading, self.hidden_size)
+        return out.reshape(*leading, self.hidden_size), logits, topk_weights
 
     def _experts(self, x, topk_weights, topk_ids):
         return fused_experts(

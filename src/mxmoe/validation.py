@@ -1,8 +1,10 @@
 """Checks at the public boundary: once per call, on shapes, dtypes and devices only.
 
-Nothing here reads tensor data on the GPU (that would synchronise the host). Data checks
-(ids in range, expert-map values) run when the data is on the CPU, or when asked for with
-``MXMOE_VALIDATE=1``; see `check_routing_values`.
+Nothing here reads tensor data, so these checks also run unchanged while `torch.compile`
+traces. The data checks (ids in range, expert-map values; `check_routing_values`) run inside the
+``mxmoe::fused_experts`` operator (`mxmoe.ops`), where the data is real in eager and compiled
+code alike: when the data is on the CPU, or when asked for with ``MXMOE_VALIDATE=1`` (on a GPU
+reading the data synchronises the host); see `routing_values_checked`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def validation_requested() -> bool:
     return os.environ.get("MXMOE_VALIDATE", "") not in ("", "0")
 
 
+def routing_values_checked(device: torch.device) -> bool:
+    """Whether `check_routing_values` runs for data on ``device``: always on the CPU, on other
+    devices only with ``MXMOE_VALIDATE=1``."""
+    return device.type == "cpu" or validation_requested()
+
+
 def check_fused_experts_args(
     hidden_states,
     w13,
@@ -73,7 +81,10 @@ def check_fused_experts_args(
     limit,
     expert_map,
 ) -> MoEProblem:
-    """Validate a `fused_experts` call; raise TypeError/ValueError naming what was wrong."""
+    """Validate a `fused_experts` call; raise TypeError/ValueError naming what was wrong.
+
+    Shapes, dtypes and devices only; the data checks run in the operator (module docstring).
+    """
     _require_tensor("hidden_states", hidden_states)
     if hidden_states.dtype not in ACTIVATION_DTYPES:
         raise TypeError(
@@ -160,7 +171,7 @@ def check_fused_experts_args(
                 f"{name} is on {t.device} but hidden_states is on {device}: expected one device"
             )
 
-    problem = MoEProblem(
+    return MoEProblem(
         num_tokens=num_tokens,
         hidden=hidden,
         intermediate=inter,
@@ -169,9 +180,6 @@ def check_fused_experts_args(
         top_k=top_k,
         activation=act,
     )
-    if device.type == "cpu" or validation_requested():
-        check_routing_values(topk_ids, expert_map, problem)
-    return problem
 
 
 def check_routing_values(topk_ids: torch.Tensor, expert_map, problem: MoEProblem) -> None:
