@@ -53,7 +53,10 @@ _TRITON_ROUTER_MAX_EXPERTS = 1024
 def _use_triton_router(router_logits: torch.Tensor) -> bool:
     import os
 
+    # Under torch.compile the torch path is traced (inductor fuses it); the Triton router is for
+    # eager and CUDA-graph decode steps.
     return (router_logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and not torch.compiler.is_compiling()
             and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
             and os.environ.get("MXMOE_TORCH_ROUTER", "0") != "1")
 
