@@ -56,6 +56,7 @@ def fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids,
         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
         alpha=alpha, limit=limit, expert_map=expert_map,
+        apply_router_weight_on_input=apply_router_weight_on_input, backend=backend,
     )
     # The operator does the rest (data checks, backend choice, the run); to torch.compile it
     # is one opaque node, so a compiled caller keeps one graph.
