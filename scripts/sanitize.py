@@ -3,6 +3,7 @@
     scripts/sanitize.sh                            # under memcheck; log in $OUT/sanitize.log
     PYTHONPATH=src python3 scripts/sanitize.py     # the same cases without the sanitizer
     PYTHONPATH=src python3 scripts/sanitize.py --list
+    PYTHONPATH=src python3 scripts/sanitize.py --large    # M*k*2I > 2**31, without memcheck
     PYTHONPATH=src python3 scripts/sanitize.py --device cpu --cases M=1   # dry run, interpreter
 
 Every case runs in bf16 with NaN-poisoned buffers (MXMOE_POISON=1) and with the data checks
@@ -65,6 +66,7 @@ class Case:
     id_dtype: torch.dtype = torch.int32
     nan_scale: bool = False  # one w13 and one w2 scale byte 255
     heuristic_only: bool = False
+    large: bool = False  # only with --large, and not under memcheck (minutes there)
 
 
 CASES = {
@@ -81,6 +83,8 @@ CASES = {
     "NaN scale bytes": Case(5, 96, 64, 4, 2, nan_scale=True),
     "M*k > 1024 (torch alignment)": Case(600, 64, 32, 4, 2),
     "gpt-oss-like H=I=2880, E=4": Case(3, 2880, 2880, 4, 2, heuristic_only=True),
+    # M*k*2I = 2.3e9 elements of GEMM1 output: offsets past 2**31 need int64.
+    "large M: M*k*2I > 2**31": Case(100_000, 2880, 2880, 4, 4, heuristic_only=True, large=True),
 }
 
 
@@ -176,6 +180,8 @@ def main() -> int:
     ap.add_argument("--backends", nargs="+", default=list(VARIANTS))
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
     ap.add_argument("--json", default=None, help="write the result rows to this file")
+    ap.add_argument("--large", action="store_true",
+                    help="run only the large-M case (about 10 GB of GPU memory; no memcheck)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: a dry run of this script under the Triton interpreter, in fp16")
     args = ap.parse_args()
@@ -198,6 +204,8 @@ def main() -> int:
     rows, failures = [], 0
     for name in args.cases:
         case = CASES[name]
+        if case.large != args.large:
+            continue
         kw, dropped = build(case, args.device, dtype)
         ref = fused_experts_reference(**dict(dropped, activation=mxmoe.Activation(
             case.activation)))

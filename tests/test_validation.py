@@ -77,7 +77,8 @@ FUSED_EXPERTS_CASES = [
                  "I = 24 must be a multiple of 32", id="I not a multiple of 32"),
     pytest.param(_with(w13=_mx((0, 64, 32), (0, 64, 2)), w2=_mx((0, 64, 16), (0, 64, 1)),
                        w13_bias=None, w2_bias=None), ValueError,
-                 "it holds no experts (E = 0)", id="no experts"),
+                 "top_k (topk_ids.shape[1]) must be in [1, E=0], got 2",
+                 id="no experts and no expert map"),
     pytest.param(_with(w2=lambda p: p["w2"].to("meta")), ValueError,
                  "w2 is on meta but w13 is on cpu: expected one device", id="w2 on another device"),
     # routing
@@ -175,6 +176,15 @@ def test_fused_experts_rejects(build, error, fragment):
     kwargs = {"backend": "torch", **build()}
     with pytest.raises(error, match=re.escape(fragment)):
         fused_experts(**kwargs)
+
+
+def test_no_local_experts_with_a_map_is_valid():
+    """Expert parallelism over more ranks than experts: a rank may hold none (all -1)."""
+    problem = _with(w13=_mx((0, 64, 32), (0, 64, 2)), w2=_mx((0, 64, 16), (0, 64, 1)),
+                    w13_bias=None, w2_bias=None,
+                    expert_map=torch.full((E,), -1, dtype=torch.int32))()
+    out = fused_experts(**problem, backend="torch")
+    assert torch.equal(out, torch.zeros(M, H))
 
 
 def test_data_checks_always_run_on_the_cpu(monkeypatch):
