@@ -46,7 +46,7 @@ def _require_int(name: str, value) -> int:
 
 
 def check_swiglu_params(alpha, limit) -> None:
-    """alpha and limit: finite real numbers (a NaN or infinite one makes every output NaN)."""
+    """alpha and limit: finite real numbers (a NaN one would make every output NaN)."""
     for name, value in (("alpha", alpha), ("limit", limit)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
