@@ -50,7 +50,9 @@ def check_swiglu_params(alpha, limit) -> None:
     for name, value in (("alpha", alpha), ("limit", limit)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
+        # Under torch.compile a float attribute may be traced as a symbol, which math.isfinite
+        # cannot take; eager calls and the layer's constructor check it.
+        if not torch.compiler.is_compiling() and not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
 
 
