@@ -45,6 +45,18 @@ def fused_experts(
         apply_router_weight_on_input: scale each pair's input by its weight instead of its output.
         backend: ``"auto"``, ``"torch"``, ``"triton_dequant"``, ``"triton_scaled"`` or ``"bf16"``.
 
+    Validation: every call checks types, dtypes, shapes and devices and raises TypeError or
+    ValueError naming the argument. The data checks (``topk_ids`` in ``[0, E_global)``,
+    ``expert_map`` values in ``[-1, E_local)``) read the tensors, so they run only where that
+    costs no host synchronisation: always on the CPU, on a GPU only with ``MXMOE_VALIDATE=1``.
+    Unchecked, an out-of-range pair (id < 0 or >= E_global, or mapped outside ``[0, E_local)``)
+    contributes nothing, like a pair of a remote expert, on every backend; no kernel reads
+    outside the weights for it.
+
+    Strided inputs: the kernels take the strides of ``hidden_states``, the weights and the
+    biases, so views (transposed, sliced) work without a copy; ``topk_ids``, ``topk_weights``
+    and ``expert_map`` are flattened into contiguous copies when they are not already.
+
     Returns:
         ``[M, H]`` in ``hidden_states.dtype``.
 
@@ -56,6 +68,7 @@ def fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids,
         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
         alpha=alpha, limit=limit, expert_map=expert_map,
+        apply_router_weight_on_input=apply_router_weight_on_input, backend=backend,
     )
     # The operator does the rest (data checks, backend choice, the run); to torch.compile it
     # is one opaque node, so a compiled caller keeps one graph.

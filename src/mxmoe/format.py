@@ -129,6 +129,10 @@ class MXFP4Tensor:
 
         The result's blocks are a view of the given tensor (the same bytes), not a copy.
         """
+        if not isinstance(blocks, torch.Tensor):
+            raise TypeError(
+                f"from_gpt_oss_blocks: blocks must be a torch.Tensor, got {type(blocks).__name__}"
+            )
         if blocks.dim() < 2 or blocks.shape[-1] != BYTES_PER_BLOCK:
             raise ValueError(
                 f"from_gpt_oss_blocks: blocks must be [..., K/32, {BYTES_PER_BLOCK}], got "

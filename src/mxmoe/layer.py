@@ -10,6 +10,7 @@ from .api import fused_experts
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
 from .routing import route
+from .validation import check_layer_args, check_layer_input
 
 __all__ = ["MXFP4MoE"]
 
@@ -46,12 +47,13 @@ class MXFP4MoE(nn.Module):
         tp_group=None,
     ):
         super().__init__()
+        check_layer_args(
+            w13, w2, router_weight, router_bias, w13_bias, w2_bias, top_k=top_k,
+            activation=activation, alpha=alpha, limit=limit, renormalize=renormalize,
+            backend=backend, expert_map=expert_map,
+        )
         num_experts, two_i, hidden = w13.shape
         num_global = router_weight.shape[0]
-        if router_weight.dim() != 2 or router_weight.shape[1] != hidden:
-            raise ValueError(
-                f"router_weight must be [E, H] with H = {hidden}, got {tuple(router_weight.shape)}"
-            )
         self.hidden_size = hidden
         self.intermediate_size = two_i // 2
         self.num_experts = num_global
@@ -179,10 +181,7 @@ class MXFP4MoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(output [..., H], router_logits [M, E], topk_weights [M, k])``, M tokens in all:
         `forward` and the routing, for wrappers whose callers expect it back."""
-        if hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"MXFP4MoE expects [..., H={self.hidden_size}], got {tuple(hidden_states.shape)}"
-            )
+        check_layer_input(hidden_states, self.hidden_size, self.w13_blocks.device)
         leading = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, self.hidden_size)
         logits = self.router(x.to(self.router.weight.dtype))

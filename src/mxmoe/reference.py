@@ -19,11 +19,18 @@ from .format import MXFP4Tensor
 
 
 def local_expert_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
-    """int64 ``[M, k]``: the local expert of each (token, slot), -1 where held elsewhere."""
+    """int64 ``[M, k]``: the local expert of each (token, slot), -1 where held elsewhere.
+
+    An id outside ``[0, E_global)`` maps to -1, as the kernels drop it (ids and map values out
+    of range contribute nothing; `fused_experts` rejects them when it checks the data).
+    """
     ids = topk_ids.to(torch.int64)
     if expert_map is None:
         return ids
-    return expert_map.to(torch.int64)[ids]
+    num_global = expert_map.numel()
+    in_range = (ids >= 0) & (ids < num_global)
+    local = expert_map.to(torch.int64)[ids.clamp(0, max(num_global - 1, 0))]
+    return torch.where(in_range, local, -1)
 
 
 def fused_experts_reference(

@@ -32,7 +32,7 @@ def route(
     """
     from .validation import check_route_args
 
-    check_route_args(router_logits, top_k)
+    check_route_args(router_logits, top_k, renormalize)
     if _use_triton_router(router_logits):
         return _route_triton(router_logits, top_k, renormalize)
     logits = router_logits.to(torch.float32)

@@ -9,6 +9,8 @@ reading the data synchronises the host); see `routing_values_checked`.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -31,17 +33,119 @@ def _require_tensor(name: str, value) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def check_route_args(router_logits, top_k) -> None:
+def _require_bool(name: str, value) -> None:
+    # Only a real bool: a string such as "false" is truthy and would silently mean True.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _require_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_swiglu_params(alpha, limit) -> None:
+    """alpha and limit: finite real numbers (a NaN one would make every output NaN)."""
+    for name, value in (("alpha", alpha), ("limit", limit)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+        # Under torch.compile a float attribute may be traced as a symbol, which math.isfinite
+        # cannot take; eager calls and the layer's constructor check it.
+        if not torch.compiler.is_compiling() and not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_backend_name(backend) -> None:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str such as 'auto', got {type(backend).__name__}")
+
+
+def check_route_args(router_logits, top_k, renormalize: bool = True) -> None:
     _require_tensor("router_logits", router_logits)
     if not router_logits.is_floating_point():
         raise TypeError(f"router_logits must be a floating tensor, got {router_logits.dtype}")
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [M, E], got shape {_shape(router_logits)}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    top_k = _require_int("top_k", top_k)
     num_experts = router_logits.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, E={num_experts}], got {top_k}")
+    _require_bool("renormalize", renormalize)
+
+
+@dataclass(frozen=True)
+class ExpertShapes:
+    """The sizes implied by a pair of expert weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]``."""
+
+    num_experts: int  # E (local)
+    hidden: int  # H
+    intermediate: int  # I
+
+
+def check_expert_weights(w13, w2, w13_bias, w2_bias) -> ExpertShapes:
+    """Types, ranks, shapes and devices of the expert weights and biases (no data read)."""
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, MXFP4Tensor):
+            raise TypeError(
+                f"{name} must be an mxmoe.MXFP4Tensor, got {type(w).__name__} "
+                f"(wrap packed weights with MXFP4Tensor(blocks, scales))"
+            )
+        if w.dim() != 3:
+            raise ValueError(f"{name} must be [E, N, K], got logical shape {tuple(w.shape)}")
+    num_experts, two_i, hidden = w13.shape
+    if hidden == 0:
+        raise ValueError(f"w13 is [E, 2I, H] = {tuple(w13.shape)}: H must be positive")
+    if two_i == 0 or two_i % 2 != 0:
+        raise ValueError(f"w13 rows (2I) must be even and positive, got {two_i}")
+    inter = two_i // 2
+    if inter % MXFP4_BLOCK_SIZE != 0:
+        raise ValueError(
+            f"w13 is [E, 2I, H] = {tuple(w13.shape)}: I = {inter} must be a multiple of "
+            f"{MXFP4_BLOCK_SIZE} (it is the K of w2)"
+        )
+    expected_w2 = (num_experts, hidden, inter)
+    if tuple(w2.shape) != expected_w2:
+        raise ValueError(
+            f"w2 must be [E, H, I] = {expected_w2} to match w13 {tuple(w13.shape)}, got "
+            f"{tuple(w2.shape)}"
+        )
+    if w2.device != w13.device:
+        raise ValueError(f"w2 is on {w2.device} but w13 is on {w13.device}: expected one device")
+    for name, bias, n in (("w13_bias", w13_bias, two_i), ("w2_bias", w2_bias, hidden)):
+        if bias is None:
+            continue
+        _require_tensor(name, bias)
+        if not bias.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {bias.dtype}")
+        if _shape(bias) != (num_experts, n):
+            raise ValueError(f"{name} must be [E, N] = {(num_experts, n)}, got {_shape(bias)}")
+        if bias.device != w13.device:
+            raise ValueError(
+                f"{name} is on {bias.device} but w13 is on {w13.device}: expected one device"
+            )
+    return ExpertShapes(num_experts=num_experts, hidden=hidden, intermediate=inter)
+
+
+def check_expert_map_arg(expert_map) -> int:
+    """dtype and rank of ``expert_map [E_global]``; returns E_global (no data read)."""
+    _require_tensor("expert_map", expert_map)
+    if expert_map.dtype not in ID_DTYPES:
+        raise TypeError(f"expert_map must be int32 or int64, got {expert_map.dtype}")
+    if expert_map.dim() != 1:
+        raise ValueError(f"expert_map must be [E_global], got shape {_shape(expert_map)}")
+    return expert_map.shape[0]
+
+
+def check_expert_map_values(expert_map: torch.Tensor, num_local_experts: int) -> None:
+    """expert_map values in [-1, E_local). Reads the data."""
+    if expert_map.numel():
+        lo, hi = int(expert_map.min()), int(expert_map.max())
+        if lo < -1 or hi >= num_local_experts:
+            raise ValueError(
+                f"expert_map values must be in [-1, {num_local_experts}) (local expert "
+                f"or -1 for remote), got range [{lo}, {hi}]"
+            )
 
 
 @dataclass(frozen=True)
@@ -80,6 +184,8 @@ def check_fused_experts_args(
     alpha,
     limit,
     expert_map,
+    apply_router_weight_on_input=False,
+    backend="auto",
 ) -> MoEProblem:
     """Validate a `fused_experts` call; raise TypeError/ValueError naming what was wrong.
 
@@ -92,32 +198,15 @@ def check_fused_experts_args(
         )
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states must be [M, H], got shape {_shape(hidden_states)}")
-    for name, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, MXFP4Tensor):
-            raise TypeError(
-                f"{name} must be an mxmoe.MXFP4Tensor, got {type(w).__name__} "
-                f"(wrap packed weights with MXFP4Tensor(blocks, scales))"
-            )
-        if w.dim() != 3:
-            raise ValueError(f"{name} must be [E, N, K], got logical shape {tuple(w.shape)}")
+    shapes = check_expert_weights(w13, w2, w13_bias, w2_bias)
+    num_experts, hidden, inter = shapes.num_experts, shapes.hidden, shapes.intermediate
     act = Activation.parse(activation)
 
-    num_tokens, hidden = hidden_states.shape
-    num_experts, two_i, w13_k = w13.shape
-    if w13_k != hidden:
+    num_tokens = hidden_states.shape[0]
+    if hidden_states.shape[1] != hidden:
         raise ValueError(
-            f"w13 is [E, 2I, H] = {tuple(w13.shape)} but hidden_states has H = {hidden}"
-        )
-    if hidden % MXFP4_BLOCK_SIZE != 0:
-        raise ValueError(f"H must be a multiple of {MXFP4_BLOCK_SIZE}, got {hidden}")
-    if two_i % 2 != 0:
-        raise ValueError(f"w13 rows (2I) must be even, got {two_i}")
-    inter = two_i // 2
-    expected_w2 = (num_experts, hidden, inter)
-    if tuple(w2.shape) != expected_w2:
-        raise ValueError(
-            f"w2 must be [E, H, I] = {expected_w2} to match w13 {tuple(w13.shape)}, got "
-            f"{tuple(w2.shape)}"
+            f"w13 is [E, 2I, H] = {tuple(w13.shape)} but hidden_states has H = "
+            f"{hidden_states.shape[1]}"
         )
 
     _require_tensor("topk_ids", topk_ids)
@@ -139,27 +228,13 @@ def check_fused_experts_args(
 
     num_global = num_experts
     if expert_map is not None:
-        _require_tensor("expert_map", expert_map)
-        if expert_map.dtype not in ID_DTYPES:
-            raise TypeError(f"expert_map must be int32 or int64, got {expert_map.dtype}")
-        if expert_map.dim() != 1:
-            raise ValueError(f"expert_map must be [E_global], got shape {_shape(expert_map)}")
-        num_global = expert_map.shape[0]
+        num_global = check_expert_map_arg(expert_map)
     if top_k < 1 or top_k > num_global:
         raise ValueError(f"top_k (topk_ids.shape[1]) must be in [1, E={num_global}], got {top_k}")
 
-    for name, bias, n in (("w13_bias", w13_bias, two_i), ("w2_bias", w2_bias, hidden)):
-        if bias is None:
-            continue
-        _require_tensor(name, bias)
-        if not bias.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {bias.dtype}")
-        if _shape(bias) != (num_experts, n):
-            raise ValueError(f"{name} must be [E, N] = {(num_experts, n)}, got {_shape(bias)}")
-
-    for name, value in (("alpha", alpha), ("limit", limit)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    check_swiglu_params(alpha, limit)
+    _require_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    check_backend_name(backend)
 
     device = hidden_states.device
     named = [("w13", w13.blocks), ("w2", w2.blocks), ("topk_weights", topk_weights),
@@ -191,10 +266,80 @@ def check_routing_values(topk_ids: torch.Tensor, expert_map, problem: MoEProblem
                 f"topk_ids values must be in [0, {problem.num_global_experts}), got range "
                 f"[{lo}, {hi}]"
             )
-    if expert_map is not None and expert_map.numel():
-        lo, hi = int(expert_map.min()), int(expert_map.max())
-        if lo < -1 or hi >= problem.num_local_experts:
+    if expert_map is not None:
+        check_expert_map_values(expert_map, problem.num_local_experts)
+
+
+def check_layer_args(
+    w13, w2, router_weight, router_bias, w13_bias, w2_bias, *, top_k, activation, alpha, limit,
+    renormalize, backend, expert_map,
+) -> ExpertShapes:
+    """Validate `mxmoe.MXFP4MoE`'s constructor arguments. Construction is off the hot path, so
+    the expert map's values are read here wherever they are."""
+    shapes = check_expert_weights(w13, w2, w13_bias, w2_bias)
+    _require_tensor("router_weight", router_weight)
+    if not router_weight.is_floating_point():
+        raise TypeError(f"router_weight must be a floating tensor, got {router_weight.dtype}")
+    if router_weight.dim() != 2 or router_weight.shape[1] != shapes.hidden:
+        raise ValueError(
+            f"router_weight must be [E, H] with H = {shapes.hidden}, got "
+            f"{_shape(router_weight)}"
+        )
+    num_global = router_weight.shape[0]
+    if router_bias is not None:
+        _require_tensor("router_bias", router_bias)
+        if not router_bias.is_floating_point():
+            raise TypeError(f"router_bias must be a floating tensor, got {router_bias.dtype}")
+        if _shape(router_bias) != (num_global,):
             raise ValueError(
-                f"expert_map values must be in [-1, {problem.num_local_experts}) (local expert "
-                f"or -1 for remote), got range [{lo}, {hi}]"
+                f"router_bias must be [E] = ({num_global},) like router_weight's rows, got "
+                f"{_shape(router_bias)}"
             )
+    if expert_map is None:
+        if num_global != shapes.num_experts:
+            raise ValueError(
+                f"router_weight has {num_global} experts (rows) but w13 holds "
+                f"{shapes.num_experts}; pass expert_map [E_global] when the experts are split "
+                f"over ranks"
+            )
+    else:
+        map_len = check_expert_map_arg(expert_map)
+        if map_len != num_global:
+            raise ValueError(
+                f"expert_map must be [E_global] = ({num_global},) like router_weight's rows, "
+                f"got {_shape(expert_map)}"
+            )
+        check_expert_map_values(expert_map, shapes.num_experts)
+    top_k = _require_int("top_k", top_k)
+    if not 1 <= top_k <= num_global:
+        raise ValueError(f"top_k must be in [1, E={num_global}], got {top_k}")
+    Activation.parse(activation)
+    check_swiglu_params(alpha, limit)
+    _require_bool("renormalize", renormalize)
+    check_backend_name(backend)
+    named = [("router_weight", router_weight), ("router_bias", router_bias),
+             ("expert_map", expert_map)]
+    for name, t in named:
+        if t is not None and t.device != w13.device:
+            raise ValueError(
+                f"{name} is on {t.device} but w13 is on {w13.device}: expected one device"
+            )
+    return shapes
+
+
+def check_layer_input(hidden_states, hidden: int, device: torch.device) -> None:
+    """`MXFP4MoE.forward`'s input: ``[..., H]`` bf16/fp16/fp32 on the layer's device."""
+    _require_tensor("hidden_states", hidden_states)
+    if hidden_states.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(
+            f"hidden_states must be bfloat16, float16 or float32, got {hidden_states.dtype}"
+        )
+    if hidden_states.dim() < 1 or hidden_states.shape[-1] != hidden:
+        raise ValueError(
+            f"MXFP4MoE expects hidden_states [..., H={hidden}], got {_shape(hidden_states)}"
+        )
+    if hidden_states.device != device:
+        raise ValueError(
+            f"hidden_states is on {hidden_states.device} but the layer's weights are on "
+            f"{device}: expected one device"
+        )

@@ -13,13 +13,14 @@ def _local_expert(topk_ids_ptr, expert_map_ptr, offs, num_pairs, num_global, num
                   HAS_MAP: tl.constexpr):
     """Local expert of each pair; pairs out of range, remote or past the end -> num_local."""
     inside = offs < num_pairs
-    ids = tl.load(topk_ids_ptr + offs, mask=inside, other=-1).to(tl.int32)
+    # int64 until the range checks: an int64 id such as 2**32 + 1 must not wrap onto expert 1.
+    ids = tl.load(topk_ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
     local = ids
     if HAS_MAP:
         in_range = inside & (ids >= 0) & (ids < num_global)
-        local = tl.load(expert_map_ptr + ids, mask=in_range, other=-1).to(tl.int32)
+        local = tl.load(expert_map_ptr + ids, mask=in_range, other=-1).to(tl.int64)
     valid = inside & (local >= 0) & (local < num_local)
-    return tl.where(valid, local, num_local)
+    return tl.where(valid, local, num_local).to(tl.int32)
 
 
 @triton.jit

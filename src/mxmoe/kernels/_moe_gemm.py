@@ -226,8 +226,11 @@ def moe_gemm_kernel(
     else:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
         if ACTIVATION == ACT_SWIGLUOAI:
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
+            # PropagateNan.ALL: the default min/max return the non-NaN operand, which would turn
+            # a NaN (NaN scale byte, NaN input) into the clamp limit instead of passing it on.
+            nan = tl.PropagateNan.ALL
+            gate = tl.minimum(gate, limit, propagate_nan=nan)
+            up = tl.minimum(tl.maximum(up, -limit, propagate_nan=nan), limit, propagate_nan=nan)
             result = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
         else:
             result = gate * tl.sigmoid(gate) * up
@@ -263,13 +266,14 @@ def topk_sum_kernel(
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for j in range(TOP_K):
         pair = m * TOP_K + j
-        expert = tl.load(topk_ids_ptr + pair).to(tl.int32)
+        # int64 until the range checks, as in the alignment: a wrapped id must not pass them.
+        expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
         local = expert
         if HAS_MAP:
             in_range = (expert >= 0) & (expert < num_global_experts)
-            local = tl.load(expert_map_ptr + expert, mask=in_range, other=-1).to(tl.int32)
+            local = tl.load(expert_map_ptr + expert, mask=in_range, other=-1).to(tl.int64)
         # Broadcast the scalar verdict over the row (a scalar & block mask trips the interpreter).
-        local_h = tl.full((BLOCK_H,), 0, tl.int32) + local
+        local_h = tl.full((BLOCK_H,), 0, tl.int64) + local
         valid_h = (local_h >= 0) & (local_h < num_local_experts)
         row = tl.load(inter_ptr + pair * stride_im + offs_h * stride_ih,
                       mask=mask_h & valid_h, other=0.0)

@@ -74,7 +74,8 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
     total = torch.empty(1, dtype=torch.int32, device=device)
-    flat = topk_ids.reshape(-1)
+    flat = topk_ids.reshape(-1).contiguous()  # unit stride: the kernel indexes it flat
+    expert_map = expert_map.contiguous() if expert_map is not None else None
     align_kernel[(1,)](
         flat, expert_map if expert_map is not None else flat, sorted_ids, expert_ids, total,
         num_pairs, num_global, num_local, max_blocks,
@@ -138,8 +139,11 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
     if max_blocks == 0:
         return out.zero_()
 
-    aligned = align(args.topk_ids, cfg.block_m, p.num_local_experts, p.num_global_experts,
-                    args.expert_map)
+    # The kernels index topk_ids and expert_map as flat unit-stride arrays. reshape(-1) alone
+    # can return a strided view (a [M, 1] column sliced from a wider tensor), so copy if needed.
+    topk_ids = args.topk_ids.reshape(-1).contiguous()
+    expert_map = args.expert_map.contiguous() if args.expert_map is not None else None
+    aligned = align(topk_ids, cfg.block_m, p.num_local_experts, p.num_global_experts, expert_map)
     topk_weights = args.topk_weights.reshape(-1).to(torch.float32).contiguous()
     on_input = args.apply_router_weight_on_input
     w13 = w13_dense if mode == "dense" else args.w13
@@ -161,11 +165,10 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
         mode=mode, activation=0, router_weight=0 if on_input else 2,
         alpha=args.alpha, limit=args.limit, dot_dtype=dot_dtype, cfg=cfg.gemm2(),
     )
-    topk_ids = args.topk_ids.reshape(-1)
-    has_map = args.expert_map is not None
+    has_map = expert_map is not None
     block_h = 1024 if not _interpreting() else 64
     topk_sum_kernel[(p.num_tokens, triton.cdiv(p.hidden, block_h))](
-        inter, topk_ids, args.expert_map if has_map else topk_ids, out,
+        inter, topk_ids, expert_map if has_map else topk_ids, out,
         p.hidden, p.num_global_experts, p.num_local_experts,
         inter.stride(0), inter.stride(1), out.stride(0), out.stride(1),
         TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h,
