@@ -441,9 +441,12 @@ def layer_from_gpt_oss(
 
 
 def _open(path: Path):
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    return safe_open(str(path), framework="pt", device="cpu")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as exc:  # neither ValueError nor OSError: callers could not catch it
+        raise ValueError(f"cannot read the safetensors file {path}: {exc}") from exc
 
 
 def _read_json(path: Path) -> dict:
