@@ -228,9 +228,9 @@ def moe_gemm_kernel(
         if ACTIVATION == ACT_SWIGLUOAI:
             # PropagateNan.ALL: the default min/max return the non-NaN operand, which would turn
             # a NaN (NaN scale byte, NaN input) into the clamp limit instead of passing it on.
-            nan = tl.PropagateNan.ALL
-            gate = tl.minimum(gate, limit, propagate_nan=nan)
-            up = tl.minimum(tl.maximum(up, -limit, propagate_nan=nan), limit, propagate_nan=nan)
+            gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+            up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
+            up = tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL)
             result = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
         else:
             result = gate * tl.sigmoid(gate) * up
