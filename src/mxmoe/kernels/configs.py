@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,16 +90,39 @@ def _problem_key(hidden: int, inter: int, num_experts: int, top_k: int) -> str:
     return f"H{hidden}_I{inter}_E{num_experts}_k{top_k}"
 
 
+#: A tuned entry stands for problems whose pairs per expert are within this factor of its own.
+_NEAREST_FACTOR = 2.0
+
+
 def lookup(device_name: str, mode: str, num_tokens: int, hidden: int, inter: int,
            num_experts: int, top_k: int) -> MoEConfig | None:
-    """The tuned config of the nearest M bucket, or None when the table has no entry."""
-    table = _load_table(device_slug(device_name))
-    entries = table.get("configs", {}).get(mode, {}).get(
-        _problem_key(hidden, inter, num_experts, top_k))
-    if not entries:
-        return None
-    nearest = min(entries, key=lambda m: abs(int(m) - num_tokens))
-    return MoEConfig(**entries[nearest])
+    """The tuned config nearest in pairs per expert (M * k / E, what sets the M tile), or None.
+
+    Entries of this exact problem come first; then entries of the same H, I and k with another
+    E (gpt-oss-120b's M = 16384 has the pairs per expert of gpt-oss-20b's M = 4096). An entry
+    more than a factor of 2 away is not used: the heuristics are a better guess than a tile
+    tuned for another regime (measured: 120b's M = 1024 entry at M = 16384 ran 2.2x slower than
+    20b's tuned prefill config).
+    """
+    configs_of_mode = _load_table(device_slug(device_name)).get("configs", {}).get(mode, {})
+    wanted = num_tokens * top_k / max(num_experts, 1)
+    exact = _problem_key(hidden, inter, num_experts, top_k)
+    same_shape = [key for key in configs_of_mode
+                  if key != exact and key.startswith(f"H{hidden}_I{inter}_")
+                  and key.endswith(f"_k{top_k}")]
+    for key in [exact] + sorted(same_shape):
+        entries = configs_of_mode.get(key)
+        if not entries:
+            continue
+        experts = int(key.split("_E")[1].split("_")[0])
+        ratio, m = min((_log_ratio(int(m) * top_k / experts, wanted), m) for m in entries)
+        if ratio <= math.log(_NEAREST_FACTOR):
+            return MoEConfig(**entries[m])
+    return None
+
+
+def _log_ratio(a: float, b: float) -> float:
+    return abs(math.log(max(a, 1e-9) / max(b, 1e-9)))
 
 
 def preferred_backend(device_name: str, num_tokens: int, hidden: int, inter: int,

@@ -1,0 +1,43 @@
+"""Config lookup: tuned entries by pairs per expert, heuristics otherwise."""
+
+import json
+
+import pytest
+
+from mxmoe.kernels import configs
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    data = {"configs": {"dequant": {
+        "H64_I64_E8_k2": {"1": {"block_m": 16, "block_n": 32}, "512": {"block_m": 128}},
+        "H64_I64_E32_k2": {"64": {"block_m": 32}},
+    }}}
+    (tmp_path / "test-gpu.json").write_text(json.dumps(data))
+    monkeypatch.setattr(configs, "_TABLE_DIR", tmp_path)
+    configs._load_table.cache_clear()
+    yield
+    configs._load_table.cache_clear()
+
+
+def block_m(m, e):
+    cfg = configs.lookup("Test GPU", "dequant", m, 64, 64, e, 2)
+    return cfg and cfg.block_m
+
+
+def test_exact_problem_entry_within_a_factor_of_two(table):
+    assert block_m(1, 8) == 16
+    assert block_m(600, 8) == 128  # 150 pairs per expert vs the entry's 128
+
+
+def test_far_from_every_entry_falls_back_to_the_heuristics(table):
+    assert block_m(40, 8) is None  # 10 pairs per expert: 40x and 13x away
+
+
+def test_another_expert_count_lends_its_entry_by_pairs_per_expert(table):
+    assert block_m(2048, 32) == 128  # 128 pairs per expert, like E=8's M=512
+    assert block_m(16, 8) == 32  # 4 pairs per expert: E=32's M=64 entry
+
+
+def test_unknown_device_has_no_table():
+    assert configs.lookup("Some Other GPU", "dequant", 1, 64, 64, 8, 2) is None
