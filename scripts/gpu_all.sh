@@ -4,6 +4,7 @@
 # the two benchmark JSONs and plots, the sanitizer log, the 1-GPU parallel run, and all.log.
 set -u
 cd "$(dirname "$0")/.."
+# The device machine gets the tree without .git: pass the commit as MXMOE_GIT_SHA=$(git rev-parse --short HEAD).
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export NVSHMEM_DISABLE_NVLS=1 MXMOE_CACHE_DIR=/tmp/mxmoe-cache
 out=${OUT:-/tmp/mxmoe-out}

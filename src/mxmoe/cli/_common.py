@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ import torch
 
 
 def git_sha() -> str:
+    """The checkout's commit; ``MXMOE_GIT_SHA`` where the tree was copied without its .git."""
+    if os.environ.get("MXMOE_GIT_SHA"):
+        return os.environ["MXMOE_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
