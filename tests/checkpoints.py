@@ -16,13 +16,10 @@ from mxmoe.checkpoint import NAMINGS
 
 @pytest.fixture(autouse=True)
 def quiet_cpu():
-    """One intra-op thread and no autograd: these tiny problems run several times faster when
-    pytest-xdist workers do not oversubscribe the cores (import this fixture into a module)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """No autograd for these tiny forwards (import this fixture into a module; the single
+    intra-op thread comes from conftest.py)."""
     with torch.no_grad():
         yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

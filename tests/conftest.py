@@ -37,6 +37,16 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """The test problems are tiny: torch's intra-op threads only contend with the other
+    pytest-xdist worker for the cores (several times slower on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _private_probe_cache(tmp_path_factory):
     """Keep the backend probe's cache out of the user's cache directory."""
     if "MXMOE_CACHE_DIR" not in os.environ:

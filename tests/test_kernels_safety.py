@@ -47,15 +47,6 @@ TAIL_CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only contend with the other xdist worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("MXMOE_POISON", "1")

@@ -39,15 +39,6 @@ INTERPRETED = settings(max_examples=12, deadline=None, derandomize=True, databas
                        suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only contend with the other xdist worker."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tolerance(backend: str, dtype: torch.dtype) -> float:
     if dtype == torch.float32:
         return 2e-2 if backend == "triton_scaled" else 1e-4

@@ -15,7 +15,6 @@ from .constants import (
     E8M0_EXPONENT_BIAS,
     E8M0_MAX_FINITE,
     E8M0_NAN,
-    F4_E2M1_MAX,
     F4_E2M1_MAX_EXPONENT,
     F4_E2M1_SIGN_BIT,
     F4_E2M1_VALUES,
