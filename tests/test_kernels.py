@@ -187,3 +187,69 @@ def test_triton_router_equals_torch(m, e, k, renormalize):
     want_w, want_ids = mxmoe.route(logits, k, renormalize=renormalize)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+
+
+# Split-K: K = 96 or 160 in tiles of 32 gives 3 or 5 K tiles, so 2 slices are uneven and 4
+# slices leave none empty only because _k_slices shrinks the count (5 tiles / 4 -> 3 slices).
+SPLITS = [
+    pytest.param({"split_k": 2}, id="GEMM1 split 2, GEMM2 inherits"),
+    pytest.param({"split_k": 4, "split_k2": 1}, id="GEMM1 only"),
+    pytest.param({"split_k": 1, "split_k2": 3}, id="GEMM2 only"),
+    pytest.param({"split_k": 64, "split_k2": 64}, id="more slices than K tiles"),
+]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("swap", [False, True], ids=["A x W^T", "swap-AB"])
+@pytest.mark.parametrize("activation", ["swigluoai", "silu"])
+def test_split_k_matches_reference(config, split, swap, activation):
+    config(block_k=32, swap_ab=swap, **split)
+    kw = make_moe(5, 160, 96, 5, 2, dtype=torch.float32, seed=11)
+    out, ref = run_both(kw, "triton_dequant", activation=activation)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("on_input", [False, True], ids=["weight on output", "weight on input"])
+def test_split_k_bias_once_and_router_weight(config, on_input):
+    """The bias goes in once (slice 0), the routing weight into every slice."""
+    config(block_k=32, split_k=3, split_k2=3)
+    kw = make_moe(4, 96, 96, 3, 2, dtype=torch.float32, seed=12)
+    kw["w13_bias"] = kw["w13_bias"] * 50  # a bias counted 3 times would show at once
+    kw["w2_bias"] = kw["w2_bias"] * 50
+    out, ref = run_both(kw, "triton_dequant", apply_router_weight_on_input=on_input)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("backend", ["triton_scaled", "bf16"])
+def test_split_k_other_weight_modes_and_remote_experts(config, backend):
+    config(block_k=32, split_k=2, split_k2=2, swap_ab=True)
+    kw = make_moe(9, 96, 64, 3, 2, dtype=torch.float16, seed=13, e_global=7)
+    expert_map = torch.full((7,), -1, dtype=torch.int32)
+    expert_map[torch.tensor([1, 4, 6])] = torch.arange(3, dtype=torch.int32)
+    out, ref = run_both(kw, backend, expert_map=expert_map)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOLERANCE[torch.float16]
+
+
+def test_split_k_nan_scale_stays_in_its_column(config):
+    config(block_k=32, split_k=2, split_k2=2)
+    kw = make_moe(4, 64, 64, 2, 2, dtype=torch.float32, seed=7)
+    kw["topk_ids"] = torch.tensor([[0, 1]] * 4, dtype=torch.int32)
+    kw["w2"].scales[0, 3, 1] = 255  # expert 0, output column 3, second K slice
+    out = mxmoe.fused_experts(**kw, backend="triton_dequant")
+    assert torch.isnan(out[:, 3]).all()
+    assert torch.isfinite(out[:, :3]).all() and torch.isfinite(out[:, 4:]).all()
+
+
+def test_k_slices_never_empty():
+    from mxmoe.kernels.configs import MoEConfig
+    from mxmoe.kernels.fused_moe import _k_slices
+
+    for k in (32, 96, 160, 2880):
+        for split in (1, 2, 3, 4, 7, 64):
+            cfg = MoEConfig(block_k=64, split_k=split)
+            slices, per = _k_slices(k, cfg)
+            assert per % 64 == 0 and 1 <= slices <= split
+            assert (slices - 1) * per < k <= slices * per  # every slice has a K tile
+    with pytest.raises(ValueError, match="split_k"):
+        MoEConfig(split_k=0)

@@ -6,9 +6,16 @@ One kernel serves both GEMMs and every weight format (constexpr-selected):
 - GEMM2: A = the activations of GEMM1 (one row per pair), B = w2; epilogue: bias, routing weight.
 The output has one row per (token, slot) pair; the top-k sum is a separate deterministic kernel.
 
-Grid: ``(max_blocks * num_n_tiles,)``. Program ``pid`` takes M block ``pid % max_blocks`` and
-N tile ``pid // max_blocks`` (programs next to each other share a weight tile, which then comes
-from L2). Blocks past ``num_tokens_post_padded`` return at once.
+Grid: ``(max_blocks * SPLIT_K * num_n_tiles,)``. Program ``pid`` takes M block
+``pid % max_blocks``, K slice ``(pid // max_blocks) % SPLIT_K`` and N tile
+``pid // (max_blocks * SPLIT_K)`` (programs next to each other share a weight tile, which then
+comes from L2). Blocks past ``num_tokens_post_padded`` return at once.
+
+Split-K (SPLIT_K > 1) is for decode, where a few experts times the N tiles leave most SMs idle:
+each K slice writes its fp32 partial sums to its own plane of the output (``stride_os`` apart),
+with the bias added by slice 0 only and the routing weight (linear) applied by every slice; the
+consumer sums the planes in a fixed order (deterministic, no atomics). The gated activation
+needs the full sum, so GEMM1 with split-K runs without it and `split_activation_kernel` follows.
 """
 
 import triton
@@ -54,6 +61,21 @@ def _e8m0_to_f32(scales):
 
 
 @triton.jit
+def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    """fp32 gate and up -> the gated activation (swigluoai with clamps, or silu(gate) * up)."""
+    if ACTIVATION == ACT_SWIGLUOAI:
+        # PropagateNan.ALL: the default min/max return the non-NaN operand, which would turn
+        # a NaN (NaN scale byte, NaN input) into the clamp limit instead of passing it on.
+        gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+        up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
+        up = tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL)
+        result = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    else:
+        result = gate * tl.sigmoid(gate) * up
+    return result
+
+
+@triton.jit
 def moe_gemm_kernel(
     a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
     b_ptr,  # (E, N, K // 2) uint8 packed MXFP4, or (E, N, K) dense in DOT_DTYPE
@@ -73,6 +95,8 @@ def moe_gemm_kernel(
     stride_se, stride_sn, stride_sk,
     stride_bias_e, stride_bias_n,
     stride_om, stride_on,
+    stride_os,  # between the SPLIT_K planes of the output (unused when SPLIT_K == 1)
+    k_per_split,  # K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
     alpha,
     limit,
     A_ROW_DIV: tl.constexpr,
@@ -88,10 +112,13 @@ def moe_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # weight rows per tile (gated: BLOCK_N // 2 gate/up pairs)
     BLOCK_K: tl.constexpr,  # a multiple of 32
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
 ):
     pid = tl.program_id(0)
     pid_m = pid % max_blocks
-    pid_n = pid // max_blocks
+    pid_kn = pid // max_blocks
+    pid_k = pid_kn % SPLIT_K
+    pid_n = pid_kn // SPLIT_K
 
     num_post_padded = tl.load(num_post_padded_ptr)
     if pid_m * BLOCK_M >= num_post_padded:
@@ -132,7 +159,13 @@ def moe_gemm_kernel(
     s_expert_ptr = b_scale_ptr + expert * stride_se
     GROUPS: tl.constexpr = BLOCK_K // 32
 
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K == 1:
+        k_begin = 0
+        k_end = K
+    else:
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(K, k_begin + k_per_split)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_g = k0 // 32 + tl.arange(0, GROUPS)
         if WEIGHT_MODE == MODE_DENSE:
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -212,8 +245,11 @@ def moe_gemm_kernel(
     if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:
         acc = acc * routing_weight[:, None]
     if HAS_BIAS:
+        # Only K slice 0 adds the bias (a block mask: a scalar & block mask trips the
+        # interpreter).
+        first_slice = (tl.zeros((BLOCK_N,), tl.int32) + pid_k) == 0
         bias = tl.load(bias_ptr + expert * stride_bias_e + rows64 * stride_bias_n,
-                       mask=mask_n, other=0.0).to(tl.float32)
+                       mask=mask_n & first_slice, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
     if ROUTER_WEIGHT == WEIGHT_AFTER_BIAS:
         acc = acc * routing_weight[:, None]
@@ -225,17 +261,11 @@ def moe_gemm_kernel(
         mask_out = mask_n
     else:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        if ACTIVATION == ACT_SWIGLUOAI:
-            # PropagateNan.ALL: the default min/max return the non-NaN operand, which would turn
-            # a NaN (NaN scale byte, NaN input) into the clamp limit instead of passing it on.
-            gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
-            up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
-            up = tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL)
-            result = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
-        else:
-            result = gate * tl.sigmoid(gate) * up
+        result = _gated_activation(gate, up, alpha, limit, ACTIVATION)
         out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
         mask_out = out_cols < N // 2
+    if SPLIT_K > 1:
+        out_ptr += pid_k.to(tl.int64) * stride_os
     tl.store(
         out_ptr + out_row[:, None] * stride_om + out_cols[None, :] * stride_on,
         result.to(out_ptr.dtype.element_ty),
@@ -254,12 +284,15 @@ def topk_sum_kernel(
     num_local_experts,
     stride_im, stride_ih,
     stride_om, stride_oh,
+    stride_is,  # between the split-K planes of inter (unused when NUM_SPLITS == 1)
     TOP_K: tl.constexpr,
     HAS_MAP: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # GEMM2's split-K planes, summed here
 ):
-    """out[m] = sum over slots j whose expert is local of inter[m * TOP_K + j], in fp32, in slot
-    order (deterministic). Grid: (M, cdiv(H, BLOCK_H))."""
+    """out[m] = sum over slots j whose expert is local of inter[m * TOP_K + j] (and over the
+    split-K planes of each), in fp32, in a fixed order (deterministic).
+    Grid: (M, cdiv(H, BLOCK_H))."""
     m = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
@@ -275,8 +308,46 @@ def topk_sum_kernel(
         # Broadcast the scalar verdict over the row (a scalar & block mask trips the interpreter).
         local_h = tl.full((BLOCK_H,), 0, tl.int64) + local
         valid_h = (local_h >= 0) & (local_h < num_local_experts)
-        row = tl.load(inter_ptr + pair * stride_im + offs_h * stride_ih,
-                      mask=mask_h & valid_h, other=0.0)
-        acc += row.to(tl.float32)
+        for split in range(NUM_SPLITS):
+            row = tl.load(inter_ptr + split * stride_is + pair * stride_im + offs_h * stride_ih,
+                          mask=mask_h & valid_h, other=0.0)
+            acc += row.to(tl.float32)
     tl.store(out_ptr + m * stride_om + offs_h * stride_oh, acc.to(out_ptr.dtype.element_ty),
              mask=mask_h)
+
+
+@triton.jit
+def split_activation_kernel(
+    partial_ptr,  # (NUM_SPLITS, num_pairs, 2I) float32: GEMM1's pre-activation K-slice sums
+    out_ptr,  # (num_pairs, I) activation dtype
+    inter_size,  # I
+    stride_ps, stride_pm, stride_pn,
+    stride_om, stride_on,
+    alpha,
+    limit,
+    ACTIVATION: tl.constexpr,  # ACT_SWIGLUOAI (interleaved gate/up) or ACT_SILU ([gate | up])
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    """GEMM1's epilogue after split-K: sum the planes in order, then the gated activation, as
+    `moe_gemm_kernel` does it. Bias and routing weight are already in the sums. Rows of pairs
+    that GEMM1 did not write (remote experts) come out as garbage that nothing reads.
+    Grid: (num_pairs, cdiv(I, BLOCK_I))."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
+    mask = cols < inter_size
+    if ACTIVATION == ACT_SWIGLUOAI:
+        gate_cols = 2 * cols
+        up_cols = 2 * cols + 1
+    else:
+        gate_cols = cols
+        up_cols = cols + inter_size
+    gate = tl.zeros((BLOCK_I,), tl.float32)
+    up = tl.zeros((BLOCK_I,), tl.float32)
+    for split in range(NUM_SPLITS):
+        base = partial_ptr + split * stride_ps + row * stride_pm
+        gate += tl.load(base + gate_cols * stride_pn, mask=mask, other=0.0)
+        up += tl.load(base + up_cols * stride_pn, mask=mask, other=0.0)
+    result = _gated_activation(gate, up, alpha, limit, ACTIVATION)
+    tl.store(out_ptr + row * stride_om + cols * stride_on, result.to(out_ptr.dtype.element_ty),
+             mask=mask)

@@ -28,11 +28,21 @@ class MoEConfig:
     num_stages: int = 3
     split_dot: bool = False  # dequant strategy: two half-dots (True) or one interleaved dot
     swap_ab: bool = False  # compute C^T = W X^T (weights as the dot's left operand)
-    # GEMM2 may use its own N/K tiles (same block_m: the alignment is shared).
+    # K slices of GEMM1, each its own program (decode: more programs than experts x N tiles);
+    # > 1 moves the activation into its own small kernel.
+    split_k: int = 1
+    # GEMM2 may use its own N/K tiles and split (same block_m: the alignment is shared).
     block_n2: int | None = None
     block_k2: int | None = None
     num_warps2: int | None = None
     num_stages2: int | None = None
+    split_k2: int | None = None
+
+    def __post_init__(self):
+        for name in ("split_k", "split_k2"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
 
     def gemm2(self) -> "MoEConfig":
         return MoEConfig(
@@ -43,6 +53,7 @@ class MoEConfig:
             num_stages=self.num_stages2 or self.num_stages,
             split_dot=self.split_dot,
             swap_ab=self.swap_ab,
+            split_k=self.split_k2 or self.split_k,
         )
 
     def to_json(self) -> dict:

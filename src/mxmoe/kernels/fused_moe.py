@@ -16,7 +16,7 @@ from ..backends.base import MoEArgs
 from ..routing import Alignment, align_by_expert, max_aligned_blocks
 from . import configs
 from ._align import align_kernel
-from ._moe_gemm import moe_gemm_kernel, topk_sum_kernel
+from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 
 #: Up to this many (token, slot) pairs the alignment runs as one Triton program; above, the
 #: device-side torch version (a dozen launches, but parallel over the pairs).
@@ -88,12 +88,23 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
     return Alignment(sorted_ids, expert_ids, total, block_m)
 
 
+def _k_slices(k: int, cfg: configs.MoEConfig) -> tuple[int, int]:
+    """(slices, K per slice): at most ``cfg.split_k`` slices of whole K tiles, none empty."""
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
+    return triton.cdiv(k_tiles, per_split), per_split * cfg.block_k
+
+
 def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blocks,
                  num_pairs, n, k, *, mode, activation, router_weight, alpha, limit, dot_dtype,
-                 cfg: configs.MoEConfig):
+                 cfg: configs.MoEConfig, splits: int = 1, k_per_split: int | None = None):
+    """One grouped GEMM. With ``splits`` > 1, ``out`` is (splits, num_pairs, N) float32 and
+    ``activation`` must be 0: the caller sums the planes."""
+    assert splits == 1 or (activation == 0 and out.dim() == 3 and out.shape[0] == splits)
     n_out = n // 2 if activation else n
     cols_per_tile = cfg.block_n // 2 if activation else cfg.block_n
-    grid = (max_blocks * triton.cdiv(n_out, cols_per_tile),)
+    grid = (max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
+    out_rows = out if out.dim() == 2 else out[0]
     dense = mode == "dense"
     w = weight if dense else weight.blocks
     s = weight if dense else weight.scales  # unused when dense
@@ -105,7 +116,8 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blo
         w.stride(0), w.stride(1), w.stride(2),
         s.stride(0), s.stride(1), s.stride(2),
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        out.stride(0), out.stride(1),
+        out_rows.stride(0), out_rows.stride(1),
+        out.stride(0) if splits > 1 else 0, k_per_split or k,
         alpha, limit,
         A_ROW_DIV=a_row_div,
         WEIGHT_MODE=_MODES[mode],
@@ -120,6 +132,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blo
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        SPLIT_K=splits,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -150,27 +163,45 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
     w2 = w2_dense if mode == "dense" else args.w2
 
     dot_dtype = _dot_dtype(dtype, mode)
+    gemm_kw = dict(aligned=aligned, max_blocks=max_blocks, num_pairs=num_pairs, alpha=args.alpha,
+                   limit=args.limit, mode=mode, dot_dtype=dot_dtype)
     act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
-    _launch_gemm(
-        x, p.top_k, w13, args.w13_bias, act, topk_weights,
-        aligned, max_blocks, num_pairs, 2 * p.intermediate, p.hidden,
-        mode=mode, activation=_ACTIVATIONS[p.activation.value],
-        router_weight=1 if on_input else 0, alpha=args.alpha, limit=args.limit,
-        dot_dtype=dot_dtype, cfg=cfg,
-    )
-    inter = _new_buffer((num_pairs, p.hidden), dtype, x.device)
-    _launch_gemm(
-        act, 1, w2, args.w2_bias, inter, topk_weights,
-        aligned, max_blocks, num_pairs, p.hidden, p.intermediate,
-        mode=mode, activation=0, router_weight=0 if on_input else 2,
-        alpha=args.alpha, limit=args.limit, dot_dtype=dot_dtype, cfg=cfg.gemm2(),
-    )
+    activation = _ACTIVATIONS[p.activation.value]
+    splits1, k_per_split1 = _k_slices(p.hidden, cfg)
+    if splits1 == 1:
+        _launch_gemm(x, p.top_k, w13, args.w13_bias, act, topk_weights, n=2 * p.intermediate,
+                     k=p.hidden, activation=activation, router_weight=1 if on_input else 0,
+                     cfg=cfg, **gemm_kw)
+    else:
+        partial = _new_buffer((splits1, num_pairs, 2 * p.intermediate), torch.float32, x.device)
+        _launch_gemm(x, p.top_k, w13, args.w13_bias, partial, topk_weights,
+                     n=2 * p.intermediate, k=p.hidden, activation=0,
+                     router_weight=1 if on_input else 0, cfg=cfg, splits=splits1,
+                     k_per_split=k_per_split1, **gemm_kw)
+        block_i = 1024 if not _interpreting() else 64
+        split_activation_kernel[(num_pairs, triton.cdiv(p.intermediate, block_i))](
+            partial, act, p.intermediate,
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            act.stride(0), act.stride(1), args.alpha, args.limit,
+            ACTIVATION=activation, NUM_SPLITS=splits1, BLOCK_I=block_i,
+        )
+
+    cfg2 = cfg.gemm2()
+    splits2, k_per_split2 = _k_slices(p.intermediate, cfg2)
+    # GEMM2's per-pair rows; with split-K one float32 plane per K slice, summed by topk_sum.
+    inter = (_new_buffer((num_pairs, p.hidden), dtype, x.device) if splits2 == 1 else
+             _new_buffer((splits2, num_pairs, p.hidden), torch.float32, x.device))
+    _launch_gemm(act, 1, w2, args.w2_bias, inter, topk_weights, n=p.hidden, k=p.intermediate,
+                 activation=0, router_weight=0 if on_input else 2, cfg=cfg2, splits=splits2,
+                 k_per_split=k_per_split2, **gemm_kw)
+    inter_rows = inter if splits2 == 1 else inter[0]
     has_map = expert_map is not None
     block_h = 1024 if not _interpreting() else 64
     topk_sum_kernel[(p.num_tokens, triton.cdiv(p.hidden, block_h))](
         inter, topk_ids, expert_map if has_map else topk_ids, out,
         p.hidden, p.num_global_experts, p.num_local_experts,
-        inter.stride(0), inter.stride(1), out.stride(0), out.stride(1),
-        TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h,
+        inter_rows.stride(0), inter_rows.stride(1), out.stride(0), out.stride(1),
+        inter.stride(0) if splits2 > 1 else 0,
+        TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits2,
     )
     return out
