@@ -50,6 +50,66 @@ def _e2m1_to_f32(codes):
 
 
 @triton.jit
+def _mxfp4_to_bf16_ptx(packed, scale_bf16):
+    """(rows, C) uint8 MXFP4 bytes and their bf16 scales -> (low nibbles, high nibbles), bf16.
+
+    NVIDIA PTX (sm_80+), two values per 32-bit operation. Four bytes arrive in one register;
+    prmt spreads two of them to bits 0-7 and 16-23, and shift-and-mask puts each nibble's sign
+    at bit 15/31 and its three magnitude bits at 8..6/24..22 of a bf16 pair: value * 2**-126,
+    exactly as in `_e2m1_to_f32`. Two fma.rn.bf16x2 (with -0 addend: a plain product that keeps
+    the sign of zero) multiply by 2**126 and by the scale; both products are exact but the
+    last, which rounds once like the fp32 path's conversion. Elementwise: output j depends on
+    input byte j only, whatever bytes Triton packs into one invocation.
+    """
+    return tl.inline_asm_elementwise(
+        asm="""
+        {
+        .reg .b32 t, a, b, k126, nz;
+        mov.b32 k126, 0x7E807E80;
+        mov.b32 nz, 0x80008000;
+        prmt.b32 t, $4, $4, 0x1100;
+        shl.b32 a, t, 12;
+        shl.b32 b, t, 6;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 a, a, k126, nz;
+        fma.rn.bf16x2 $0, a, $5, nz;
+        shl.b32 a, t, 8;
+        shl.b32 b, t, 2;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 a, a, k126, nz;
+        fma.rn.bf16x2 $2, a, $5, nz;
+        prmt.b32 t, $4, $4, 0x3322;
+        shl.b32 a, t, 12;
+        shl.b32 b, t, 6;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 a, a, k126, nz;
+        fma.rn.bf16x2 $1, a, $6, nz;
+        shl.b32 a, t, 8;
+        shl.b32 b, t, 2;
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 a, a, k126, nz;
+        fma.rn.bf16x2 $3, a, $6, nz;
+        }
+        """,
+        # $0,$1: low nibbles of bytes (0,1), (2,3); $2,$3: high nibbles; $4: the four bytes;
+        # $5,$6: the scales of bytes (0,1) and (2,3) as bf16 pairs.
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[packed, scale_bf16],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
 def _e8m0_to_f32(scales):
     """E8M0 bytes (int32) -> float32 2**(s - 127): the byte is the float32 exponent field.
 
@@ -105,6 +165,7 @@ def moe_gemm_kernel(
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_DOT: tl.constexpr,  # dequant mode: two half-dots over even/odd K instead of one
+    DEQUANT_PTX: tl.constexpr,  # dequant mode, bf16 on NVIDIA: `_mxfp4_to_bf16_ptx`
     SWAP_AB: tl.constexpr,  # accumulate C^T = W X^T: the weight tile is the dot's left operand
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (exact), None (the default) otherwise
@@ -229,10 +290,19 @@ def moe_gemm_kernel(
                         a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
                     ).to(DOT_DTYPE)
-                    w = _e2m1_to_f32(tl.reshape(tl.join(codes & 0xF, codes >> 4),
-                                                (BLOCK_N, BLOCK_K)))
-                    w = tl.reshape(w, (BLOCK_N, GROUPS, 32)) * scale_f[:, :, None]
-                    w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
+                    if DEQUANT_PTX:
+                        scale_b = tl.reshape(
+                            tl.broadcast_to(scale_f.to(tl.bfloat16)[:, :, None],
+                                            (BLOCK_N, GROUPS, 16)),
+                            (BLOCK_N, BLOCK_K // 2),
+                        )
+                        w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
+                        w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
+                    else:
+                        w = _e2m1_to_f32(tl.reshape(tl.join(codes & 0xF, codes >> 4),
+                                                    (BLOCK_N, BLOCK_K)))
+                        w = tl.reshape(w, (BLOCK_N, GROUPS, 32)) * scale_f[:, :, None]
+                        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DOT_DTYPE)
                     if SWAP_AB:
                         acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
                     else:

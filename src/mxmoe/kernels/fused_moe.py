@@ -38,6 +38,17 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def use_dequant_ptx(device: torch.device, dot_dtype: torch.dtype) -> bool:
+    """Whether the dequant mode takes the PTX nibble conversion (`_mxfp4_to_bf16_ptx`): bf16 on
+    an NVIDIA GPU of compute capability 8.0 or newer (fma.rn.bf16x2), compiled rather than
+    interpreted. MXMOE_DEQUANT_PTX=0 turns it off (the portable bit manipulation in fp32)."""
+    if os.environ.get("MXMOE_DEQUANT_PTX", "1") == "0" or _interpreting():
+        return False
+    if dot_dtype != torch.bfloat16 or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _dot_dtype(activation_dtype: torch.dtype, mode: str) -> torch.dtype:
     """The tensor-core operand dtype: the activation dtype, except that tl.dot_scaled takes
     only bf16/fp16 operands, so float32 activations go through it as bf16."""
@@ -125,6 +136,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blo
         ROUTER_WEIGHT=router_weight,
         HAS_BIAS=bias is not None,
         SPLIT_DOT=cfg.split_dot,
+        DEQUANT_PTX=mode == "dequant" and use_dequant_ptx(a.device, dot_dtype),
         SWAP_AB=cfg.swap_ab and not cfg.split_dot,
         DOT_DTYPE=_DOT_DTYPES[dot_dtype],
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
