@@ -41,3 +41,23 @@ def test_another_expert_count_lends_its_entry_by_pairs_per_expert(table):
 
 def test_unknown_device_has_no_table():
     assert configs.lookup("Some Other GPU", "dequant", 1, 64, 64, 8, 2) is None
+
+
+def test_tune_split_k_stage_only_at_decode_sizes():
+    from mxmoe.kernels.configs import MoEConfig
+    from mxmoe.tune import stage4
+
+    best = MoEConfig(swap_ab=True)
+    decode = stage4(best, 1, 4, 32)
+    assert decode and all(c.swap_ab for c in decode)
+    assert {(c.split_k, c.split_k2) for c in decode} >= {(2, 1), (1, 2), (4, 4)}
+    assert (1, 1) not in {(c.split_k, c.split_k2) for c in decode}
+    assert stage4(best, 4096, 4, 32) == []
+
+
+def test_gemm2_config_inherits_or_overrides_split():
+    from mxmoe.kernels.configs import MoEConfig
+
+    assert MoEConfig(split_k=3).gemm2().split_k == 3
+    assert MoEConfig(split_k=3, split_k2=1).gemm2().split_k == 1
+    assert MoEConfig(split_k=1, split_k2=2).gemm2().split_k == 2

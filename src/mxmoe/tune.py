@@ -3,7 +3,8 @@ kernels read (``kernels/configs/<device>.json``).
 
 The search is staged, because a full product of block sizes, warps, stages and strategies is
 thousands of compiles: first the tile shape and the dot strategy (swap-AB or not) at fixed
-pipelining, then K tile, warps and stages around the best shape, then GEMM2's own N/K tiles.
+pipelining, then K tile, warps and stages around the best shape, then GEMM2's own N/K tiles,
+then (decode sizes only) split-K of each GEMM.
 Every candidate is timed as the whole fused-experts call inside a CUDA graph (median of
 replays); a candidate that fails to compile or run is skipped.
 """
@@ -58,6 +59,15 @@ def stage2(best: MoEConfig) -> list[MoEConfig]:
 def stage3(best: MoEConfig) -> list[MoEConfig]:
     return [replace(best, block_n2=bn, block_k2=bk)
             for bn, bk in itertools.product((32, 64, 128, 256), (64, 128, 256))]
+
+
+def stage4(best: MoEConfig, num_tokens: int, top_k: int, num_experts: int) -> list[MoEConfig]:
+    """Split-K for decode sizes, where few experts x N tiles leave SMs idle (none otherwise:
+    the fp32 partial planes cost traffic that larger M does not repay)."""
+    if num_tokens * top_k / num_experts > 16:
+        return []
+    return [replace(best, split_k=s1, split_k2=s2)
+            for s1, s2 in itertools.product((1, 2, 3, 4), (1, 2, 4)) if (s1, s2) != (1, 1)]
 
 
 def _graph_ms(fn, replays: int) -> float:
@@ -115,8 +125,9 @@ def tune_point(args, mode: str, log=print) -> tuple[MoEConfig, float]:
     p = args.problem
     replays = 10 if p.num_tokens >= 4096 else 30
     best, best_ms = None, float("inf")
-    for make_stage in (lambda _: stage1(p.num_tokens, p.top_k, p.num_local_experts),
-                       stage2, stage3):
+    shape = (p.num_tokens, p.top_k, p.num_local_experts)
+    for make_stage in (lambda _: stage1(*shape), stage2, stage3,
+                       lambda best: stage4(best, *shape)):
         for cfg in make_stage(best):
             ms = time_config(args, mode, cfg, replays)
             if ms < best_ms:
