@@ -38,6 +38,9 @@ VARIANTS = {
         "no_swap": dict(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=3),
         "split_dot": dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
                           split_dot=True),
+        "split_k": dict(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3,
+                        swap_ab=True, split_k=3, split_k2=2),
+        "portable": None,  # the heuristic config with MXMOE_DEQUANT_PTX=0
     },
     "triton_scaled": {
         "heuristic": None,
@@ -214,6 +217,10 @@ def main() -> int:
             for variant, config in VARIANTS[backend].items():
                 if case.heuristic_only and config is not None:
                     continue
+                if variant == "portable":
+                    os.environ["MXMOE_DEQUANT_PTX"] = "0"
+                else:
+                    os.environ.pop("MXMOE_DEQUANT_PTX", None)
                 if config is None:
                     os.environ.pop("MXMOE_CONFIG", None)
                 else:

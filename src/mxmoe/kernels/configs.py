@@ -70,18 +70,17 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, interpret: b
     if interpret:
         # The interpreter's cost grows with programs x loop trips: few, small tiles.
         return MoEConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
-    # Measured on the H100 (benchmarks/NOTES.md): swap-AB wins at every M; these are the
-    # tuned gpt-oss-20b configs of the nearest size class.
+    # The gpt-oss-20b configs tuned on the H100 with the PTX conversion (benchmarks/NOTES.md),
+    # by pairs per expert: decode keeps W as the dot's right operand with narrow N tiles;
+    # swap-AB pays from a few dozen pairs per expert.
     pairs_per_expert = num_tokens * top_k / max(num_experts, 1)
     if pairs_per_expert <= 16:
-        return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
-                         swap_ab=True)
+        return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
     if pairs_per_expert <= 64:
-        return MoEConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3,
-                         swap_ab=True, block_k2=128)
-    if pairs_per_expert <= 256:
-        return MoEConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3,
+        return MoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4,
                          swap_ab=True)
+    if pairs_per_expert <= 256:
+        return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
     return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3,
                      swap_ab=True, block_n2=128)
 
