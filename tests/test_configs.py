@@ -11,7 +11,8 @@ from mxmoe.kernels import configs
 def table(tmp_path, monkeypatch):
     data = {"configs": {"dequant": {
         "H64_I64_E8_k2": {"1": {"block_m": 16, "block_n": 32}, "512": {"block_m": 128}},
-        "H64_I64_E32_k2": {"64": {"block_m": 32}},
+        "H64_I64_E32_k2": {"64": {"block_m": 32}, "1024": {"block_m": 48},
+                           "2048": {"block_m": 64}},
     }}}
     (tmp_path / "test-gpu.json").write_text(json.dumps(data))
     monkeypatch.setattr(configs, "_TABLE_DIR", tmp_path)
@@ -35,8 +36,18 @@ def test_far_from_every_entry_falls_back_to_the_heuristics(table):
 
 
 def test_another_expert_count_lends_its_entry_by_pairs_per_expert(table):
-    assert block_m(2048, 32) == 128  # 128 pairs per expert, like E=8's M=512
+    assert block_m(8192, 128) == 64  # 128 pairs per expert: E=32's M=2048 (tie with E=8's 512)
     assert block_m(16, 8) == 32  # 4 pairs per expert: E=32's M=64 entry
+
+
+def test_nearest_entry_wins_over_this_problems_farther_one(table):
+    # 64 pairs per expert: E=8's own M=512 entry is 2x away, E=32's M=1024 matches exactly.
+    assert block_m(256, 8) == 48
+
+
+def test_on_a_tie_this_problems_entry_wins(table):
+    assert block_m(512, 8) == 128  # E=8's M=512 and E=32's M=2048: both 128 pairs per expert
+    assert block_m(2048, 32) == 64
 
 
 def test_unknown_device_has_no_table():

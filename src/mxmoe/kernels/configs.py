@@ -108,27 +108,29 @@ def lookup(device_name: str, mode: str, num_tokens: int, hidden: int, inter: int
            num_experts: int, top_k: int) -> MoEConfig | None:
     """The tuned config nearest in pairs per expert (M * k / E, what sets the M tile), or None.
 
-    Entries of this exact problem come first; then entries of the same H, I and k with another
-    E (gpt-oss-120b's M = 16384 has the pairs per expert of gpt-oss-20b's M = 4096). An entry
-    more than a factor of 2 away is not used: the heuristics are a better guess than a tile
-    tuned for another regime (measured: 120b's M = 1024 entry at M = 16384 ran 2.2x slower than
-    20b's tuned prefill config).
+    Candidates are the entries of this exact problem and of the same H, I and k with another E
+    (the per-expert GEMMs are the same shape: gpt-oss-120b's M = 2048 has the pairs per expert
+    of gpt-oss-20b's M = 512). The nearest wins; on a tie, this exact problem's entry. An
+    entry more than a factor of 2 away is not used: the heuristics are a better guess than a
+    tile tuned for another regime (measured: 120b's M = 1024 entry at M = 16384 ran 2.2x slower
+    than 20b's tuned prefill config).
     """
     configs_of_mode = _load_table(device_slug(device_name)).get("configs", {}).get(mode, {})
     wanted = num_tokens * top_k / max(num_experts, 1)
     exact = _problem_key(hidden, inter, num_experts, top_k)
-    same_shape = [key for key in configs_of_mode
-                  if key != exact and key.startswith(f"H{hidden}_I{inter}_")
-                  and key.endswith(f"_k{top_k}")]
-    for key in [exact] + sorted(same_shape):
-        entries = configs_of_mode.get(key)
-        if not entries:
+    best = None
+    for key, entries in configs_of_mode.items():
+        if not (key == exact or (key.startswith(f"H{hidden}_I{inter}_")
+                                 and key.endswith(f"_k{top_k}"))):
             continue
         experts = int(key.split("_E")[1].split("_")[0])
-        ratio, m = min((_log_ratio(int(m) * top_k / experts, wanted), m) for m in entries)
-        if ratio <= math.log(_NEAREST_FACTOR):
-            return MoEConfig(**entries[m])
-    return None
+        for m, entry in entries.items():
+            rank = (_log_ratio(int(m) * top_k / experts, wanted), key != exact, key, int(m))
+            if best is None or rank < best[0]:
+                best = (rank, entry)
+    if best is None or best[0][0] > math.log(_NEAREST_FACTOR) + 1e-9:
+        return None
+    return MoEConfig(**best[1])
 
 
 def _log_ratio(a: float, b: float) -> float:
