@@ -146,10 +146,16 @@ def test_scale_nan_propagates(config):
         pytest.param(33, 3, 7, 16, True, id="expert map with remote experts"),
         pytest.param(5, 5, 5, 1, True, id="block_m = 1, k = E"),
         pytest.param(70, 4, 128, 16, False, id="E = 128, several chunks of pairs"),
+        pytest.param(150, 2, 6, 8, True, id="more pairs than the multi-program chunks hold"),
     ],
 )
-def test_triton_alignment_equals_reference(m, k, e, block_m, mapped):
+@pytest.mark.parametrize("programs", ["one", "multi"])
+def test_triton_alignment_equals_reference(m, k, e, block_m, mapped, programs, monkeypatch):
+    import mxmoe.kernels.fused_moe as fm
     from mxmoe.kernels.fused_moe import align
+
+    if programs == "multi":  # interpreter sizes: 4 chunks of pairs, steps of 16
+        monkeypatch.setattr(fm, "ALIGN_ONE_PROGRAM_MAX_PAIRS", 0)
 
     g = torch.Generator().manual_seed(m)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)]).to(torch.int32)

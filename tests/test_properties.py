@@ -127,10 +127,19 @@ def test_triton_backend_equals_reference(backend, kw):
     block_m=st.sampled_from([16, 32]),
 )
 def test_alignment_kernel_equals_torch_alignment(data, e_local, block_m):
-    """The one-program Triton alignment, the device-side torch one and the plain loop agree,
-    ids and expert-map values out of range included (they are left out by all three)."""
+    """The one-program and the multi-program Triton alignments, the device-side torch one and
+    the plain loop agree, ids and expert-map values out of range included (they are left out
+    by all four)."""
+    import mxmoe.kernels.fused_moe as fm
     from mxmoe.kernels.fused_moe import align
     from mxmoe.routing import align_by_expert, align_by_expert_reference
+
+    def align_multi_program(*args):
+        saved, fm.ALIGN_ONE_PROGRAM_MAX_PAIRS = fm.ALIGN_ONE_PROGRAM_MAX_PAIRS, 0
+        try:
+            return align(*args)
+        finally:
+            fm.ALIGN_ONE_PROGRAM_MAX_PAIRS = saved
 
     e_global = data.draw(st.integers(e_local, 9))
     num_pairs = data.draw(st.integers(1, 80))
@@ -143,6 +152,7 @@ def test_alignment_kernel_equals_torch_alignment(data, e_local, block_m):
     ids = ids.reshape(num_pairs, 1)
     want = align_by_expert_reference(ids, block_m, e_local, expert_map)
     for got in (align(ids, block_m, e_local, e_global, expert_map),
+                align_multi_program(ids, block_m, e_local, e_global, expert_map),
                 align_by_expert(ids, block_m, e_local, expert_map)):
         used = int(want.num_tokens_post_padded)
         assert int(got.num_tokens_post_padded) == used

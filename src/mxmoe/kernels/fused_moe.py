@@ -13,14 +13,18 @@ import triton
 import triton.language as tl
 
 from ..backends.base import MoEArgs
-from ..routing import Alignment, align_by_expert, max_aligned_blocks
+from ..routing import Alignment, max_aligned_blocks
 from . import configs
-from ._align import align_kernel
+from ._align import align_count_kernel, align_kernel, align_offsets_kernel, align_scatter_kernel
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 
-#: Up to this many (token, slot) pairs the alignment runs as one Triton program; above, the
-#: device-side torch version (a dozen launches, but parallel over the pairs).
+#: Up to this many (token, slot) pairs the alignment runs as one Triton program; above, as three
+#: launches over chunks of pairs (count, offsets, scatter) that spread over the GPU.
 ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
+#: Chunks of pairs of the multi-program alignment (its offsets program holds a chunk x expert
+#: table in registers), and the pairs each step of its loops takes.
+ALIGN_MAX_CHUNKS = 64
+ALIGN_SUB = 128
 
 _MODES = {"dequant": 0, "scaled": 1, "dense": 2}
 _ACTIVATIONS = {"swigluoai": 1, "silu": 2}
@@ -78,23 +82,50 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
           expert_map: torch.Tensor | None) -> Alignment:
     """Sort the pairs by local expert, padded to ``block_m`` (see `mxmoe.routing.Alignment`)."""
     num_pairs = topk_ids.numel()
-    if num_pairs > ALIGN_ONE_PROGRAM_MAX_PAIRS:
-        return align_by_expert(topk_ids, block_m, num_local, expert_map)
     max_blocks = max_aligned_blocks(num_pairs, num_local, block_m)
     device = topk_ids.device
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
     expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
     total = torch.empty(1, dtype=torch.int32, device=device)
-    flat = topk_ids.reshape(-1).contiguous()  # unit stride: the kernel indexes it flat
+    flat = topk_ids.reshape(-1).contiguous()  # unit stride: the kernels index it flat
     expert_map = expert_map.contiguous() if expert_map is not None else None
-    align_kernel[(1,)](
-        flat, expert_map if expert_map is not None else flat, sorted_ids, expert_ids, total,
-        num_pairs, num_global, num_local, max_blocks,
-        HAS_MAP=expert_map is not None,
-        BLOCK_M=block_m,
-        NUM_BINS=triton.next_power_of_2(num_local + 1),
-        CHUNK=128 if not _interpreting() else 32,
-        num_warps=4,
+    emap = expert_map if expert_map is not None else flat
+    num_bins = triton.next_power_of_2(num_local + 1)
+    if num_pairs <= ALIGN_ONE_PROGRAM_MAX_PAIRS:
+        align_kernel[(1,)](
+            flat, emap, sorted_ids, expert_ids, total,
+            num_pairs, num_global, num_local, max_blocks,
+            HAS_MAP=expert_map is not None, BLOCK_M=block_m, NUM_BINS=num_bins,
+            CHUNK=128 if not _interpreting() else 32, num_warps=4,
+        )
+        return Alignment(sorted_ids, expert_ids, total, block_m)
+
+    sub = ALIGN_SUB if not _interpreting() else 16
+    max_chunks = ALIGN_MAX_CHUNKS if not _interpreting() else 4
+    pairs_per_chunk = triton.cdiv(triton.cdiv(num_pairs, max_chunks), sub) * sub
+    chunks = triton.cdiv(num_pairs, pairs_per_chunk)
+    num_rows = max_blocks * block_m
+    work = torch.empty(2 * max_chunks * num_bins + num_bins, dtype=torch.int32, device=device)
+    chunk_counts = work[: max_chunks * num_bins]
+    chunk_base = work[max_chunks * num_bins: 2 * max_chunks * num_bins]
+    ends = work[2 * max_chunks * num_bins:]
+    has_map = expert_map is not None
+    align_count_kernel[(chunks,)](
+        flat, emap, sorted_ids, chunk_counts,
+        num_pairs, num_global, num_local, pairs_per_chunk, num_rows,
+        triton.cdiv(triton.cdiv(num_rows, chunks), sub) * sub,
+        HAS_MAP=has_map, NUM_BINS=num_bins, SUB=sub, num_warps=4,
+    )
+    align_offsets_kernel[(1,)](
+        chunk_counts, chunk_base, ends, total, chunks, num_local,
+        BLOCK_M=block_m, NUM_BINS=num_bins, MAX_CHUNKS=max_chunks,
+        num_warps=8 if num_bins >= 128 else 4,
+    )
+    align_scatter_kernel[(chunks,)](
+        flat, emap, sorted_ids, expert_ids, chunk_base, ends, total,
+        num_pairs, num_global, num_local, pairs_per_chunk, max_blocks,
+        triton.cdiv(triton.cdiv(max_blocks, chunks), sub) * sub,
+        HAS_MAP=has_map, BLOCK_M=block_m, NUM_BINS=num_bins, SUB=sub, num_warps=4,
     )
     return Alignment(sorted_ids, expert_ids, total, block_m)
 
