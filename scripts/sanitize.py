@@ -84,7 +84,7 @@ CASES = {
         7, 96, 64, 3, 2, global_experts=6, bad_ids=[6, -1, 2**32 + 1, 2**40],
         bad_map=[3, -7], id_dtype=torch.int64),
     "NaN scale bytes": Case(5, 96, 64, 4, 2, nan_scale=True),
-    "M*k > 1024 (torch alignment)": Case(600, 64, 32, 4, 2),
+    "M*k > 1024 (multi-program alignment)": Case(600, 64, 32, 4, 2),
     "gpt-oss-like H=I=2880, E=4": Case(3, 2880, 2880, 4, 2, heuristic_only=True),
     # M*k*2I = 2.3e9 elements of GEMM1 output: offsets past 2**31 need int64.
     "large M: M*k*2I > 2**31": Case(100_000, 2880, 2880, 4, 4, heuristic_only=True, large=True),
