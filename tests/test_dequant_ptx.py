@@ -27,17 +27,18 @@ def _every_code_and_scale(w: mxmoe.MXFP4Tensor, low: int, high: int, seed: int):
     w.scales.copy_(scales.to(torch.uint8))
 
 
+@pytest.mark.parametrize("split_dot", [False, True], ids=["one dot", "two half-dots"])
 @pytest.mark.parametrize("swap", [False, True], ids=["A x W^T", "swap-AB"])
 @pytest.mark.parametrize("scales", [(118, 130), (0, 140)], ids=["typical", "down to 2^-127"])
 @pytest.mark.parametrize("m", [1, 37, 300])
-def test_ptx_conversion_equals_portable(monkeypatch, swap, scales, m):
+def test_ptx_conversion_equals_portable(monkeypatch, split_dot, swap, scales, m):
     from mxmoe.kernels.fused_moe import use_dequant_ptx
 
     if not use_dequant_ptx(torch.device("cuda"), torch.bfloat16):
         pytest.skip("this GPU does not take the PTX conversion")
     monkeypatch.setenv("MXMOE_CONFIG", json.dumps(dict(
         block_m=16 if m < 64 else 64, block_n=64, block_k=128, num_warps=4, num_stages=3,
-        swap_ab=swap)))
+        swap_ab=swap, split_dot=split_dot)))
     kw = make_moe(m, 320, 224, 6, 2, dtype=torch.bfloat16, device="cuda", seed=m)
     low, high = scales
     _every_code_and_scale(kw["w13"], low, high, seed=1)

@@ -26,6 +26,7 @@ STRATEGIES = {
     "one dot": {},
     "two half-dots": {"split_dot": True},
     "swap-AB": {"swap_ab": True},
+    "two half-dots, swap-AB": {"split_dot": True, "swap_ab": True},
 }
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 

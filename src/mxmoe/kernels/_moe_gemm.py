@@ -275,14 +275,27 @@ def moe_gemm_kernel(
                     a_base = a_ptr + a_row[:, None] * stride_am + offs_k2[None, :] * stride_ak
                     a_even = tl.load(a_base, mask=mask_a, other=0.0).to(DOT_DTYPE)
                     a_odd = tl.load(a_base + stride_ak, mask=mask_a, other=0.0).to(DOT_DTYPE)
-                    scale_h = tl.reshape(
-                        tl.broadcast_to(scale_f[:, :, None], (BLOCK_N, GROUPS, 16)),
-                        (BLOCK_N, BLOCK_K // 2),
-                    )
-                    w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
-                    w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
-                    acc = tl.dot(a_even, tl.trans(w_lo), acc, input_precision=DOT_PRECISION)
-                    acc = tl.dot(a_odd, tl.trans(w_hi), acc, input_precision=DOT_PRECISION)
+                    if DEQUANT_PTX:
+                        # The conversion yields the low and high nibbles apart: no re-interleave.
+                        scale_b = tl.reshape(
+                            tl.broadcast_to(scale_f.to(tl.bfloat16)[:, :, None],
+                                            (BLOCK_N, GROUPS, 16)),
+                            (BLOCK_N, BLOCK_K // 2),
+                        )
+                        w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
+                    else:
+                        scale_h = tl.reshape(
+                            tl.broadcast_to(scale_f[:, :, None], (BLOCK_N, GROUPS, 16)),
+                            (BLOCK_N, BLOCK_K // 2),
+                        )
+                        w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
+                        w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
+                    if SWAP_AB:
+                        acc = tl.dot(w_lo, tl.trans(a_even), acc, input_precision=DOT_PRECISION)
+                        acc = tl.dot(w_hi, tl.trans(a_odd), acc, input_precision=DOT_PRECISION)
+                    else:
+                        acc = tl.dot(a_even, tl.trans(w_lo), acc, input_precision=DOT_PRECISION)
+                        acc = tl.dot(a_odd, tl.trans(w_hi), acc, input_precision=DOT_PRECISION)
                 else:
                     # One dot: re-interleave the nibbles into the (BLOCK_N, BLOCK_K) tile.
                     offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -168,7 +168,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blo
         HAS_BIAS=bias is not None,
         SPLIT_DOT=cfg.split_dot,
         DEQUANT_PTX=mode == "dequant" and use_dequant_ptx(a.device, dot_dtype),
-        SWAP_AB=cfg.swap_ab and not cfg.split_dot,
+        SWAP_AB=cfg.swap_ab,
         DOT_DTYPE=_DOT_DTYPES[dot_dtype],
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
         DOT_FORMAT="fp16" if dot_dtype == torch.float16 else "bf16",
