@@ -389,3 +389,20 @@ def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
         assert (tmp_path / "cache" / probe.CACHE_FILE_NAME).exists()
     finally:
         probe.forget(cache_file=False)
+
+
+def test_ptx_conversion_only_for_compiled_bf16_on_nvidia(monkeypatch):
+    """The PTX nibble conversion is never chosen where it cannot run: the interpreter, a CPU
+    tensor, fp16/fp32 dots, or with MXMOE_DEQUANT_PTX=0."""
+    from mxmoe.kernels.fused_moe import use_dequant_ptx
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not use_dequant_ptx(cpu, torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("MXMOE_DEQUANT_PTX", "0")
+    assert not use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.delenv("MXMOE_DEQUANT_PTX")
+    assert not use_dequant_ptx(torch.device("cuda"), torch.float16)
