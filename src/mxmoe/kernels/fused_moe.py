@@ -22,9 +22,19 @@ from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 #: launches over chunks of pairs (count, offsets, scatter) that spread over the GPU.
 ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
 #: Chunks of pairs of the multi-program alignment (its offsets program holds a chunk x expert
-#: table in registers), and the pairs each step of its loops takes.
+#: table in registers), and the pairs each step of the alignments' loops takes (each step holds
+#: a pairs x experts one-hot table): both shrink with many experts to stay in registers.
 ALIGN_MAX_CHUNKS = 64
 ALIGN_SUB = 128
+_ALIGN_TABLE_ELEMENTS = 32768  # as measured on the H100 with 256 bins (gpt-oss-120b)
+
+
+def _align_sizes(num_bins: int) -> tuple[int, int]:
+    """(pairs per loop step, most chunks) for ``num_bins`` expert bins (powers of two)."""
+    if _interpreting():
+        return 16, 4
+    fit = max(1, _ALIGN_TABLE_ELEMENTS // num_bins)
+    return max(16, min(ALIGN_SUB, fit)), max(4, min(ALIGN_MAX_CHUNKS, fit))
 
 _MODES = {"dequant": 0, "scaled": 1, "dense": 2}
 _ACTIVATIONS = {"swigluoai": 1, "silu": 2}
@@ -91,17 +101,16 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
     expert_map = expert_map.contiguous() if expert_map is not None else None
     emap = expert_map if expert_map is not None else flat
     num_bins = triton.next_power_of_2(num_local + 1)
+    sub, max_chunks = _align_sizes(num_bins)
     if num_pairs <= ALIGN_ONE_PROGRAM_MAX_PAIRS:
         align_kernel[(1,)](
             flat, emap, sorted_ids, expert_ids, total,
             num_pairs, num_global, num_local, max_blocks,
             HAS_MAP=expert_map is not None, BLOCK_M=block_m, NUM_BINS=num_bins,
-            CHUNK=128 if not _interpreting() else 32, num_warps=4,
+            CHUNK=sub if not _interpreting() else 32, num_warps=4,
         )
         return Alignment(sorted_ids, expert_ids, total, block_m)
 
-    sub = ALIGN_SUB if not _interpreting() else 16
-    max_chunks = ALIGN_MAX_CHUNKS if not _interpreting() else 4
     pairs_per_chunk = triton.cdiv(triton.cdiv(num_pairs, max_chunks), sub) * sub
     chunks = triton.cdiv(num_pairs, pairs_per_chunk)
     num_rows = max_blocks * block_m
