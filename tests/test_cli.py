@@ -32,6 +32,7 @@ def test_info_names_the_device_versions_and_backends(capsys):
     for name in ("triton_dequant", "triton_scaled", "bf16"):
         assert lines[name] == "no"  # no GPU and no interpreter
     assert "TRITON_INTERPRET=1" in out  # says why not
+    assert "nibble conversion (triton_dequant, bf16): portable" in out
 
 
 def test_check_passes_the_torch_backend_on_every_case(capsys):

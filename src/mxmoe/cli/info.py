@@ -29,4 +29,20 @@ def run(args) -> int:
         print(f"{status.name:<16} {'yes' if status.usable else 'no':<7} {source:<7} {err:>9}  "
               f"{reason}")
     print(f"\nprobe cache: {probe.cache_path()} (tolerance {probe.TOLERANCE:g}; --reprobe redoes)")
+    print(f"nibble conversion (triton_dequant, bf16): {_conversion()}")
     return 0
+
+
+def _conversion() -> str:
+    """Which E2M1 -> bf16 conversion `triton_dequant` compiles on this machine's GPU."""
+    import os
+
+    import torch
+
+    from ..kernels.fused_moe import use_dequant_ptx
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        return "portable (no GPU kernels compiled here)"
+    if use_dequant_ptx(torch.device("cuda"), torch.bfloat16):
+        return "PTX, two values per 32-bit op (MXMOE_DEQUANT_PTX=0 for the portable one)"
+    return "portable bit manipulation (PTX needs an NVIDIA GPU of sm_80 or newer)"
