@@ -32,6 +32,10 @@ try:
     # import it now, so that a test that changes TRITON_INTERPRET later cannot flip the mode
     # under the other tests of this process.
     import triton  # noqa: F401
+
+    # `triton.jit` also picks interpreted or compiled when a kernel is decorated: import the
+    # kernel modules now too, not first inside a test that has set TRITON_INTERPRET=0.
+    import mxmoe.kernels.fused_moe  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
 

@@ -393,16 +393,17 @@ def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
 
 def test_ptx_conversion_only_for_compiled_bf16_on_nvidia(monkeypatch):
     """The PTX nibble conversion is never chosen where it cannot run: the interpreter, a CPU
-    tensor, fp16/fp32 dots, or with MXMOE_DEQUANT_PTX=0."""
-    from mxmoe.kernels.fused_moe import use_dequant_ptx
+    tensor, fp16/fp32 dots, or with MXMOE_DEQUANT_PTX=0. (TRITON_INTERPRET itself is left
+    alone: `triton.jit` reads it when a kernel module is first imported.)"""
+    import mxmoe.kernels.fused_moe as fm
 
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not use_dequant_ptx(cpu, torch.bfloat16)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fm, "_interpreting", lambda: False)
+    assert not fm.use_dequant_ptx(torch.device("cpu"), torch.bfloat16)
+    assert not fm.use_dequant_ptx(cuda, torch.float16)
+    assert not fm.use_dequant_ptx(cuda, torch.float32)
     monkeypatch.setenv("MXMOE_DEQUANT_PTX", "0")
-    assert not use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
+    assert not fm.use_dequant_ptx(cuda, torch.bfloat16)
     monkeypatch.delenv("MXMOE_DEQUANT_PTX")
-    assert not use_dequant_ptx(torch.device("cuda"), torch.float16)
+    monkeypatch.setattr(fm, "_interpreting", lambda: True)
+    assert not fm.use_dequant_ptx(cuda, torch.bfloat16)
