@@ -442,7 +442,7 @@ def test_source_digest_covers_kernels_backends_and_routing():
 def test_probe_key_names_the_gpu_and_versions():
     key_id, key = probe.probe_key(torch.device("cuda"))
     assert key["device"] == torch.cuda.get_device_name(torch.cuda.current_device())
-    assert {"driver", "torch", "triton", "mxmoe", "sources"} <= set(key)
+    assert {"driver", "torch", "triton", "mxmoe", "sources", "dequant_ptx"} <= set(key)
 
 
 @pytest.mark.gpu
@@ -451,3 +451,15 @@ def test_real_probe_on_the_gpu_says_usable(backend):
     result = probe.probe(backend, "cuda")
     assert result.usable, result.reason
     assert result.max_rel_err <= probe.TOLERANCE
+
+
+def test_probe_key_tells_the_two_nibble_conversions_apart(monkeypatch):
+    """MXMOE_DEQUANT_PTX changes the compiled code, so a verdict for one does not stand for
+    the other."""
+    monkeypatch.setattr(probe, "device_fingerprint", lambda device: {"device": "Fake GPU"})
+    monkeypatch.setattr(probe, "_KEYS", {})
+    id_ptx, key_ptx = probe._key_of("cuda:0", "1")
+    id_portable, key_portable = probe._key_of("cuda:0", "0")
+    assert id_ptx != id_portable
+    assert key_ptx["dequant_ptx"] == "1" and key_portable["dequant_ptx"] == "0"
+    assert probe._key_of("cuda:0", "1")[0] == id_ptx  # stable

@@ -386,15 +386,17 @@ def _tail(text: str) -> str:
 
 
 def probe_key(device: torch.device) -> tuple[str, dict]:
-    """(short id, what it hashes) of everything a verdict on the CUDA ``device`` depends on."""
-    return _key_of(str(_with_index(device)))
+    """(short id, what it hashes) of everything a verdict on the CUDA ``device`` depends on:
+    the device, the versions, the kernel sources, and the switch between the two nibble
+    conversions of triton_dequant (``MXMOE_DEQUANT_PTX``: different code is compiled)."""
+    return _key_of(str(_with_index(device)), os.environ.get("MXMOE_DEQUANT_PTX", "1"))
 
 
-_KEYS: dict[str, tuple[str, dict]] = {}
+_KEYS: dict[tuple[str, str], tuple[str, dict]] = {}
 
 
-def _key_of(device: str) -> tuple[str, dict]:
-    if device not in _KEYS:  # sources and driver are read once a process
+def _key_of(device: str, dequant_ptx: str) -> tuple[str, dict]:
+    if (device, dequant_ptx) not in _KEYS:  # sources and driver are read once a process
         import mxmoe
 
         key = {
@@ -403,10 +405,11 @@ def _key_of(device: str) -> tuple[str, dict]:
             "triton": _triton_version(),
             "mxmoe": mxmoe.__version__,
             "sources": source_digest(),
+            "dequant_ptx": dequant_ptx,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        _KEYS[device] = (digest, key)
-    return _KEYS[device]
+        _KEYS[(device, dequant_ptx)] = (digest, key)
+    return _KEYS[(device, dequant_ptx)]
 
 
 def device_fingerprint(device: torch.device) -> dict:
