@@ -49,6 +49,36 @@ def _e2m1_to_f32(codes):
     return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2**126
 
 
+def _nibble_pairs_ptx(out: str, sign_shift: int, magnitude_shift: int, scale: str) -> str:
+    """PTX for one bf16 pair: the nibbles at bits 0-3/16-19 of ``t`` (shifts 12 and 6) or at
+    bits 4-7/20-23 (shifts 8 and 2) -> sign at 15/31, magnitude at 8..6/24..22, then times
+    2**126 and ``scale``."""
+    return f"""
+        shl.b32 a, t, {sign_shift};
+        shl.b32 b, t, {magnitude_shift};
+        and.b32 a, a, 0x80008000;
+        and.b32 b, b, 0x01C001C0;
+        or.b32 a, a, b;
+        fma.rn.bf16x2 a, a, k126, nz;
+        fma.rn.bf16x2 {out}, a, {scale}, nz;"""
+
+
+#: $0,$1: low nibbles of bytes (0,1), (2,3); $2,$3: high nibbles; $4: the four bytes; $5,$6:
+#: the scales of bytes (0,1) and (2,3) as bf16 pairs. prmt puts bytes 0,1 (then 2,3) of $4 at
+#: bits 0-7 and 16-23 of t.
+_MXFP4_TO_BF16_PTX = tl.constexpr("""
+        {
+        .reg .b32 t, a, b, k126, nz;
+        mov.b32 k126, 0x7E807E80;
+        mov.b32 nz, 0x80008000;
+        prmt.b32 t, $4, $4, 0x1100;""" + _nibble_pairs_ptx("$0", 12, 6, "$5")
+    + _nibble_pairs_ptx("$2", 8, 2, "$5") + """
+        prmt.b32 t, $4, $4, 0x3322;""" + _nibble_pairs_ptx("$1", 12, 6, "$6")
+    + _nibble_pairs_ptx("$3", 8, 2, "$6") + """
+        }
+        """)
+
+
 @triton.jit
 def _mxfp4_to_bf16_ptx(packed, scale_bf16):
     """(rows, C) uint8 MXFP4 bytes and their bf16 scales -> (low nibbles, high nibbles), bf16.
@@ -62,45 +92,7 @@ def _mxfp4_to_bf16_ptx(packed, scale_bf16):
     input byte j only, whatever bytes Triton packs into one invocation.
     """
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t, a, b, k126, nz;
-        mov.b32 k126, 0x7E807E80;
-        mov.b32 nz, 0x80008000;
-        prmt.b32 t, $4, $4, 0x1100;
-        shl.b32 a, t, 12;
-        shl.b32 b, t, 6;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 a, a, k126, nz;
-        fma.rn.bf16x2 $0, a, $5, nz;
-        shl.b32 a, t, 8;
-        shl.b32 b, t, 2;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 a, a, k126, nz;
-        fma.rn.bf16x2 $2, a, $5, nz;
-        prmt.b32 t, $4, $4, 0x3322;
-        shl.b32 a, t, 12;
-        shl.b32 b, t, 6;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 a, a, k126, nz;
-        fma.rn.bf16x2 $1, a, $6, nz;
-        shl.b32 a, t, 8;
-        shl.b32 b, t, 2;
-        and.b32 a, a, 0x80008000;
-        and.b32 b, b, 0x01C001C0;
-        or.b32 a, a, b;
-        fma.rn.bf16x2 a, a, k126, nz;
-        fma.rn.bf16x2 $3, a, $6, nz;
-        }
-        """,
-        # $0,$1: low nibbles of bytes (0,1), (2,3); $2,$3: high nibbles; $4: the four bytes;
-        # $5,$6: the scales of bytes (0,1) and (2,3) as bf16 pairs.
+        asm=_MXFP4_TO_BF16_PTX,
         constraints="=r,=r,=r,=r,r,r,r",
         args=[packed, scale_bf16],
         dtype=(tl.bfloat16, tl.bfloat16),
