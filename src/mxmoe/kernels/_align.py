@@ -25,6 +25,68 @@ def _local_expert(topk_ids_ptr, expert_map_ptr, offs, num_pairs, num_global, num
 
 
 @triton.jit
+def _count_pairs(topk_ids_ptr, expert_map_ptr, first, end, num_global, num_local,
+                 HAS_MAP: tl.constexpr, NUM_BINS: tl.constexpr, STEP: tl.constexpr):
+    """Pairs [first, end) per local expert (bin num_local: remote or out of range)."""
+    counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
+    for start in range(first, end, STEP):
+        local = _local_expert(topk_ids_ptr, expert_map_ptr, start + tl.arange(0, STEP), end,
+                              num_global, num_local, HAS_MAP)
+        counts += tl.histogram(local, NUM_BINS)
+    return counts
+
+
+@triton.jit
+def _padded_runs(counts, is_expert, BLOCK_M: tl.constexpr):
+    """Each local expert's run padded to BLOCK_M rows: (ends, starts, rows in use)."""
+    padded = (tl.where(is_expert, counts, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    return ends, ends - padded, tl.sum(padded, 0)
+
+
+@triton.jit
+def _fill_sentinels(sorted_ids_ptr, first, end, num_rows, sentinel, STEP: tl.constexpr):
+    """sorted_ids[first:end] (clipped to num_rows) = sentinel."""
+    for r in range(first, end, STEP):
+        offs = r + tl.arange(0, STEP)
+        tl.store(sorted_ids_ptr + offs, tl.full((STEP,), 0, tl.int32) + sentinel,
+                 mask=offs < num_rows)
+
+
+@triton.jit
+def _scatter_pairs(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, running, first, end,
+                   num_global, num_local, HAS_MAP: tl.constexpr, NUM_BINS: tl.constexpr,
+                   STEP: tl.constexpr):
+    """Write pairs [first, end) to their rows: ``running`` is each expert's next free row;
+    same-expert pairs keep their flat order."""
+    bins = tl.arange(0, NUM_BINS)
+    for start in range(first, end, STEP):
+        offs = start + tl.arange(0, STEP)
+        local = _local_expert(topk_ids_ptr, expert_map_ptr, offs, end, num_global, num_local,
+                              HAS_MAP)
+        onehot = (local[:, None] == bins[None, :]).to(tl.int32)  # (STEP, NUM_BINS)
+        earlier = tl.cumsum(onehot, 0) - onehot  # same-expert pairs before this one in the step
+        position = tl.sum((earlier + running[None, :]) * onehot, 1)
+        tl.store(sorted_ids_ptr + position, offs, mask=local < num_local)
+        running += tl.sum(onehot, 0)
+
+
+@triton.jit
+def _write_block_experts(expert_ids_ptr, ends, is_expert, total, first, end, max_blocks,
+                         BLOCK_M: tl.constexpr, STEP: tl.constexpr):
+    """expert_ids[first:end] (clipped to max_blocks). Block b belongs to the expert whose padded
+    run covers row b * BLOCK_M: the number of experts whose run ends at or before that row
+    (empty experts end where the last one did); -1 past the rows in use."""
+    for b0 in range(first, end, STEP):
+        offs_b = b0 + tl.arange(0, STEP)
+        row = offs_b * BLOCK_M
+        ended = (ends[None, :] <= row[:, None]) & is_expert[None, :]
+        expert = tl.sum(ended.to(tl.int32), 1)
+        expert = tl.where(row < total, expert, -1)
+        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < max_blocks)
+
+
+@triton.jit
 def align_kernel(
     topk_ids_ptr,  # (num_pairs,) int32/int64 global expert ids
     expert_map_ptr,  # (num_global,) int32/int64 local id or -1 (unused without HAS_MAP)
@@ -41,48 +103,19 @@ def align_kernel(
     CHUNK: tl.constexpr,
 ):
     """Grid: (1,)."""
-    bins = tl.arange(0, NUM_BINS)
-    is_expert = bins < num_local
-
-    counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
-    for start in range(0, num_pairs, CHUNK):
-        local = _local_expert(topk_ids_ptr, expert_map_ptr, start + tl.arange(0, CHUNK),
-                              num_pairs, num_global, num_local, HAS_MAP)
-        counts += tl.histogram(local, NUM_BINS)
-    counts = tl.where(is_expert, counts, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    total = tl.sum(padded, 0)
+    is_expert = tl.arange(0, NUM_BINS) < num_local
+    counts = _count_pairs(topk_ids_ptr, expert_map_ptr, 0, num_pairs, num_global, num_local,
+                          HAS_MAP, NUM_BINS, CHUNK)
+    ends, starts, total = _padded_runs(counts, is_expert, BLOCK_M)
     tl.store(num_post_padded_ptr, total)
-
-    # Block b belongs to the expert whose padded run covers row b * BLOCK_M: the number of
-    # experts whose run ends at or before that row (empty experts end where the last one did).
-    for b0 in range(0, max_blocks, CHUNK):
-        offs_b = b0 + tl.arange(0, CHUNK)
-        row = offs_b * BLOCK_M
-        ended = (ends[None, :] <= row[:, None]) & is_expert[None, :]
-        expert = tl.sum(ended.to(tl.int32), 1)
-        expert = tl.where(row < total, expert, -1)
-        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < max_blocks)
-
-    for p0 in range(0, max_blocks * BLOCK_M, CHUNK):
-        offs_p = p0 + tl.arange(0, CHUNK)
-        tl.store(sorted_ids_ptr + offs_p, tl.full((CHUNK,), 0, tl.int32) + num_pairs,
-                 mask=offs_p < max_blocks * BLOCK_M)
+    _write_block_experts(expert_ids_ptr, ends, is_expert, total, 0, max_blocks, max_blocks,
+                         BLOCK_M, CHUNK)
+    _fill_sentinels(sorted_ids_ptr, 0, max_blocks * BLOCK_M, max_blocks * BLOCK_M, num_pairs,
+                    CHUNK)
     # The scatter below overwrites some of those sentinels from other threads.
     tl.debug_barrier()
-
-    running = starts
-    for start in range(0, num_pairs, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        local = _local_expert(topk_ids_ptr, expert_map_ptr, offs, num_pairs, num_global,
-                              num_local, HAS_MAP)
-        onehot = (local[:, None] == bins[None, :]).to(tl.int32)  # (CHUNK, NUM_BINS)
-        earlier = tl.cumsum(onehot, 0) - onehot  # same-expert pairs before this one in the chunk
-        position = tl.sum((earlier + running[None, :]) * onehot, 1)
-        tl.store(sorted_ids_ptr + position, offs, mask=local < num_local)
-        running += tl.sum(onehot, 0)
+    _scatter_pairs(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr, starts, 0, num_pairs,
+                   num_global, num_local, HAS_MAP, NUM_BINS, CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,21 +137,14 @@ def align_count_kernel(
 ):
     """Grid: (chunks,). pairs_per_chunk and rows_per_program are multiples of SUB."""
     chunk = tl.program_id(0)
-    counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
     first = chunk * pairs_per_chunk
-    for start in range(first, first + pairs_per_chunk, SUB):
-        offs = start + tl.arange(0, SUB)
-        local = _local_expert(topk_ids_ptr, expert_map_ptr, offs, tl.minimum(num_pairs,
-                              first + pairs_per_chunk), num_global, num_local, HAS_MAP)
-        counts += tl.histogram(local, NUM_BINS)
+    counts = _count_pairs(topk_ids_ptr, expert_map_ptr, first,
+                          tl.minimum(num_pairs, first + pairs_per_chunk), num_global, num_local,
+                          HAS_MAP, NUM_BINS, SUB)
     tl.store(chunk_counts_ptr + chunk * NUM_BINS + tl.arange(0, NUM_BINS), counts)
-
     # This program's share of the sentinel fill (the scatter, two launches later, overwrites).
     row0 = chunk * rows_per_program
-    for r in range(row0, row0 + rows_per_program, SUB):
-        offs_r = r + tl.arange(0, SUB)
-        tl.store(sorted_ids_ptr + offs_r, tl.full((SUB,), 0, tl.int32) + num_pairs,
-                 mask=offs_r < num_rows)
+    _fill_sentinels(sorted_ids_ptr, row0, row0 + rows_per_program, num_rows, num_pairs, SUB)
 
 
 @triton.jit
@@ -139,11 +165,8 @@ def align_offsets_kernel(
     grid = chunks[:, None] * NUM_BINS + bins[None, :]
     per_chunk = tl.load(chunk_counts_ptr + grid,
                         mask=(chunks[:, None] < num_chunks) & is_expert[None, :], other=0)
-    counts = tl.sum(per_chunk, 0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    starts = ends - padded
-    tl.store(num_post_padded_ptr, tl.sum(padded, 0))
+    ends, starts, total = _padded_runs(tl.sum(per_chunk, 0), is_expert, BLOCK_M)
+    tl.store(num_post_padded_ptr, total)
     tl.store(ends_ptr + bins, ends)
     before = tl.cumsum(per_chunk, 0) - per_chunk  # pairs of earlier chunks, per expert
     tl.store(chunk_base_ptr + grid, starts[None, :] + before)
@@ -165,26 +188,12 @@ def align_scatter_kernel(
     block -> expert table."""
     chunk = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
-    is_expert = bins < num_local
-    running = tl.load(chunk_base_ptr + chunk * NUM_BINS + bins)
     first = chunk * pairs_per_chunk
-    for start in range(first, first + pairs_per_chunk, SUB):
-        offs = start + tl.arange(0, SUB)
-        local = _local_expert(topk_ids_ptr, expert_map_ptr, offs, tl.minimum(num_pairs,
-                              first + pairs_per_chunk), num_global, num_local, HAS_MAP)
-        onehot = (local[:, None] == bins[None, :]).to(tl.int32)  # (SUB, NUM_BINS)
-        earlier = tl.cumsum(onehot, 0) - onehot
-        position = tl.sum((earlier + running[None, :]) * onehot, 1)
-        tl.store(sorted_ids_ptr + position, offs, mask=local < num_local)
-        running += tl.sum(onehot, 0)
-
-    ends = tl.load(ends_ptr + bins)
-    total = tl.load(num_post_padded_ptr)
+    _scatter_pairs(topk_ids_ptr, expert_map_ptr, sorted_ids_ptr,
+                   tl.load(chunk_base_ptr + chunk * NUM_BINS + bins), first,
+                   tl.minimum(num_pairs, first + pairs_per_chunk), num_global, num_local,
+                   HAS_MAP, NUM_BINS, SUB)
     b_first = chunk * blocks_per_program
-    for b0 in range(b_first, b_first + blocks_per_program, SUB):
-        offs_b = b0 + tl.arange(0, SUB)
-        row = offs_b * BLOCK_M
-        ended = (ends[None, :] <= row[:, None]) & is_expert[None, :]
-        expert = tl.sum(ended.to(tl.int32), 1)
-        expert = tl.where(row < total, expert, -1)
-        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < max_blocks)
+    _write_block_experts(expert_ids_ptr, tl.load(ends_ptr + bins), bins < num_local,
+                         tl.load(num_post_padded_ptr), b_first, b_first + blocks_per_program,
+                         max_blocks, BLOCK_M, SUB)
