@@ -107,7 +107,7 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
             flat, emap, sorted_ids, expert_ids, total,
             num_pairs, num_global, num_local, max_blocks,
             HAS_MAP=expert_map is not None, BLOCK_M=block_m, NUM_BINS=num_bins,
-            CHUNK=sub if not _interpreting() else 32, num_warps=4,
+            CHUNK=sub, num_warps=4,
         )
         return Alignment(sorted_ids, expert_ids, total, block_m)
 
@@ -148,7 +148,8 @@ def _k_slices(k: int, cfg: configs.MoEConfig) -> tuple[int, int]:
 
 def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blocks,
                  num_pairs, n, k, *, mode, activation, router_weight, alpha, limit, dot_dtype,
-                 cfg: configs.MoEConfig, splits: int = 1, k_per_split: int | None = None):
+                 cfg: configs.MoEConfig, dequant_ptx: bool, splits: int = 1,
+                 k_per_split: int | None = None):
     """One grouped GEMM. With ``splits`` > 1, ``out`` is (splits, num_pairs, N) float32 and
     ``activation`` must be 0: the caller sums the planes."""
     assert splits == 1 or (activation == 0 and out.dim() == 3 and out.shape[0] == splits)
@@ -176,7 +177,7 @@ def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blo
         ROUTER_WEIGHT=router_weight,
         HAS_BIAS=bias is not None,
         SPLIT_DOT=cfg.split_dot,
-        DEQUANT_PTX=mode == "dequant" and use_dequant_ptx(a.device, dot_dtype),
+        DEQUANT_PTX=dequant_ptx,
         SWAP_AB=cfg.swap_ab,
         DOT_DTYPE=_DOT_DTYPES[dot_dtype],
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
@@ -216,7 +217,8 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
 
     dot_dtype = _dot_dtype(dtype, mode)
     gemm_kw = dict(aligned=aligned, max_blocks=max_blocks, num_pairs=num_pairs, alpha=args.alpha,
-                   limit=args.limit, mode=mode, dot_dtype=dot_dtype)
+                   limit=args.limit, mode=mode, dot_dtype=dot_dtype,
+                   dequant_ptx=mode == "dequant" and use_dequant_ptx(x.device, dot_dtype))
     act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
     activation = _ACTIVATIONS[p.activation.value]
     splits1, k_per_split1 = _k_slices(p.hidden, cfg)
