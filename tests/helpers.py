@@ -42,3 +42,12 @@ def rms_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Normalized RMS error: ||out - ref|| / ||ref||."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def random_expert_map(num_global: int, num_local: int, generator: torch.Generator) -> torch.Tensor:
+    """int32 expert map: ``num_local`` random global experts numbered 0..num_local-1, the rest
+    remote (-1)."""
+    expert_map = torch.full((num_global,), -1, dtype=torch.int32)
+    chosen = torch.randperm(num_global, generator=generator)[:num_local]
+    expert_map[chosen] = torch.arange(num_local, dtype=torch.int32)
+    return expert_map

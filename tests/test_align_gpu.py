@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import random_expert_map
 from mxmoe.routing import align_by_expert_reference
 
 pytestmark = pytest.mark.gpu
@@ -29,9 +30,7 @@ def test_alignment_on_gpu_equals_reference(m, k, e, block_m, mapped):
     num_local, expert_map = e, None
     if mapped:
         num_local = e // 2 + 3
-        expert_map = torch.full((e,), -1, dtype=torch.int32)
-        expert_map[torch.randperm(e, generator=g)[:num_local]] = torch.arange(
-            num_local, dtype=torch.int32)
+        expert_map = random_expert_map(e, num_local, g)
     got = align(ids.cuda(), block_m, num_local, e,
                 expert_map.cuda() if expert_map is not None else None)
     want = align_by_expert_reference(ids, block_m, num_local, expert_map)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mxmoe
-from helpers import make_moe, rel_err
+from helpers import make_moe, random_expert_map, rel_err
 from mxmoe.reference import fused_experts_reference
 from mxmoe.routing import align_by_expert_reference
 
@@ -163,9 +163,7 @@ def test_triton_alignment_equals_reference(m, k, e, block_m, mapped, programs, m
     num_local, expert_map = e, None
     if mapped:
         num_local = e // 2 + 1
-        expert_map = torch.full((e,), -1, dtype=torch.int32)
-        expert_map[torch.randperm(e, generator=g)[:num_local]] = torch.arange(
-            num_local, dtype=torch.int32)
+        expert_map = random_expert_map(e, num_local, g)
     got = align(ids, block_m, num_local, e, expert_map)
     want = align_by_expert_reference(ids, block_m, num_local, expert_map)
     assert torch.equal(got.sorted_ids, want.sorted_ids)
