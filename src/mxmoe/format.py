@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .layouts import PLAIN, Layout, get_layout
 from .constants import (
     BYTES_PER_BLOCK,
     E8M0_EXPONENT_BIAS,
@@ -79,17 +80,20 @@ class MXFP4Tensor:
     """A tensor stored as MXFP4: the blocks, the scales and the logical shape, as one object.
 
     Args:
-        blocks: uint8 ``[..., K // 2]``; byte ``j`` holds code ``2j`` in its low nibble and code
-            ``2j + 1`` in its high nibble.
+        blocks: uint8 ``[..., K // 2]``; in the plain layout byte ``j`` holds code ``2j`` in its
+            low nibble and code ``2j + 1`` in its high nibble.
         scales: uint8 ``[..., K // 32]``; E8M0, ``2 ** (s - 127)``, 255 is NaN.
+        layout: how the codes are ordered in ``blocks`` (`mxmoe.layouts`); ``"plain"`` is the
+            checkpoint's order. `to_layout` converts, bit-exactly.
 
     The logical shape is ``[..., K]``. Indexing selects along the leading dimensions (for expert
-    weights ``[E, N, K]``, ``w[e]`` is expert ``e``) and returns views.
+    weights ``[E, N, K]``, ``w[e]`` is expert ``e``) and returns views, in the same layout.
     """
 
-    __slots__ = ("blocks", "scales", "_dense_cache")
+    __slots__ = ("blocks", "scales", "layout", "_dense_cache")
 
-    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor,
+                 layout: Layout | str = PLAIN):
         if not isinstance(blocks, torch.Tensor) or not isinstance(scales, torch.Tensor):
             raise TypeError(
                 f"MXFP4Tensor: blocks and scales must be torch.Tensors, got "
@@ -120,6 +124,7 @@ class MXFP4Tensor:
             )
         self.blocks = blocks
         self.scales = scales
+        self.layout = get_layout(layout)
         self._dense_cache: dict = {}
 
     @classmethod
@@ -157,12 +162,26 @@ class MXFP4Tensor:
         return self.blocks.numel() * self.blocks.element_size() + self.scales.numel()
 
     def to(self, device) -> "MXFP4Tensor":
-        return MXFP4Tensor(self.blocks.to(device), self.scales.to(device))
+        return MXFP4Tensor(self.blocks.to(device), self.scales.to(device), self.layout)
 
     def contiguous(self) -> "MXFP4Tensor":
         if self.blocks.is_contiguous() and self.scales.is_contiguous():
             return self
-        return MXFP4Tensor(self.blocks.contiguous(), self.scales.contiguous())
+        return MXFP4Tensor(self.blocks.contiguous(), self.scales.contiguous(), self.layout)
+
+    def to_layout(self, layout: Layout | str) -> "MXFP4Tensor":
+        """The same weights in ``layout`` (through the plain layout; bit-exact both ways).
+        Returns ``self`` when already there. Do this once, at load time: it copies."""
+        layout = get_layout(layout)
+        if layout == self.layout:
+            return self
+        blocks, scales = self.layout.to_plain(self.blocks, self.scales)
+        blocks, scales = layout.from_plain(blocks, scales)
+        return MXFP4Tensor(blocks, scales, layout)
+
+    def plain(self) -> "MXFP4Tensor":
+        """The weights in the checkpoint's (plain) layout: what checkpoint writers store."""
+        return self.to_layout(PLAIN)
 
     def __getitem__(self, index) -> "MXFP4Tensor":
         # Only leading dimensions: a trailing index would cut through packed bytes.
@@ -173,19 +192,22 @@ class MXFP4Tensor:
                 f"MXFP4Tensor indexes only its leading {self.blocks.dim() - 1} dimension(s), "
                 f"got {len(index)} index(es)"
             )
-        return MXFP4Tensor(self.blocks[index], self.scales[index])
+        return MXFP4Tensor(self.blocks[index], self.scales[index], self.layout)
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Decode to ``dtype`` (computed in float32, then cast). Scale 255 decodes to NaN."""
-        values = e2m1_to_float(_unpack_codes(self.blocks))
-        scale = e8m0_to_float(self.scales).repeat_interleave(MXFP4_BLOCK_SIZE, dim=-1)
+        """Decode to ``dtype`` (computed in float32, then cast), from any layout. Scale 255
+        decodes to NaN."""
+        blocks, scales = self.layout.to_plain(self.blocks, self.scales)
+        values = e2m1_to_float(_unpack_codes(blocks))
+        scale = e8m0_to_float(scales).repeat_interleave(MXFP4_BLOCK_SIZE, dim=-1)
         return (values * scale).to(dtype)
 
     def __repr__(self) -> str:
-        return f"MXFP4Tensor(shape={tuple(self.shape)}, device={self.device})"
+        layout = "" if self.layout == PLAIN else f", layout={self.layout.name}"
+        return f"MXFP4Tensor(shape={tuple(self.shape)}, device={self.device}{layout})"
 
 
 def _shared_exponent(amax: torch.Tensor, rounding: ScaleRounding) -> torch.Tensor:
