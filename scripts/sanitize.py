@@ -141,24 +141,22 @@ def build(case: Case, dev: str, dtype: torch.dtype, seed: int = 0):
 
 def unchecked(kw, backend):
     """fused_experts without the data checks (validation of shapes still runs)."""
-    from mxmoe.backends import MoEArgs, get_backend
+    import dataclasses
+
+    from mxmoe.backends import get_backend
     from mxmoe.validation import check_fused_experts_args
 
     # Shapes from stand-ins holding valid values (on the CPU the data is always checked).
     expert_map = kw["expert_map"]
-    problem = check_fused_experts_args(
+    call = check_fused_experts_args(
         kw["hidden_states"], kw["w13"], kw["w2"], kw["topk_weights"],
         torch.zeros_like(kw["topk_ids"]), w13_bias=kw["w13_bias"], w2_bias=kw["w2_bias"],
         activation=kw["activation"], alpha=1.702, limit=7.0,
         expert_map=None if expert_map is None else torch.full_like(expert_map, -1),
+        apply_router_weight_on_input=kw["apply_router_weight_on_input"],
     )
-    args = MoEArgs(
-        hidden_states=kw["hidden_states"], w13=kw["w13"], w2=kw["w2"],
-        topk_weights=kw["topk_weights"], topk_ids=kw["topk_ids"], w13_bias=kw["w13_bias"],
-        w2_bias=kw["w2_bias"], alpha=1.702, limit=7.0, expert_map=kw["expert_map"],
-        apply_router_weight_on_input=kw["apply_router_weight_on_input"], problem=problem,
-    )
-    return get_backend(backend).run(args)
+    call = dataclasses.replace(call, topk_ids=kw["topk_ids"], expert_map=kw["expert_map"])
+    return get_backend(backend).run(call)
 
 
 def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[bool, float, str]:

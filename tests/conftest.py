@@ -58,6 +58,36 @@ def _private_probe_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_settings():
+    """mxmoe reads its environment switches once per process (`mxmoe.settings`): start every
+    test from the environment as it is (a previous test's monkeypatch has been undone)."""
+    from mxmoe import settings
+
+    settings.refresh()
+    yield
+    settings.refresh()
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, whose environment changes mxmoe sees at once (`settings.refresh`)."""
+    from mxmoe import settings
+
+    setenv, delenv = monkeypatch.setenv, monkeypatch.delenv
+
+    def _setenv(*args, **kwargs):
+        setenv(*args, **kwargs)
+        settings.refresh()
+
+    def _delenv(*args, **kwargs):
+        delenv(*args, **kwargs)
+        settings.refresh()
+
+    monkeypatch.setenv, monkeypatch.delenv = _setenv, _delenv
+    return monkeypatch
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (CPU-only run)")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import mxmoe
+from mxmoe import settings
 from mxmoe.backends import probe, resolve_backend
 from mxmoe.validation import MoEProblem
 
@@ -79,7 +80,8 @@ def fake_gpu(monkeypatch):
 
     monkeypatch.setattr(probe, "probe", fake_probe)
     monkeypatch.setattr(registry, "_preferred_backend_hook", lambda: fake_hook)
-    monkeypatch.setattr(registry, "_device_name", lambda device: "Fake GPU 80GB")
+    fake_facts = settings.DeviceFacts("cuda", "Fake GPU 80GB", (9, 0), 132, False)
+    monkeypatch.setattr(settings, "device_facts", lambda device: fake_facts)
     return state
 
 
@@ -393,17 +395,24 @@ def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
 
 def test_ptx_conversion_only_for_compiled_bf16_on_nvidia(monkeypatch):
     """The PTX nibble conversion is never chosen where it cannot run: the interpreter, a CPU
-    tensor, fp16/fp32 dots, or with MXMOE_DEQUANT_PTX=0. (TRITON_INTERPRET itself is left
-    alone: `triton.jit` reads it when a kernel module is first imported.)"""
+    tensor, fp16/fp32 dots, an AMD GPU, or with MXMOE_DEQUANT_PTX=0. (Setting TRITON_INTERPRET
+    here changes only mxmoe's view of it: `triton.jit` read it when the kernels were imported.)"""
     import mxmoe.kernels.fused_moe as fm
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(fm, "_interpreting", lambda: False)
+    hopper = settings.DeviceFacts("cuda", "Fake GPU", (9, 0), 132, False)
+    monkeypatch.setattr(settings, "device_facts", lambda device: hopper)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # mxmoe's switch only: kernels are imported
     assert not fm.use_dequant_ptx(torch.device("cpu"), torch.bfloat16)
     assert not fm.use_dequant_ptx(cuda, torch.float16)
     assert not fm.use_dequant_ptx(cuda, torch.float32)
     monkeypatch.setenv("MXMOE_DEQUANT_PTX", "0")
     assert not fm.use_dequant_ptx(cuda, torch.bfloat16)
     monkeypatch.delenv("MXMOE_DEQUANT_PTX")
-    monkeypatch.setattr(fm, "_interpreting", lambda: True)
+    assert fm.use_dequant_ptx(cuda, torch.bfloat16)
+    monkeypatch.setattr(settings, "device_facts", lambda device: dataclasses.replace(
+        hopper, is_hip=True))
+    assert not fm.use_dequant_ptx(cuda, torch.bfloat16)
+    monkeypatch.setattr(settings, "device_facts", lambda device: hopper)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not fm.use_dequant_ptx(cuda, torch.bfloat16)

@@ -37,11 +37,15 @@ def _problem(m=5, *, dtype=torch.float32, bias=True, e_global=None, requires_gra
 
 def _op_args(kwargs, *, activation="swigluoai", on_input=False, backend="torch"):
     """The operator's positional arguments for a `fused_experts` keyword dict."""
-    return (
-        kwargs["hidden_states"], kwargs["w13"].blocks, kwargs["w13"].scales, kwargs["w2"].blocks,
-        kwargs["w2"].scales, kwargs["topk_weights"], kwargs["topk_ids"], kwargs["w13_bias"],
-        kwargs["w2_bias"], kwargs.get("expert_map"), activation, 1.702, 7.0, on_input, backend,
+    from mxmoe.validation import check_fused_experts_args
+
+    call = check_fused_experts_args(
+        kwargs["hidden_states"], kwargs["w13"], kwargs["w2"], kwargs["topk_weights"],
+        kwargs["topk_ids"], w13_bias=kwargs["w13_bias"], w2_bias=kwargs["w2_bias"],
+        activation=activation, alpha=1.702, limit=7.0, expert_map=kwargs.get("expert_map"),
+        apply_router_weight_on_input=on_input, backend=backend,
     )
+    return call.op_args()
 
 
 CASES = {

@@ -152,8 +152,8 @@ def test_scale_nan_propagates(config):
 )
 @pytest.mark.parametrize("programs", ["one", "multi"])
 def test_triton_alignment_equals_reference(m, k, e, block_m, mapped, programs, monkeypatch):
-    import mxmoe.kernels.fused_moe as fm
-    from mxmoe.kernels.fused_moe import align
+    import mxmoe.kernels.align as fm
+    from mxmoe.kernels.align import align
 
     if programs == "multi":  # interpreter sizes: 4 chunks of pairs, steps of 16
         monkeypatch.setattr(fm, "ALIGN_ONE_PROGRAM_MAX_PAIRS", 0)

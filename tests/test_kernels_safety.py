@@ -19,7 +19,7 @@ import torch
 
 from helpers import make_moe, rel_err
 from mxmoe import Activation, MXFP4Tensor, fused_experts
-from mxmoe.backends import MoEArgs, get_backend
+from mxmoe.backends import get_backend
 from mxmoe.constants import E8M0_NAN
 from mxmoe.reference import fused_experts_reference
 from mxmoe.validation import check_fused_experts_args
@@ -69,21 +69,14 @@ def reference(kw: dict) -> torch.Tensor:
 def run_unchecked(backend: str, kw: dict, **bad) -> torch.Tensor:
     """Run a backend directly on `kw` with some arguments replaced after validation (the GPU
     path without MXMOE_VALIDATE, where the data is never read)."""
-    problem = check_fused_experts_args(
+    call = check_fused_experts_args(
         kw["hidden_states"], kw["w13"], kw["w2"], kw["topk_weights"], kw["topk_ids"],
         w13_bias=kw.get("w13_bias"), w2_bias=kw.get("w2_bias"),
         activation=kw.get("activation", "swigluoai"), alpha=1.702, limit=7.0,
         expert_map=kw.get("expert_map"),
-    )
-    args = MoEArgs(
-        hidden_states=kw["hidden_states"], w13=kw["w13"], w2=kw["w2"],
-        topk_weights=kw["topk_weights"], topk_ids=kw["topk_ids"],
-        w13_bias=kw.get("w13_bias"), w2_bias=kw.get("w2_bias"), alpha=1.702, limit=7.0,
-        expert_map=kw.get("expert_map"),
         apply_router_weight_on_input=kw.get("apply_router_weight_on_input", False),
-        problem=problem,
     )
-    return get_backend(backend).run(dataclasses.replace(args, **bad))
+    return get_backend(backend).run(dataclasses.replace(call, **bad))
 
 
 def split_map(e_global: int, e_local: int, seed: int) -> torch.Tensor:
@@ -144,7 +137,7 @@ def test_out_of_range_pairs_are_dropped(backend, id_dtype, with_map, align_path,
     if align_path == "multi_program":
         if backend == "torch":
             pytest.skip("the torch backend has no alignment")
-        import mxmoe.kernels.fused_moe as fm
+        import mxmoe.kernels.align as fm
 
         monkeypatch.setattr(fm, "ALIGN_ONE_PROGRAM_MAX_PAIRS", 0)
     kw, bad_ids, bad_map, dropped = _out_of_range_problem(with_map, id_dtype)

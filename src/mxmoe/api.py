@@ -7,7 +7,7 @@ import torch
 from .activations import Activation
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor
-from .ops import run_fused_experts
+from .ops import run_call
 from .validation import check_fused_experts_args
 
 __all__ = ["fused_experts"]
@@ -64,7 +64,7 @@ def fused_experts(
     ``torch.compile(fullgraph=True)``. Gradients reach hidden_states, topk_weights and the
     biases through a slow pure-torch backward; the MXFP4 weights are constants.
     """
-    problem = check_fused_experts_args(
+    call = check_fused_experts_args(
         hidden_states, w13, w2, topk_weights, topk_ids,
         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
         alpha=alpha, limit=limit, expert_map=expert_map,
@@ -72,20 +72,4 @@ def fused_experts(
     )
     # The operator does the rest (data checks, backend choice, the run); to torch.compile it
     # is one opaque node, so a compiled caller keeps one graph.
-    return run_fused_experts(
-        hidden_states,
-        w13.blocks,
-        w13.scales,
-        w2.blocks,
-        w2.scales,
-        topk_weights,
-        topk_ids,
-        w13_bias,
-        w2_bias,
-        expert_map,
-        problem.activation.value,
-        float(alpha),
-        float(limit),
-        bool(apply_router_weight_on_input),
-        backend,
-    )
+    return run_call(call)

@@ -72,17 +72,11 @@ def intermediate_range(intermediate: int, world: int, rank: int) -> range:
 
 
 def w13_row_ranges(intermediate: int, inter: range, activation) -> list[range]:
-    """Rows of w13 ``[E, 2I, H]`` (and of its bias) that hold the intermediate slice ``inter``.
-
-    ``"swigluoai"`` interleaves gate and up rows, so the slice is one run ``[2*start, 2*stop)``;
-    ``"silu"`` stores ``[gate | up]`` halves, so it is two runs, ``[start, stop)`` and
-    ``[I + start, I + stop)``, which the local layer stacks in that order (again ``[gate | up]``).
-    """
+    """Rows of w13 ``[E, 2I, H]`` (and of its bias) that hold the intermediate slice ``inter``:
+    the activation's row map (`Activation.row_ranges`)."""
     from .activations import Activation
 
-    if Activation.parse(activation) is Activation.SWIGLUOAI:
-        return [range(2 * inter.start, 2 * inter.stop)]
-    return [inter, range(intermediate + inter.start, intermediate + inter.stop)]
+    return Activation.parse(activation).row_ranges(intermediate, inter)
 
 
 @dataclass(frozen=True)

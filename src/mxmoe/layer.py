@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from .activations import Activation
-from .api import fused_experts
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
+from .layouts import Layout, get_layout
+from .ops import run_call
+from .problem import MoECall, MoEProblem
 from .routing import route
 from .validation import check_layer_args, check_layer_input
 
@@ -24,7 +26,10 @@ class MXFP4MoE(nn.Module):
 
     The expert weights are buffers (``w13_blocks``, ``w13_scales``, ``w2_blocks``,
     ``w2_scales``): they move with ``.to()`` and appear in ``state_dict``; ``.w13`` and ``.w2``
-    view them as `MXFP4Tensor`.
+    view them as `MXFP4Tensor`. They are held in one weight layout (`mxmoe.layouts`; the given
+    weights' own unless ``layout`` names another, converted once here or by `to_layout`); the
+    buffers hold that layout's bytes, so a ``state_dict`` loads back into a layer of the same
+    layout (checkpoint writers take ``layer.w13.plain()``).
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class MXFP4MoE(nn.Module):
         expert_map: torch.Tensor | None = None,
         ep_group=None,
         tp_group=None,
+        layout: Layout | str | None = None,
     ):
         super().__init__()
         check_layer_args(
@@ -70,6 +76,12 @@ class MXFP4MoE(nn.Module):
             self.router.weight.copy_(router_weight)
             if router_bias is not None:
                 self.router.bias.copy_(router_bias)
+        if layout is not None:
+            w13, w2 = w13.to_layout(layout), w2.to_layout(layout)
+        if w13.layout != w2.layout:
+            w2 = w2.to_layout(w13.layout)
+        self.weight_layout: Layout = w13.layout
+        self._weights: tuple | None = None
         self.register_buffer("w13_blocks", w13.blocks)
         self.register_buffer("w13_scales", w13.scales)
         self.register_buffer("w2_blocks", w2.blocks)
@@ -87,13 +99,39 @@ class MXFP4MoE(nn.Module):
         self.tp_group = tp_group
         del num_experts
 
+    def _weight_objects(self) -> tuple[MXFP4Tensor, MXFP4Tensor]:
+        """(w13, w2) as `MXFP4Tensor`, built once and again only when a buffer was replaced
+        (``.to()``, `to_layout`, ``load_state_dict`` of new tensors): not per forward."""
+        buffers = (self.w13_blocks, self.w13_scales, self.w2_blocks, self.w2_scales)
+        layout = self.weight_layout
+        if torch.compiler.is_compiling():
+            # Traced once into the graph: a cache here would only add guards and recompiles.
+            return (MXFP4Tensor(buffers[0], buffers[1], layout),
+                    MXFP4Tensor(buffers[2], buffers[3], layout))
+        cached = self._weights
+        if cached is None or any(a is not b for a, b in zip(cached[0], buffers)):
+            cached = self._weights = (buffers, MXFP4Tensor(buffers[0], buffers[1], layout),
+                                      MXFP4Tensor(buffers[2], buffers[3], layout))
+        return cached[1], cached[2]
+
     @property
     def w13(self) -> MXFP4Tensor:
-        return MXFP4Tensor(self.w13_blocks, self.w13_scales)
+        return self._weight_objects()[0]
 
     @property
     def w2(self) -> MXFP4Tensor:
-        return MXFP4Tensor(self.w2_blocks, self.w2_scales)
+        return self._weight_objects()[1]
+
+    def to_layout(self, layout: Layout | str) -> "MXFP4MoE":
+        """Convert the expert weights to ``layout`` in place (once; bit-exact); returns self."""
+        layout = get_layout(layout)
+        if layout != self.weight_layout:
+            w13, w2 = self.w13.to_layout(layout), self.w2.to_layout(layout)
+            self.w13_blocks, self.w13_scales = w13.blocks, w13.scales
+            self.w2_blocks, self.w2_scales = w2.blocks, w2.scales
+            self.weight_layout = layout
+            self._weights = None
+        return self
 
     @classmethod
     def from_dense(
@@ -171,6 +209,7 @@ class MXFP4MoE(nn.Module):
             expert_map=part.expert_map,
             ep_group=ep_group,
             tp_group=tp_group,
+            layout=self.weight_layout,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -195,20 +234,20 @@ class MXFP4MoE(nn.Module):
         return out.reshape(*leading, self.hidden_size), logits, topk_weights
 
     def _experts(self, x, topk_weights, topk_ids):
-        return fused_experts(
-            x,
-            self.w13,
-            self.w2,
-            topk_weights,
-            topk_ids,
-            w13_bias=self.w13_bias,
-            w2_bias=self.w2_bias,
-            activation=self.activation,
-            alpha=self.alpha,
-            limit=self.limit,
-            expert_map=self.expert_map,
-            backend=self.backend,
+        # The weights were validated when the layer was built and the routing comes from
+        # `route`: the call is built here directly, not through `fused_experts`' checks.
+        w13, w2 = self._weight_objects()
+        problem = MoEProblem(
+            num_tokens=x.shape[0], hidden=self.hidden_size, intermediate=self.intermediate_size,
+            num_local_experts=w13.blocks.shape[0], num_global_experts=self.num_experts,
+            top_k=self.top_k, activation=self.activation,
         )
+        return run_call(MoECall(
+            hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+            w13_bias=self.w13_bias, w2_bias=self.w2_bias, expert_map=self.expert_map,
+            alpha=self.alpha, limit=self.limit, apply_router_weight_on_input=False,
+            backend=self.backend, problem=problem,
+        ))
 
     def _sum_partial_outputs(self, out: torch.Tensor) -> torch.Tensor:
         groups = [g for g in (self.tp_group, self.ep_group) if g is not None]
@@ -226,7 +265,7 @@ class MXFP4MoE(nn.Module):
         return (
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
             f"experts={self.num_experts}, top_k={self.top_k}, activation={self.activation.value}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, layout={self.weight_layout.name}"
         )
 
     @classmethod

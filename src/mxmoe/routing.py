@@ -51,34 +51,21 @@ _TRITON_ROUTER_MAX_EXPERTS = 1024
 
 
 def _use_triton_router(router_logits: torch.Tensor) -> bool:
-    import os
+    from . import settings
 
     # Under torch.compile the torch path is traced (inductor fuses it); the Triton router is for
     # eager and CUDA-graph decode steps.
-    return (router_logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-            and not torch.compiler.is_compiling()
-            and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
-            and os.environ.get("MXMOE_TORCH_ROUTER", "0") != "1")
+    if torch.compiler.is_compiling() or not router_logits.is_cuda:
+        return False
+    switches = settings.current()
+    return (not switches.interpret and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
+            and not switches.torch_router)
 
 
 def _route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
-    import triton
+    from .kernels.route import route_topk
 
-    from .kernels._route import route_kernel
-
-    m, e = router_logits.shape
-    weights = torch.empty((m, top_k), dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty((m, top_k), dtype=torch.int32, device=router_logits.device)
-    if m == 0:
-        return weights, ids
-    block_e = triton.next_power_of_2(e)
-    rows = max(1, min(16, 4096 // block_e))
-    route_kernel[(triton.cdiv(m, rows),)](
-        router_logits, weights, ids, m, e, router_logits.stride(0), router_logits.stride(1),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
-        BLOCK_E=block_e, ROWS=rows, num_warps=4,
-    )
-    return weights, ids
+    return route_topk(router_logits, top_k, renormalize)
 
 
 @dataclass

@@ -95,26 +95,24 @@ def _graph_ms(fn, replays: int) -> float:
 
 
 def _problem_args(num_tokens, hidden, inter, num_experts, top_k, dtype, seed=0):
-    from .backends import MoEArgs
     from .cli._common import random_moe
     from .validation import check_fused_experts_args
 
     p = random_moe(num_tokens, hidden, inter, num_experts, top_k, dtype, "cuda", seed=seed)
     kw = dict(w13_bias=p.w13_bias, w2_bias=p.w2_bias, activation="swigluoai", alpha=1.702,
               limit=7.0, expert_map=None)
-    problem = check_fused_experts_args(p.hidden_states, p.w13, p.w2, p.topk_weights,
-                                       p.topk_ids, **kw)
-    return MoEArgs(hidden_states=p.hidden_states, w13=p.w13, w2=p.w2,
-                   topk_weights=p.topk_weights, topk_ids=p.topk_ids, w13_bias=p.w13_bias,
-                   w2_bias=p.w2_bias, alpha=1.702, limit=7.0, expert_map=None,
-                   apply_router_weight_on_input=False, problem=problem)
+    return check_fused_experts_args(p.hidden_states, p.w13, p.w2, p.topk_weights,
+                                    p.topk_ids, **kw)
 
 
 def time_config(args, mode: str, cfg: MoEConfig, replays: int) -> float:
+    from .backends import get_backend
     from .kernels.fused_moe import fused_moe
 
+    backend = {"dequant": "triton_dequant", "scaled": "triton_scaled"}[mode]
+    inner = get_backend(backend).inner_product
     try:
-        return _graph_ms(lambda: fused_moe(args, mode=mode, config=cfg), replays)
+        return _graph_ms(lambda: fused_moe(args, inner, backend, config=cfg), replays)
     except Exception as exc:  # a config that does not compile or fit is not a candidate
         print(f"    skip {cfg.to_json()}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
         return float("inf")

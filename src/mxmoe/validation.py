@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from .activations import Activation
 from .constants import MXFP4_BLOCK_SIZE
 from .format import MXFP4Tensor
+from .problem import MoECall, MoEProblem
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -105,7 +105,16 @@ def check_expert_weights(w13, w2, w13_bias, w2_bias) -> ExpertShapes:
             f"{MXFP4_BLOCK_SIZE} (it is the K of w2)"
         )
     expected_w2 = (num_experts, hidden, inter)
-    if tuple(w2.shape) != expected_w2:
+    w2_shape = tuple(w2.shape)
+    if (w2_shape != expected_w2 and len(w2_shape) == 3 and w2_shape[0] == num_experts
+            and two_i == w2_shape[1] and hidden == 2 * w2_shape[2]):
+        # The w13 of gpt-oss's transposed export, [E, H, 2I]: w2 [E, H, I] is right, w13 not.
+        raise ValueError(
+            f"w13 must be [E, 2I, H] = {(num_experts, 2 * w2_shape[2], w2_shape[1])} to match "
+            f"w2 {w2_shape}, got {tuple(w13.shape)}: it looks transposed ([E, H, 2I]); pass "
+            f"the rows as output features (transpose(1, 2) before quantizing)"
+        )
+    if w2_shape != expected_w2:
         raise ValueError(
             f"w2 must be [E, H, I] = {expected_w2} to match w13 {tuple(w13.shape)}, got "
             f"{tuple(w2.shape)}"
@@ -148,21 +157,10 @@ def check_expert_map_values(expert_map: torch.Tensor, num_local_experts: int) ->
             )
 
 
-@dataclass(frozen=True)
-class MoEProblem:
-    """The sizes of one fused-experts call, derived once from validated arguments."""
-
-    num_tokens: int  # M
-    hidden: int  # H
-    intermediate: int  # I
-    num_local_experts: int  # E_local (rows of w13/w2)
-    num_global_experts: int  # E_global (what topk_ids index)
-    top_k: int
-    activation: Activation
-
-
 def validation_requested() -> bool:
-    return os.environ.get("MXMOE_VALIDATE", "") not in ("", "0")
+    from . import settings
+
+    return settings.current().validate
 
 
 def routing_values_checked(device: torch.device) -> bool:
@@ -186,8 +184,9 @@ def check_fused_experts_args(
     expert_map,
     apply_router_weight_on_input=False,
     backend="auto",
-) -> MoEProblem:
-    """Validate a `fused_experts` call; raise TypeError/ValueError naming what was wrong.
+) -> MoECall:
+    """Validate a `fused_experts` call; raise TypeError/ValueError naming what was wrong; return
+    the call as one object.
 
     Shapes, dtypes and devices only; the data checks run in the operator (module docstring).
     """
@@ -246,7 +245,7 @@ def check_fused_experts_args(
                 f"{name} is on {t.device} but hidden_states is on {device}: expected one device"
             )
 
-    return MoEProblem(
+    problem = MoEProblem(
         num_tokens=num_tokens,
         hidden=hidden,
         intermediate=inter,
@@ -254,6 +253,13 @@ def check_fused_experts_args(
         num_global_experts=num_global,
         top_k=top_k,
         activation=act,
+    )
+    return MoECall(
+        hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights,
+        topk_ids=topk_ids, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map,
+        alpha=float(alpha), limit=float(limit),
+        apply_router_weight_on_input=apply_router_weight_on_input, backend=backend,
+        problem=problem,
     )
 
 

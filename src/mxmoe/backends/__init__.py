@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from .base import Backend, MoEArgs
+from .. import settings
+from .base import Backend
 
 if TYPE_CHECKING:
-    from ..validation import MoEProblem
+    from ..problem import MoEProblem
     from .probe import ProbeResult
 
 __all__ = [
     "Backend",
     "BackendStatus",
-    "MoEArgs",
     "BACKEND_NAMES",
     "backend_status",
     "backend_statuses",
@@ -37,12 +36,13 @@ __all__ = [
     "resolve_backend",
 ]
 
-#: name -> (module, class). Order is the order `mxmoe info` prints.
+#: name -> (module, factory): the one registry. Order is the order `mxmoe info` prints. A
+#: factory is a class or a function that returns the backend; imported on first use.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("mxmoe.backends.torch_backend", "TorchBackend"),
-    "triton_dequant": ("mxmoe.backends.triton_dequant", "TritonDequantBackend"),
-    "triton_scaled": ("mxmoe.backends.triton_scaled", "TritonScaledBackend"),
-    "bf16": ("mxmoe.backends.bf16", "BF16Backend"),
+    "triton_dequant": ("mxmoe.backends.triton", "triton_dequant"),
+    "triton_scaled": ("mxmoe.backends.triton", "triton_scaled"),
+    "bf16": ("mxmoe.backends.triton", "bf16"),
 }
 
 BACKEND_NAMES = tuple(_REGISTRY)
@@ -97,7 +97,7 @@ def backend_status(name: str, device: torch.device | str) -> BackendStatus:
     """
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    key = (name, device, os.environ.get("TRITON_INTERPRET"))
+    key = (name, device, settings.current().interpret)
     status = _STATUS_MEMO.get(key)
     if status is None:
         status = _STATUS_MEMO[key] = _decide_status(name, device)
@@ -169,7 +169,7 @@ def resolve_backend(
         device = torch.device(device)
     origin = ""
     if name == "auto":
-        override = os.environ.get(BACKEND_ENV, "").strip()
+        override = settings.current().backend_override
         if override:
             name, origin = override, f" (from {BACKEND_ENV})"
     if name == "auto":
@@ -192,7 +192,7 @@ def _auto_choice(device: torch.device, problem: "MoEProblem | None") -> str:
         problem.num_tokens, problem.hidden, problem.intermediate, problem.num_local_experts,
         problem.top_k,
     )
-    key = (device, os.environ.get("TRITON_INTERPRET"), sizes)
+    key = (device, settings.current().interpret, sizes)
     name = _AUTO_MEMO.get(key)
     if name is None:
         if len(_AUTO_MEMO) >= _AUTO_MEMO_MAX:
@@ -242,7 +242,7 @@ def _tuned_preference(device: torch.device, problem: "MoEProblem | None") -> str
     if hook is None or problem is None:
         return None
     return hook(
-        _device_name(device), problem.num_tokens, problem.hidden, problem.intermediate,
+        settings.device_facts(device).name, problem.num_tokens, problem.hidden, problem.intermediate,
         problem.num_local_experts, problem.top_k,
     )
 
@@ -260,9 +260,3 @@ def _preferred_backend_hook():
     except ImportError:
         return None
     return preferred_backend
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_name(index)

@@ -590,11 +590,10 @@ def _warn_unwritable(path: Path, exc: OSError) -> None:
 
 
 def _probe_args(activation, device: torch.device, dtype: torch.dtype):
-    """The tiny problem's `MoEArgs`, the same every run (seeded), with biases."""
+    """The tiny problem's `MoECall`, the same every run (seeded), with biases."""
     from ..format import quantize_mxfp4
     from ..routing import route
     from ..validation import check_fused_experts_args
-    from .base import MoEArgs
 
     m, h, i, e, k = PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
@@ -614,11 +613,9 @@ def _probe_args(activation, device: torch.device, dtype: torch.dtype):
         w13_bias=randn(e, 2 * i, scale=0.1).to(dtype).to(device),
         w2_bias=randn(e, h, scale=0.1).to(dtype).to(device),
     )
-    problem = check_fused_experts_args(
+    return check_fused_experts_args(
         **kwargs, activation=activation, alpha=1.702, limit=7.0, expert_map=None
     )
-    return MoEArgs(**kwargs, alpha=1.702, limit=7.0, expert_map=None,
-                   apply_router_weight_on_input=False, problem=problem)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,11 +1,12 @@
-"""`backend="torch"`: the float32 reference, on any device."""
+"""`backend="torch"`: the float32 reference, on any device and any weight layout."""
 
 from __future__ import annotations
 
 import torch
 
+from ..problem import MoECall
 from ..reference import fused_experts_reference
-from .base import Backend, MoEArgs
+from .base import Backend
 
 
 class TorchBackend(Backend):
@@ -13,19 +14,19 @@ class TorchBackend(Backend):
     description = "pure-torch float32 reference (any device; the specification)"
     keeps_weights_packed = True  # dequantizes one expert at a time, keeps nothing
 
-    def run(self, args: MoEArgs) -> torch.Tensor:
+    def run(self, call: MoECall) -> torch.Tensor:
         out = fused_experts_reference(
-            args.hidden_states,
-            args.w13,
-            args.w2,
-            args.topk_weights,
-            args.topk_ids,
-            w13_bias=args.w13_bias,
-            w2_bias=args.w2_bias,
-            activation=args.problem.activation,
-            alpha=args.alpha,
-            limit=args.limit,
-            expert_map=args.expert_map,
-            apply_router_weight_on_input=args.apply_router_weight_on_input,
+            call.hidden_states,
+            call.w13,
+            call.w2,
+            call.topk_weights,
+            call.topk_ids,
+            w13_bias=call.w13_bias,
+            w2_bias=call.w2_bias,
+            activation=call.activation,
+            alpha=call.alpha,
+            limit=call.limit,
+            expert_map=call.expert_map,
+            apply_router_weight_on_input=call.apply_router_weight_on_input,
         )
-        return out.to(args.hidden_states.dtype)
+        return out.to(call.hidden_states.dtype)

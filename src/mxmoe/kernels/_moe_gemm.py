@@ -21,15 +21,14 @@ needs the full sum, so GEMM1 with split-K runs without it and `split_activation_
 import triton
 import triton.language as tl
 
-# WEIGHT_MODE
+# WEIGHT_MODE: the values of `mxmoe.kernels.inner_product.InnerProduct`
 MODE_DEQUANT = tl.constexpr(0)  # MXFP4, dequantized to the dot dtype in registers
 MODE_SCALED = tl.constexpr(1)  # MXFP4, through tl.dot_scaled
 MODE_DENSE = tl.constexpr(2)  # dense weights in the dot dtype
 
-# ACTIVATION
-ACT_NONE = tl.constexpr(0)
-ACT_SWIGLUOAI = tl.constexpr(1)  # interleaved gate/up rows
-ACT_SILU = tl.constexpr(2)  # [gate | up] halves
+# W_LAYOUT (MXFP4 modes): the byte order of the weights (`mxmoe.layouts`)
+LAYOUT_PLAIN = tl.constexpr(0)  # byte j = elements 2j (low nibble), 2j+1 (high)
+LAYOUT_GROUP_HALVES = tl.constexpr(1)  # in each 32-group byte j = elements j (low), j+16 (high)
 
 # ROUTER_WEIGHT: where the routing weight multiplies the fp32 accumulator
 WEIGHT_NONE = tl.constexpr(0)
@@ -113,21 +112,6 @@ def _e8m0_to_f32(scales):
 
 
 @triton.jit
-def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
-    """fp32 gate and up -> the gated activation (swigluoai with clamps, or silu(gate) * up)."""
-    if ACTIVATION == ACT_SWIGLUOAI:
-        # PropagateNan.ALL: the default min/max return the non-NaN operand, which would turn
-        # a NaN (NaN scale byte, NaN input) into the clamp limit instead of passing it on.
-        gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
-        up = tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL)
-        up = tl.minimum(up, limit, propagate_nan=tl.PropagateNan.ALL)
-        result = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
-    else:
-        result = gate * tl.sigmoid(gate) * up
-    return result
-
-
-@triton.jit
 def moe_gemm_kernel(
     a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
     b_ptr,  # (E, N, K // 2) uint8 packed MXFP4, or (E, N, K) dense in DOT_DTYPE
@@ -153,7 +137,10 @@ def moe_gemm_kernel(
     limit,
     A_ROW_DIV: tl.constexpr,
     WEIGHT_MODE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    W_LAYOUT: tl.constexpr,
+    GATED: tl.constexpr,  # GEMM1's gated epilogue: the output has N // 2 columns
+    INTERLEAVED: tl.constexpr,  # gated: gate/up rows interleave (else [gate | up] halves)
+    ACT_FN: tl.constexpr,  # gated: the activation's epilogue (`_epilogues`)
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_DOT: tl.constexpr,  # dequant mode: two half-dots over even/odd K instead of one
@@ -165,7 +152,7 @@ def moe_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # weight rows per tile (gated: BLOCK_N // 2 gate/up pairs)
     BLOCK_K: tl.constexpr,  # a multiple of 32
-    SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
 ):
     pid = tl.program_id(0)
     pid_m = pid % max_blocks
@@ -189,13 +176,13 @@ def moe_gemm_kernel(
     # The tile's weight rows. Gated: BLOCK_N // 2 output columns, each a (gate, up) pair of rows,
     # arranged so that the accumulator's columns alternate gate, up.
     offs_j = tl.arange(0, BLOCK_N)
-    if ACTIVATION == ACT_NONE:
+    if not GATED:
         rows = pid_n * BLOCK_N + offs_j
         mask_n = rows < N
     else:
         half = N // 2
         out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
-        if ACTIVATION == ACT_SWIGLUOAI:
+        if INTERLEAVED:
             rows = 2 * out_col + offs_j % 2
         else:
             rows = out_col + (offs_j % 2) * half
@@ -259,14 +246,23 @@ def moe_gemm_kernel(
             else:
                 codes = packed.to(tl.int32)
                 scale_f = _e8m0_to_f32(scale.to(tl.int32))
-                if SPLIT_DOT:
-                    # Even K indices are the low nibbles, odd the high: two dots over K/2 each,
-                    # with A read at stride 2.
-                    offs_k2 = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+                if SPLIT_DOT or W_LAYOUT == LAYOUT_GROUP_HALVES:
+                    # Two dots over K/2 each, one for the low nibbles and one for the high. Plain
+                    # layout: the low nibbles are the even K indices, the high the odd, so A is
+                    # read at stride 2. Group halves: they are the first and the second 16 of
+                    # each 32-group, so A is read as runs of 16 contiguous elements.
+                    offs_h = tl.arange(0, BLOCK_K // 2)
+                    if W_LAYOUT == LAYOUT_GROUP_HALVES:
+                        offs_k2 = k0 + (offs_h // 16) * 32 + offs_h % 16
+                        step_hi = 16
+                    else:
+                        offs_k2 = k0 + 2 * offs_h
+                        step_hi = 1
                     mask_a = mask_m[:, None] & (offs_k2[None, :] < K)
                     a_base = a_ptr + a_row[:, None] * stride_am + offs_k2[None, :] * stride_ak
                     a_even = tl.load(a_base, mask=mask_a, other=0.0).to(DOT_DTYPE)
-                    a_odd = tl.load(a_base + stride_ak, mask=mask_a, other=0.0).to(DOT_DTYPE)
+                    a_odd = tl.load(a_base + step_hi * stride_ak, mask=mask_a,
+                                    other=0.0).to(DOT_DTYPE)
                     if DEQUANT_PTX:
                         # The conversion yields the low and high nibbles apart: no re-interleave.
                         scale_b = tl.reshape(
@@ -330,13 +326,13 @@ def moe_gemm_kernel(
         acc = acc * routing_weight[:, None]
 
     out_row = pair.to(tl.int64)
-    if ACTIVATION == ACT_NONE:
+    if not GATED:
         out_cols = rows64
         result = acc
         mask_out = mask_n
     else:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        result = _gated_activation(gate, up, alpha, limit, ACTIVATION)
+        result = ACT_FN(gate, up, alpha, limit)
         out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
         mask_out = out_cols < N // 2
     if SPLIT_K > 1:
@@ -400,7 +396,8 @@ def split_activation_kernel(
     stride_om, stride_on,
     alpha,
     limit,
-    ACTIVATION: tl.constexpr,  # ACT_SWIGLUOAI (interleaved gate/up) or ACT_SILU ([gate | up])
+    INTERLEAVED: tl.constexpr,  # gate/up rows interleave (else [gate | up] halves)
+    ACT_FN: tl.constexpr,  # the activation's epilogue (`_epilogues`)
     NUM_SPLITS: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
@@ -411,7 +408,7 @@ def split_activation_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)
     mask = cols < inter_size
-    if ACTIVATION == ACT_SWIGLUOAI:
+    if INTERLEAVED:
         gate_cols = 2 * cols
         up_cols = 2 * cols + 1
     else:
@@ -423,6 +420,6 @@ def split_activation_kernel(
         base = partial_ptr + split * stride_ps + row * stride_pm
         gate += tl.load(base + gate_cols * stride_pn, mask=mask, other=0.0)
         up += tl.load(base + up_cols * stride_pn, mask=mask, other=0.0)
-    result = _gated_activation(gate, up, alpha, limit, ACTIVATION)
+    result = ACT_FN(gate, up, alpha, limit)
     tl.store(out_ptr + row * stride_om + cols * stride_on, result.to(out_ptr.dtype.element_ty),
              mask=mask)

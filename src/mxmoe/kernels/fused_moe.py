@@ -1,142 +1,81 @@
-"""Launchers of the fused MoE: align -> GEMM1 + activation -> GEMM2 + weight -> top-k sum.
+"""Launcher of the fused MoE: align -> GEMM1 + activation -> GEMM2 + weight -> top-k sum.
 
 No host synchronisation anywhere: sizes come from shapes only, so a forward can be captured in
-a CUDA graph.
+a CUDA graph. Every launch goes through `Launcher` (compiled kernels launched directly).
 """
 
 from __future__ import annotations
 
-import os
+import json
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends.base import MoEArgs
-from ..routing import Alignment, max_aligned_blocks
+from .. import settings
+from ..layouts import GROUP_HALVES
+from ..problem import MoECall
+from ..routing import max_aligned_blocks
 from . import configs
-from ._align import align_count_kernel, align_kernel, align_offsets_kernel, align_scatter_kernel
+from ._epilogues import epilogue_of
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
+from .align import align
+from .inner_product import InnerProduct
+from .launch import Launcher
 
-#: Up to this many (token, slot) pairs the alignment runs as one Triton program; above, as three
-#: launches over chunks of pairs (count, offsets, scatter) that spread over the GPU.
-ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
-#: Chunks of pairs of the multi-program alignment (its offsets program holds a chunk x expert
-#: table in registers), and the pairs each step of the alignments' loops takes (each step holds
-#: a pairs x experts one-hot table): both shrink with many experts to stay in registers.
-ALIGN_MAX_CHUNKS = 64
-ALIGN_SUB = 128
-_ALIGN_TABLE_ELEMENTS = 32768  # as measured on the H100 with 256 bins (gpt-oss-120b)
+__all__ = ["fused_moe", "choose_config", "use_dequant_ptx"]
 
-
-def _align_sizes(num_bins: int) -> tuple[int, int]:
-    """(pairs per loop step, most chunks) for ``num_bins`` expert bins (powers of two)."""
-    if _interpreting():
-        return 16, 4
-    fit = max(1, _ALIGN_TABLE_ELEMENTS // num_bins)
-    return max(16, min(ALIGN_SUB, fit)), max(4, min(ALIGN_MAX_CHUNKS, fit))
-
-_MODES = {"dequant": 0, "scaled": 1, "dense": 2}
-_ACTIVATIONS = {"swigluoai": 1, "silu": 2}
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+#: The tuned tables still name the inner product of each backend by its old kernel-mode key.
+_TABLE_MODES = {"triton_dequant": "dequant", "triton_scaled": "scaled", "bf16": "dense"}
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_gemm = Launcher(moe_gemm_kernel)
+_split_activation = Launcher(split_activation_kernel)
+_topk_sum = Launcher(topk_sum_kernel)
 
 
 def _new_buffer(shape, dtype, device) -> torch.Tensor:
     """torch.empty, or NaN-filled under MXMOE_POISON=1 so that an unwritten element shows."""
-    if os.environ.get("MXMOE_POISON", "0") == "1":
+    if settings.current().poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 def use_dequant_ptx(device: torch.device, dot_dtype: torch.dtype) -> bool:
-    """Whether the dequant mode takes the PTX nibble conversion (`_mxfp4_to_bf16_ptx`): bf16 on
-    an NVIDIA GPU of compute capability 8.0 or newer (fma.rn.bf16x2), compiled rather than
-    interpreted. MXMOE_DEQUANT_PTX=0 turns it off (the portable bit manipulation in fp32)."""
-    if os.environ.get("MXMOE_DEQUANT_PTX", "1") == "0" or _interpreting():
+    """Whether the dequantizing GEMM takes the PTX nibble conversion (`_mxfp4_to_bf16_ptx`):
+    bf16 on an NVIDIA GPU of compute capability 8.0 or newer (fma.rn.bf16x2), compiled rather
+    than interpreted. MXMOE_DEQUANT_PTX=0 turns it off (the portable bit manipulation in fp32)."""
+    switches = settings.current()
+    if not switches.dequant_ptx or switches.interpret:
         return False
-    if dot_dtype != torch.bfloat16 or device.type != "cuda" or torch.version.hip is not None:
+    if dot_dtype != torch.bfloat16 or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    facts = settings.device_facts(device)
+    return not facts.is_hip and facts.capability >= (8, 0)
 
 
-def _dot_dtype(activation_dtype: torch.dtype, mode: str) -> torch.dtype:
+def _dot_dtype(activation_dtype: torch.dtype, inner: InnerProduct) -> torch.dtype:
     """The tensor-core operand dtype: the activation dtype, except that tl.dot_scaled takes
     only bf16/fp16 operands, so float32 activations go through it as bf16."""
-    if mode == "scaled" and activation_dtype == torch.float32:
+    if inner is InnerProduct.SCALED and activation_dtype == torch.float32:
         return torch.bfloat16
     return activation_dtype
 
 
-def choose_config(args: MoEArgs, mode: str) -> configs.MoEConfig:
-    forced = os.environ.get("MXMOE_CONFIG")
-    if forced:
-        import json
-
-        return configs.MoEConfig(**json.loads(forced))
-    p = args.problem
-    device = args.hidden_states.device
-    if device.type == "cuda" and not _interpreting():
-        name = torch.cuda.get_device_name(device)
-        tuned = configs.lookup(name, mode, p.num_tokens, p.hidden, p.intermediate,
-                               p.num_local_experts, p.top_k)
+def choose_config(call: MoECall, backend: str) -> configs.MoEConfig:
+    """``MXMOE_CONFIG`` if set, else the tuned table's entry, else the heuristics."""
+    switches = settings.current()
+    if switches.forced_config:
+        return configs.MoEConfig(**json.loads(switches.forced_config))
+    p = call.problem
+    if call.device.type == "cuda" and not switches.interpret:
+        tuned = configs.lookup(settings.device_facts(call.device).name, _TABLE_MODES[backend],
+                               p.num_tokens, p.hidden, p.intermediate, p.num_local_experts,
+                               p.top_k)
         if tuned is not None:
             return tuned
-    return configs.heuristic_config(p.num_tokens, p.top_k, p.num_local_experts, _interpreting())
-
-
-def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
-          expert_map: torch.Tensor | None) -> Alignment:
-    """Sort the pairs by local expert, padded to ``block_m`` (see `mxmoe.routing.Alignment`)."""
-    num_pairs = topk_ids.numel()
-    max_blocks = max_aligned_blocks(num_pairs, num_local, block_m)
-    device = topk_ids.device
-    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    total = torch.empty(1, dtype=torch.int32, device=device)
-    flat = topk_ids.reshape(-1).contiguous()  # unit stride: the kernels index it flat
-    expert_map = expert_map.contiguous() if expert_map is not None else None
-    emap = expert_map if expert_map is not None else flat
-    num_bins = triton.next_power_of_2(num_local + 1)
-    sub, max_chunks = _align_sizes(num_bins)
-    if num_pairs <= ALIGN_ONE_PROGRAM_MAX_PAIRS:
-        align_kernel[(1,)](
-            flat, emap, sorted_ids, expert_ids, total,
-            num_pairs, num_global, num_local, max_blocks,
-            HAS_MAP=expert_map is not None, BLOCK_M=block_m, NUM_BINS=num_bins,
-            CHUNK=sub, num_warps=4,
-        )
-        return Alignment(sorted_ids, expert_ids, total, block_m)
-
-    pairs_per_chunk = triton.cdiv(triton.cdiv(num_pairs, max_chunks), sub) * sub
-    chunks = triton.cdiv(num_pairs, pairs_per_chunk)
-    num_rows = max_blocks * block_m
-    work = torch.empty(2 * max_chunks * num_bins + num_bins, dtype=torch.int32, device=device)
-    chunk_counts = work[: max_chunks * num_bins]
-    chunk_base = work[max_chunks * num_bins: 2 * max_chunks * num_bins]
-    ends = work[2 * max_chunks * num_bins:]
-    has_map = expert_map is not None
-    align_count_kernel[(chunks,)](
-        flat, emap, sorted_ids, chunk_counts,
-        num_pairs, num_global, num_local, pairs_per_chunk, num_rows,
-        triton.cdiv(triton.cdiv(num_rows, chunks), sub) * sub,
-        HAS_MAP=has_map, NUM_BINS=num_bins, SUB=sub, num_warps=4,
-    )
-    align_offsets_kernel[(1,)](
-        chunk_counts, chunk_base, ends, total, chunks, num_local,
-        BLOCK_M=block_m, NUM_BINS=num_bins, MAX_CHUNKS=max_chunks,
-        num_warps=8 if num_bins >= 128 else 4,
-    )
-    align_scatter_kernel[(chunks,)](
-        flat, emap, sorted_ids, expert_ids, chunk_base, ends, total,
-        num_pairs, num_global, num_local, pairs_per_chunk, max_blocks,
-        triton.cdiv(triton.cdiv(max_blocks, chunks), sub) * sub,
-        HAS_MAP=has_map, BLOCK_M=block_m, NUM_BINS=num_bins, SUB=sub, num_warps=4,
-    )
-    return Alignment(sorted_ids, expert_ids, total, block_m)
+    return configs.heuristic_config(p.num_tokens, p.top_k, p.num_local_experts,
+                                    switches.interpret)
 
 
 def _k_slices(k: int, cfg: configs.MoEConfig) -> tuple[int, int]:
@@ -146,60 +85,86 @@ def _k_slices(k: int, cfg: configs.MoEConfig) -> tuple[int, int]:
     return triton.cdiv(k_tiles, per_split), per_split * cfg.block_k
 
 
-def _launch_gemm(a, a_row_div, weight, bias, out, topk_weights, aligned, max_blocks,
-                 num_pairs, n, k, *, mode, activation, router_weight, alpha, limit, dot_dtype,
-                 cfg: configs.MoEConfig, dequant_ptx: bool, splits: int = 1,
-                 k_per_split: int | None = None):
-    """One grouped GEMM. With ``splits`` > 1, ``out`` is (splits, num_pairs, N) float32 and
-    ``activation`` must be 0: the caller sums the planes."""
-    assert splits == 1 or (activation == 0 and out.dim() == 3 and out.shape[0] == splits)
-    n_out = n // 2 if activation else n
-    cols_per_tile = cfg.block_n // 2 if activation else cfg.block_n
-    grid = (max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
-    out_rows = out if out.dim() == 2 else out[0]
-    dense = mode == "dense"
-    w = weight if dense else weight.blocks
-    s = weight if dense else weight.scales  # unused when dense
-    moe_gemm_kernel[grid](
-        a, w, s, bias if bias is not None else out, out, topk_weights,
-        aligned.sorted_ids, aligned.expert_ids, aligned.num_tokens_post_padded,
-        n, k, num_pairs, max_blocks,
-        a.stride(0), a.stride(1),
-        w.stride(0), w.stride(1), w.stride(2),
-        s.stride(0), s.stride(1), s.stride(2),
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        out_rows.stride(0), out_rows.stride(1),
-        out.stride(0) if splits > 1 else 0, k_per_split or k,
-        alpha, limit,
-        A_ROW_DIV=a_row_div,
-        WEIGHT_MODE=_MODES[mode],
-        ACTIVATION=activation,
-        ROUTER_WEIGHT=router_weight,
-        HAS_BIAS=bias is not None,
-        SPLIT_DOT=cfg.split_dot,
-        DEQUANT_PTX=dequant_ptx,
-        SWAP_AB=cfg.swap_ab,
-        DOT_DTYPE=_DOT_DTYPES[dot_dtype],
-        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
-        DOT_FORMAT="fp16" if dot_dtype == torch.float16 else "bf16",
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        SPLIT_K=splits,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+class _Gemm:
+    """What both GEMMs of one call share: the alignment, the inner product, the dtypes."""
+
+    def __init__(self, call: MoECall, inner: InnerProduct, aligned, max_blocks: int,
+                 topk_weights: torch.Tensor):
+        self.call = call
+        self.inner = inner
+        self.aligned = aligned
+        self.max_blocks = max_blocks
+        self.num_pairs = call.problem.num_pairs
+        self.topk_weights = topk_weights
+        dtype = call.hidden_states.dtype
+        self.dot_dtype = _dot_dtype(dtype, inner)
+        self.dequant_ptx = (inner is InnerProduct.DEQUANT
+                            and use_dequant_ptx(call.device, self.dot_dtype))
+        self.act_fn = epilogue_of(call.activation)
+
+    def launch(self, a, a_row_div, weight, bias, out, *, n, k, gated, router_weight, cfg,
+               splits=1, k_per_split=None):
+        """One grouped GEMM: ``out[pair] = epilogue(a[pair // a_row_div] @ weight[e]^T)``.
+        With ``splits`` > 1, ``out`` is (splits, num_pairs, N) float32 and ``gated`` must be
+        False: the caller sums the planes."""
+        if splits > 1 and (gated or out.dim() != 3 or out.shape[0] != splits):
+            raise ValueError("split-K GEMMs write (splits, pairs, N) float32 planes, ungated")
+        n_out = n // 2 if gated else n
+        cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
+        grid = (self.max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
+        out_rows = out if out.dim() == 2 else out[0]
+        dense = self.inner is InnerProduct.DENSE
+        w = weight if dense else weight.blocks  # (E, N, K/2) uint8, or (E, N, K) dense
+        s = weight if dense else weight.scales  # (E, N, K/32) uint8; unused when dense
+        halves = not dense and weight.layout == GROUP_HALVES
+        _gemm(
+            grid,
+            a_ptr=a, b_ptr=w, b_scale_ptr=s, bias_ptr=bias if bias is not None else out,
+            out_ptr=out, topk_weights_ptr=self.topk_weights,
+            sorted_ids_ptr=self.aligned.sorted_ids, expert_ids_ptr=self.aligned.expert_ids,
+            num_post_padded_ptr=self.aligned.num_tokens_post_padded,
+            N=n, K=k, num_pairs=self.num_pairs, max_blocks=self.max_blocks,
+            stride_am=a.stride(0), stride_ak=a.stride(1),
+            stride_be=w.stride(0), stride_bn=w.stride(1), stride_bk=w.stride(2),
+            stride_se=s.stride(0), stride_sn=s.stride(1), stride_sk=s.stride(2),
+            stride_bias_e=bias.stride(0) if bias is not None else 0,
+            stride_bias_n=bias.stride(1) if bias is not None else 0,
+            stride_om=out_rows.stride(0), stride_on=out_rows.stride(1),
+            stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
+            alpha=self.call.alpha, limit=self.call.limit,
+            A_ROW_DIV=a_row_div, WEIGHT_MODE=int(self.inner), W_LAYOUT=int(halves),
+            GATED=gated, INTERLEAVED=self.call.activation.interleaved, ACT_FN=self.act_fn,
+            ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None,
+            SPLIT_DOT=cfg.split_dot, DEQUANT_PTX=self.dequant_ptx, SWAP_AB=cfg.swap_ab,
+            DOT_DTYPE=_DOT_DTYPES[self.dot_dtype],
+            DOT_PRECISION="ieee" if self.dot_dtype == torch.float32 else None,
+            DOT_FORMAT="fp16" if self.dot_dtype == torch.float16 else "bf16",
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
 
-def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None,
-              w2_dense: torch.Tensor | None = None, config: configs.MoEConfig | None = None,
-              ) -> torch.Tensor:
-    """``[M, H]`` in the activation dtype. ``mode``: "dequant", "scaled" or "dense"."""
-    p = args.problem
-    x = args.hidden_states
+# ROUTER_WEIGHT of moe_gemm_kernel: where the routing weight multiplies the accumulator.
+_WEIGHT_NONE, _WEIGHT_BEFORE_BIAS, _WEIGHT_AFTER_BIAS = 0, 1, 2
+
+
+def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
+              dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+              config: configs.MoEConfig | None = None) -> torch.Tensor:
+    """``[M, H]`` in the activation dtype.
+
+    Args:
+        call: the validated call (M > 0, E_local > 0).
+        inner: the GEMMs' inner product.
+        backend: the backend's name, which its tuned configs are keyed on.
+        dense: ``(w13 [E, 2I, H], w2 [E, H, I])`` in the dot dtype, for `InnerProduct.DENSE`.
+        config: a config to use instead of the lookup (tuning).
+    """
+    p = call.problem
+    x = call.hidden_states
     dtype = x.dtype
-    cfg = config or choose_config(args, mode)
-    num_pairs = p.num_tokens * p.top_k
+    cfg = config or choose_config(call, backend)
+    num_pairs = p.num_pairs
     max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
     out = _new_buffer((p.num_tokens, p.hidden), dtype, x.device)
     if max_blocks == 0:
@@ -207,37 +172,35 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
 
     # The kernels index topk_ids and expert_map as flat unit-stride arrays. reshape(-1) alone
     # can return a strided view (a [M, 1] column sliced from a wider tensor), so copy if needed.
-    topk_ids = args.topk_ids.reshape(-1).contiguous()
-    expert_map = args.expert_map.contiguous() if args.expert_map is not None else None
+    topk_ids = call.topk_ids.reshape(-1).contiguous()
+    expert_map = call.expert_map.contiguous() if call.expert_map is not None else None
     aligned = align(topk_ids, cfg.block_m, p.num_local_experts, p.num_global_experts, expert_map)
-    topk_weights = args.topk_weights.reshape(-1).to(torch.float32).contiguous()
-    on_input = args.apply_router_weight_on_input
-    w13 = w13_dense if mode == "dense" else args.w13
-    w2 = w2_dense if mode == "dense" else args.w2
+    topk_weights = call.topk_weights.reshape(-1)
+    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+    on_input = call.apply_router_weight_on_input
+    w13, w2 = dense if inner is InnerProduct.DENSE else (call.w13, call.w2)
+    gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights)
 
-    dot_dtype = _dot_dtype(dtype, mode)
-    gemm_kw = dict(aligned=aligned, max_blocks=max_blocks, num_pairs=num_pairs, alpha=args.alpha,
-                   limit=args.limit, mode=mode, dot_dtype=dot_dtype,
-                   dequant_ptx=mode == "dequant" and use_dequant_ptx(x.device, dot_dtype))
     act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
-    activation = _ACTIVATIONS[p.activation.value]
+    weight1 = _WEIGHT_BEFORE_BIAS if on_input else _WEIGHT_NONE
     splits1, k_per_split1 = _k_slices(p.hidden, cfg)
     if splits1 == 1:
-        _launch_gemm(x, p.top_k, w13, args.w13_bias, act, topk_weights, n=2 * p.intermediate,
-                     k=p.hidden, activation=activation, router_weight=1 if on_input else 0,
-                     cfg=cfg, **gemm_kw)
+        gemm.launch(x, p.top_k, w13, call.w13_bias, act, n=2 * p.intermediate, k=p.hidden,
+                    gated=True, router_weight=weight1, cfg=cfg)
     else:
         partial = _new_buffer((splits1, num_pairs, 2 * p.intermediate), torch.float32, x.device)
-        _launch_gemm(x, p.top_k, w13, args.w13_bias, partial, topk_weights,
-                     n=2 * p.intermediate, k=p.hidden, activation=0,
-                     router_weight=1 if on_input else 0, cfg=cfg, splits=splits1,
-                     k_per_split=k_per_split1, **gemm_kw)
-        block_i = 1024 if not _interpreting() else 64
-        split_activation_kernel[(num_pairs, triton.cdiv(p.intermediate, block_i))](
-            partial, act, p.intermediate,
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            act.stride(0), act.stride(1), args.alpha, args.limit,
-            ACTIVATION=activation, NUM_SPLITS=splits1, BLOCK_I=block_i,
+        gemm.launch(x, p.top_k, w13, call.w13_bias, partial, n=2 * p.intermediate, k=p.hidden,
+                    gated=False, router_weight=weight1, cfg=cfg, splits=splits1,
+                    k_per_split=k_per_split1)
+        block_i = 64 if settings.current().interpret else 1024
+        _split_activation(
+            (num_pairs, triton.cdiv(p.intermediate, block_i)),
+            partial_ptr=partial, out_ptr=act, inter_size=p.intermediate,
+            stride_ps=partial.stride(0), stride_pm=partial.stride(1),
+            stride_pn=partial.stride(2), stride_om=act.stride(0), stride_on=act.stride(1),
+            alpha=call.alpha, limit=call.limit, INTERLEAVED=call.activation.interleaved,
+            ACT_FN=gemm.act_fn, NUM_SPLITS=splits1, BLOCK_I=block_i,
         )
 
     cfg2 = cfg.gemm2()
@@ -245,17 +208,20 @@ def fused_moe(args: MoEArgs, *, mode: str, w13_dense: torch.Tensor | None = None
     # GEMM2's per-pair rows; with split-K one float32 plane per K slice, summed by topk_sum.
     inter = (_new_buffer((num_pairs, p.hidden), dtype, x.device) if splits2 == 1 else
              _new_buffer((splits2, num_pairs, p.hidden), torch.float32, x.device))
-    _launch_gemm(act, 1, w2, args.w2_bias, inter, topk_weights, n=p.hidden, k=p.intermediate,
-                 activation=0, router_weight=0 if on_input else 2, cfg=cfg2, splits=splits2,
-                 k_per_split=k_per_split2, **gemm_kw)
+    gemm.launch(act, 1, w2, call.w2_bias, inter, n=p.hidden, k=p.intermediate, gated=False,
+                router_weight=_WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS, cfg=cfg2,
+                splits=splits2, k_per_split=k_per_split2)
     inter_rows = inter if splits2 == 1 else inter[0]
     has_map = expert_map is not None
-    block_h = 1024 if not _interpreting() else 64
-    topk_sum_kernel[(p.num_tokens, triton.cdiv(p.hidden, block_h))](
-        inter, topk_ids, expert_map if has_map else topk_ids, out,
-        p.hidden, p.num_global_experts, p.num_local_experts,
-        inter_rows.stride(0), inter_rows.stride(1), out.stride(0), out.stride(1),
-        inter.stride(0) if splits2 > 1 else 0,
+    block_h = 64 if settings.current().interpret else 1024
+    _topk_sum(
+        (p.num_tokens, triton.cdiv(p.hidden, block_h)),
+        inter_ptr=inter, topk_ids_ptr=topk_ids,
+        expert_map_ptr=expert_map if has_map else topk_ids, out_ptr=out, H=p.hidden,
+        num_global_experts=p.num_global_experts, num_local_experts=p.num_local_experts,
+        stride_im=inter_rows.stride(0), stride_ih=inter_rows.stride(1),
+        stride_om=out.stride(0), stride_oh=out.stride(1),
+        stride_is=inter.stride(0) if splits2 > 1 else 0,
         TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits2,
     )
     return out

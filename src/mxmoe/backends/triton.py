@@ -1,0 +1,112 @@
+"""The Triton backends: one class, parameterised by the GEMM's inner product.
+
+``triton_dequant``: MXFP4 tiles dequantized to bf16/fp16 in registers inside the K loop.
+``triton_scaled``: the same kernels with `tl.dot_scaled` as the inner product.
+``bf16``: a dense copy of the weights in the activation dtype (the memory-for-speed baseline:
+2 bytes a weight, 3.8x the packed 4.25 bits; gpt-oss-20b's experts ~12 GiB instead of ~3.2 GiB),
+made on first use and kept, keyed on the packed blocks tensor (a layer's buffer), until that
+tensor is modified or freed. It runs only when asked for by name; `auto` never picks it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .. import settings
+from ..format import MXFP4Tensor
+from ..kernels.inner_product import InnerProduct
+from ..layouts import GROUP_HALVES, PLAIN
+from ..problem import MoECall
+from .base import Backend
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why Triton kernels cannot run on ``device`` (static checks only; the probe runs them)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not importable ({exc})"
+    interpreting = settings.current().interpret
+    if device.type == "cuda":
+        if interpreting:
+            return "TRITON_INTERPRET=1 is set: Triton runs on the CPU only"
+        return None
+    if device.type == "cpu":
+        if interpreting:
+            return None
+        return "no GPU: Triton kernels run on the CPU only under TRITON_INTERPRET=1"
+    return f"Triton does not run on {device.type} devices"
+
+
+class TritonBackend(Backend):
+    """The fused MoE in Triton (`mxmoe.kernels.fused_moe`) with one inner product."""
+
+    needs_probe = True
+
+    def __init__(self, name: str, inner_product: InnerProduct, description: str):
+        self.name = name
+        self.inner_product = inner_product
+        self.description = description
+        self.keeps_weights_packed = inner_product is not InnerProduct.DENSE
+        # tl.dot_scaled reads the checkpoint's byte order only; the dequantizing kernels decode
+        # either order; the dense copy is made from any layout.
+        self.layouts = ((PLAIN.name,) if inner_product is InnerProduct.SCALED
+                        else (PLAIN.name, GROUP_HALVES.name))
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return triton_unavailable_reason(device)
+
+    def run(self, call: MoECall) -> torch.Tensor:
+        from ..kernels.fused_moe import fused_moe
+
+        if self.inner_product is InnerProduct.DENSE:
+            dtype = call.hidden_states.dtype
+            return fused_moe(call, self.inner_product, self.name,
+                             dense=(dense_weights(call.w13, dtype), dense_weights(call.w2, dtype)))
+        return fused_moe(call, self.inner_product, self.name)
+
+
+def triton_dequant() -> TritonBackend:
+    return TritonBackend("triton_dequant", InnerProduct.DEQUANT,
+                         "Triton fused MoE, MXFP4 tiles dequantized to bf16/fp16 inside the GEMM loop")
+
+
+def triton_scaled() -> TritonBackend:
+    return TritonBackend("triton_scaled", InnerProduct.SCALED,
+                         "Triton fused MoE with tl.dot_scaled(bf16/fp16 x e2m1) as the inner product")
+
+
+def bf16() -> TritonBackend:
+    return TritonBackend("bf16", InnerProduct.DENSE,
+                         "dense copy of the weights in the activation dtype (3.8x the memory), "
+                         "Triton MoE")
+
+
+# id(blocks) -> (weakref to blocks, version key, dense weights). Keyed by id, not by the tensor:
+# tensors compare elementwise, which a dict key lookup cannot use.
+_DENSE_CACHE: dict[int, tuple] = {}
+
+
+def dense_weights(weight: MXFP4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The cached dense copy of ``weight`` in ``dtype`` (made on first use)."""
+    blocks = weight.blocks
+    key = (dtype, blocks.data_ptr(), blocks._version, weight.scales.data_ptr(),
+           weight.scales._version, weight.layout.name)
+    entry = _DENSE_CACHE.get(id(blocks))
+    if entry is not None and entry[0]() is blocks and entry[1] == key:
+        return entry[2]
+    # One expert at a time: dequantizing works in float32 with int64 lookups, ~20 bytes a weight.
+    dense = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for expert in range(weight.shape[0]):
+        dense[expert] = weight[expert].dequantize(dtype)
+    blocks_id = id(blocks)
+    ref = weakref.ref(blocks, lambda _ref: _DENSE_CACHE.pop(blocks_id, None))
+    _DENSE_CACHE[blocks_id] = (ref, key, dense)
+    return dense
+
+
+def clear_dense_cache() -> None:
+    """Free every cached dense copy."""
+    _DENSE_CACHE.clear()
