@@ -52,17 +52,44 @@ X_PRESCALE = tl.constexpr(18446744073709551616.0)  # 2**64
 GROUP_UNDO = tl.constexpr(4611686018427387904.0)  # 2**62
 
 
+#: Bits 31 and 24..22 of an int32: 0x81C00000 written as the signed value Triton takes.
+SIGN_AND_MAGNITUDE = tl.constexpr(-0x7E400000)
+
+
 @triton.jit
 def _e2m1_low_bits(codes):
-    """The low nibble of each byte (int32) -> its fp32 bit pattern worth E2M1 * 2**-126:
-    magnitude bits (e1 e0 m) at 24..22, sign at 31."""
-    return (((codes & 0x7) << 22) | ((codes & 0x8) << 28)).to(tl.float32, bitcast=True)
+    """The low nibble of each byte (int32, 0..255) -> its fp32 bit pattern worth
+    E2M1 * 2**-126: the nibble shifted to bits 28..31, then an arithmetic shift by 6 puts its
+    sign at 31 (and copies at 30..25) and its magnitude bits (e1 e0 m) at 24..22; one mask."""
+    return (((codes << 28) >> 6) & SIGN_AND_MAGNITUDE).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _e2m1_high_bits(codes):
     """The high nibble of each byte (int32, 0..255) -> the same pattern as `_e2m1_low_bits`."""
-    return (((codes & 0x70) << 18) | ((codes & 0x80) << 24)).to(tl.float32, bitcast=True)
+    return (((codes << 24) >> 6) & SIGN_AND_MAGNITUDE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_row(acc, a_ptr, sorted_ids_ptr, slot, num_pairs, k0, k_end, offs_c, offs_lo, w_lo,
+              w_hi, scale_f, stride_am, stride_ak, A_ROW_DIV: tl.constexpr,
+              BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """acc (BLOCK_N,) += this K step's weights times the activation row of the pair in
+    ``slot`` of sorted_ids (nothing for a padding or out-of-range id)."""
+    # The id broadcast over the columns: a scalar & block mask trips the interpreter.
+    pair = tl.load(sorted_ids_ptr + slot + offs_c * 0)
+    mask = (pair >= 0) & (pair < num_pairs) & ((k0 // 2 + offs_c) < k_end // 2)
+    row = a_ptr + (tl.where(mask, pair, 0) // A_ROW_DIV).to(tl.int64) * stride_am
+    # Each x vector has fewer elements than the program has threads, which lets the compiler
+    # load it straight into the weights' column layout (no shared-memory round trip).
+    x_lo = tl.load(row + (k0 + offs_lo) * stride_ak, mask=mask, other=0.0)
+    x_hi = tl.load(row + (k0 + offs_lo + 16) * stride_ak, mask=mask, other=0.0)
+    x_lo = x_lo.to(tl.float32) * X_PRESCALE
+    x_hi = x_hi.to(tl.float32) * X_PRESCALE
+    prod = x_lo[None, :] * w_lo + x_hi[None, :] * w_hi  # (BLOCK_N, HALF_K)
+    part = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, 16)), axis=2)
+    # Two exact power-of-two multiplies: 2**62 * 2**(s - 127) overflows fp32 past s = 192.
+    return acc + tl.sum((part * GROUP_UNDO) * scale_f, axis=1)
 
 
 @triton.jit
@@ -188,14 +215,17 @@ def decode_gemv_kernel(
     ACTIVATION: tl.constexpr,
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block), 1 to a few
+    BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block): 1, 2 or 4
     BLOCK_N: tl.constexpr,  # weight rows per program (gated: BLOCK_N // 2 gate/up pairs)
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
     SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
 ):
-    """CUDA-core GEMV over the pairs of one M block: fp32 FMA, 32-group partial sums.
+    """CUDA-core GEMV over the pairs of one M block: fp32 FMA, 32-group partial sums. The
+    weights of a K step are decoded once and used for each of the BLOCK_M (1, 2 or 4) pairs,
+    each with its own accumulator.
 
     Grid: ``(max_blocks * SPLIT_K * cdiv(N_OUT, cols per tile),)`` (see the module)."""
+    tl.static_assert((BLOCK_M == 1) | (BLOCK_M == 2) | (BLOCK_M == 4))
     in_use, expert, pair, mask_m, a_row, pid_k, pid_n = _block_rows(
         tl.program_id(0), max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
         num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
@@ -212,9 +242,12 @@ def decode_gemv_kernel(
     offs_g = tl.arange(0, GROUPS)
     w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn  # (BLOCK_N, 1)
     s_rows = w_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
-    a_rows = a_ptr + a_row[:, None] * stride_am  # (BLOCK_M, 1)
+    first_slot = (tl.program_id(0) % max_blocks) * BLOCK_M
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         mask_c = (k0 // 2 + offs_c) < k_end // 2
         packed = tl.load(w_rows + (k0 // 2 + offs_c)[None, :] * stride_wk,
@@ -222,22 +255,30 @@ def decode_gemv_kernel(
         mask_g = (k0 // 32 + offs_g) < k_end // 32
         scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
                         mask=mask_n[:, None] & mask_g[None, :], other=0)  # (BLOCK_N, GROUPS)
-        mask_a = mask_m[:, None] & mask_c[None, :]
-        x_lo = tl.load(a_rows + (k0 + offs_lo)[None, :] * stride_ak, mask=mask_a, other=0.0)
-        x_hi = tl.load(a_rows + (k0 + offs_lo + 16)[None, :] * stride_ak, mask=mask_a,
-                       other=0.0)  # (BLOCK_M, HALF_K)
-        x_lo = x_lo.to(tl.float32) * X_PRESCALE
-        x_hi = x_hi.to(tl.float32) * X_PRESCALE
-
+        scale_f = _e8m0_to_f32(scale.to(tl.int32))
         codes = packed.to(tl.int32)
         w_lo = _e2m1_low_bits(codes)
         w_hi = _e2m1_high_bits(codes)
-        prod = x_lo[:, None, :] * w_lo[None, :, :] + x_hi[:, None, :] * w_hi[None, :, :]
-        part = tl.sum(tl.reshape(prod, (BLOCK_M, BLOCK_N, GROUPS, 16)), axis=3)
-        # Two exact power-of-two multiplies: 2**62 * 2**(s - 127) overflows fp32 past s = 192.
-        part = (part * GROUP_UNDO) * _e8m0_to_f32(scale.to(tl.int32))[None, :, :]
-        acc += tl.sum(part, axis=2)
+        acc0 = _gemv_row(acc0, a_ptr, sorted_ids_ptr, first_slot, num_pairs, k0, k_end, offs_c,
+                         offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak, A_ROW_DIV,
+                         BLOCK_N, GROUPS)
+        if BLOCK_M > 1:
+            acc1 = _gemv_row(acc1, a_ptr, sorted_ids_ptr, first_slot + 1, num_pairs, k0, k_end,
+                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
+                             A_ROW_DIV, BLOCK_N, GROUPS)
+        if BLOCK_M > 2:
+            acc2 = _gemv_row(acc2, a_ptr, sorted_ids_ptr, first_slot + 2, num_pairs, k0, k_end,
+                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
+                             A_ROW_DIV, BLOCK_N, GROUPS)
+            acc3 = _gemv_row(acc3, a_ptr, sorted_ids_ptr, first_slot + 3, num_pairs, k0, k_end,
+                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
+                             A_ROW_DIV, BLOCK_N, GROUPS)
 
+    slot = tl.arange(0, BLOCK_M)[:, None]
+    acc = tl.where(slot == 0, acc0[None, :], acc1[None, :])
+    if BLOCK_M > 2:
+        acc = tl.where(slot == 2, acc2[None, :], acc)
+        acc = tl.where(slot == 3, acc3[None, :], acc)
     _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
               topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
               alpha, limit, ACTIVATION, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
