@@ -1,0 +1,215 @@
+"""Compile the decode GEMMs for sm_90 on a CPU machine and read what the compiler made of them.
+
+For each variant (gpt-oss shapes, bf16 activations): registers, spills, and in the K loop of
+the SASS the instruction mix (global/shared loads and stores, barriers, FMAs, MMAs, integer
+logic) and instructions per weight; from the TTGIR the layout the decoded weight tile has at
+the dot. Needs Triton 3.6 (the GPU's version) on the path before the venv's, e.g.
+
+    PYTHONPATH=/tmp/t36:src /work/main/.venv/bin/python scripts/inspect_decode.py [--dump DIR]
+
+``--dump`` writes each variant's TTGIR, PTX and SASS there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mxmoe.kernels._decode_gemm import decode_gemv_kernel, decode_mma_kernel  # noqa: E402
+
+POINTERS = {"a_ptr": "*bf16", "w_ptr": "*u8", "w_scale_ptr": "*u8", "bias_ptr": "*bf16",
+            "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+            "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32"}
+SCALARS = ["N", "K", "num_pairs", "max_blocks", "stride_am", "stride_ak", "stride_we",
+           "stride_wn", "stride_wk", "stride_se", "stride_sn", "stride_sk", "stride_bias_e",
+           "stride_bias_n", "stride_om", "stride_on", "stride_os", "k_per_split"]
+#: Scalars that are 1 at the real shapes (Triton specialises them the same way at launch).
+UNIT = {"stride_ak", "stride_wk", "stride_sk", "stride_bias_n", "stride_on"}
+#: Scalars divisible by 16 at gpt-oss shapes (specialised at launch).
+DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_bias_e", "stride_om",
+         "stride_os", "k_per_split"}
+
+# (name, kernel, constexprs, options)
+def _gemv(name, m, n, k, warps, gemm1=False):
+    return (f"gemv M{m} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}", decode_gemv_kernel,
+            dict(A_ROW_DIV=4 if gemm1 else 1, ACTIVATION=1 if gemm1 else 0,
+                 ROUTER_WEIGHT=0 if gemm1 else 2, HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n,
+                 BLOCK_K=k, SPLIT_K=1), dict(num_warps=warps, num_stages=3))
+
+
+VARIANTS = [
+    _gemv("", 1, 64, 128, 4, gemm1=True),
+    _gemv("", 1, 64, 128, 4),
+    _gemv("", 1, 64, 256, 8),
+    _gemv("", 1, 128, 128, 4),
+    _gemv("", 2, 64, 128, 4),
+    _gemv("", 4, 64, 128, 4),
+    ("mma M16 N64 K128 GEMM1 ptx", decode_mma_kernel,
+     dict(A_ROW_DIV=4, ACTIVATION=1, ROUTER_WEIGHT=0, HAS_BIAS=True, DEQUANT_PTX=True,
+          DOT_DTYPE="bf16", DOT_PRECISION=None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+          SPLIT_K=1), dict(num_warps=4, num_stages=3)),
+    ("mma M16 N64 K128 GEMM2 ptx", decode_mma_kernel,
+     dict(A_ROW_DIV=1, ACTIVATION=0, ROUTER_WEIGHT=2, HAS_BIAS=True, DEQUANT_PTX=True,
+          DOT_DTYPE="bf16", DOT_PRECISION=None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+          SPLIT_K=1), dict(num_warps=4, num_stages=3)),
+]
+
+
+def _bin(tool: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
+
+
+def compile_variant(kernel, constexprs, options):
+    import triton.language as tl
+
+    signature = dict(POINTERS)
+    for name in SCALARS:
+        signature[name] = "constexpr" if name in UNIT else "i32"
+    signature["alpha"] = "fp32"
+    signature["limit"] = "fp32"
+    consts = {name: 1 for name in UNIT}
+    for name, value in constexprs.items():
+        signature[name] = "constexpr"
+        consts[name] = value
+    if "DOT_DTYPE" in constexprs:
+        consts["DOT_DTYPE"] = {"bf16": tl.bfloat16, "fp16": tl.float16}[constexprs["DOT_DTYPE"]]
+    names = kernel.arg_names
+    signature = {name: signature[name] for name in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in list(POINTERS) + sorted(DIV16)}
+    src = ASTSource(kernel, signature, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        return subprocess.run([_bin("cuobjdump"), flag, path], capture_output=True,
+                              text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+
+
+def resources(cubin: bytes) -> dict:
+    """REG, STACK, SHARED, LOCAL of the kernel (cuobjdump -res-usage)."""
+    text = _cuobjdump(cubin, "-res-usage")
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:\S+\s+)?`?\(?\.L_x_\d+\)?"
+                     r"|/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)")
+
+
+def sass_loop(sass: str) -> list[str]:
+    """Opcodes of the largest backward-branch region (the K loop) of the SASS."""
+    lines = [line for line in sass.splitlines() if _OP.search(line)]
+    addr = [int(re.search(r"/\*([0-9a-f]{4,})\*/", line).group(1), 16) for line in lines]
+    best = (0, 0)
+    for idx, line in enumerate(lines):
+        m = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", line)
+        if m is None:
+            m = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", line)
+            if m is None:
+                continue
+            label = f".L_x_{m.group(1)}"
+            target = next((i for i, l in enumerate(sass.splitlines()) if l.strip().startswith(label)),
+                          None)
+            if target is None:
+                continue
+            # Map the label line to the next instruction address.
+            following = sass.splitlines()[target + 1:]
+            nxt = next((l for l in following if _OP.search(l)), None)
+            if nxt is None:
+                continue
+            target_addr = int(re.search(r"/\*([0-9a-f]{4,})\*/", nxt).group(1), 16)
+        else:
+            target_addr = int(m.group(1), 16)
+        if target_addr < addr[idx] and addr[idx] - target_addr > best[1] - best[0]:
+            best = (target_addr, addr[idx])
+    return [_OP.search(line).group(1) for line, a in zip(lines, addr) if best[0] <= a <= best[1]]
+
+
+def dot_operand_layouts(ttgir: str) -> list[str]:
+    """The operand encodings of the dots in the TTGIR (weights first under swap-AB)."""
+    out = []
+    for line in ttgir.splitlines():
+        if "warp_group_dot" in line or "tt.dot " in line:
+            types = re.findall(r"tensor<[^>]*>", line.split(":")[-1])
+            out.append(" x ".join(types[:2]))
+    return out
+
+
+def summarize(name, compiled, weights_per_iter):
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+    res = resources(compiled.asm["cubin"])
+    loop = sass_loop(sass)
+    ops = Counter(op.split(".")[0] for op in loop)
+    ttgir = compiled.asm["ttgir"]
+    row = {
+        "variant": name,
+        "regs": res.get("REG"),
+        "spills": res.get("LOCAL"),
+        "smem": compiled.metadata.shared,
+        "loop instr": len(loop),
+        "LDG": ops["LDG"], "LDS": ops["LDS"] + ops["LDSM"], "STS": ops["STS"],
+        "BAR": ops["BAR"], "LDGSTS": ops["LDGSTS"],
+        "FFMA": ops["FFMA"], "FMUL": ops["FMUL"], "FADD": ops["FADD"],
+        "HMMA/WGMMA": ops["HMMA"] + ops["HGMMA"],
+        "LOP3+SHF": ops["LOP3"] + ops["SHF"] + ops["PRMT"] + ops["IMAD"],
+        "instr/weight": round(len(loop) / weights_per_iter, 2) if loop else None,
+        "dot operands": dot_operand_layouts(ttgir),
+        "local_alloc": ttgir.count("ttg.local_alloc"),
+        "cvt_layout": ttgir.count("ttg.convert_layout"),
+    }
+    return row, sass
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dump", type=Path, default=None)
+    parser.add_argument("--only", default=None, help="substring of the variant names")
+    args = parser.parse_args()
+    print(f"triton {triton.__version__} ({triton.__file__}), target sm_90")
+    rows = []
+    for name, kernel, constexprs, options in VARIANTS:
+        if args.only and args.only not in name:
+            continue
+        compiled = compile_variant(kernel, constexprs, options)
+        # Weights one loop trip reads per thread: BLOCK_N * BLOCK_K over the threads.
+        threads = 32 * options["num_warps"]
+        per_thread = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads
+        row, sass = summarize(name, compiled, per_thread)
+        rows.append(row)
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            stem = re.sub(r"\W+", "_", name)
+            (args.dump / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
+            (args.dump / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+            (args.dump / f"{stem}.sass").write_text(sass)
+    keys = ["variant", "regs", "spills", "smem", "loop instr", "instr/weight", "LDG", "LDS", "STS",
+            "BAR", "LDGSTS", "FFMA", "FMUL", "FADD", "HMMA/WGMMA", "LOP3+SHF", "local_alloc",
+            "cvt_layout"]
+    print(" | ".join(keys))
+    for row in rows:
+        print(" | ".join(str(row[k]) for k in keys))
+    for row in rows:
+        for layouts in row["dot operands"]:
+            print(f"{row['variant']}: dot {layouts}")
+
+
+if __name__ == "__main__":
+    main()

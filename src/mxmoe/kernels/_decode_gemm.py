@@ -1,0 +1,369 @@
+"""Grouped GEMMs of the fused MoE for the memory-bound regime (decode: few pairs per expert).
+
+Both kernels read the weights in the GROUP_HALVES layout (`mxmoe.layouts`): in every 32-element
+scale group, byte ``j`` holds element ``j`` (low nibble) and ``j + 16`` (high nibble). A byte
+tile of ``BLOCK_K // 2`` columns therefore decodes into two tiles whose activations are two runs
+of 16 consecutive K elements per group (column ``c`` = group ``c // 16``, element ``c % 16`` of
+the low half or of the high half): no stride-2 gather, no re-interleave.
+
+- `decode_gemv_kernel`: CUDA cores, fp32 FMA, for 1 to a few pairs per expert. A nibble becomes
+  an fp32 bit pattern worth ``E2M1 * 2**-126`` by shift and mask (the 0.5 code lands as a
+  subnormal), the activations are pre-scaled by ``2**64`` so the products stay normal, and each
+  32-group's partial sum is multiplied once by ``2**62`` and once by its E8M0 scale.
+- `decode_mma_kernel`: tensor cores, swap-AB (``C^T = W X^T``: the decoded weight tile is the
+  dot's left operand, the ``BLOCK_M`` tokens the narrow side), two dots per K step (low and
+  high halves), for a few to a few dozen pairs per expert.
+
+The contract is `moe_gemm_kernel`'s (same arguments, same alignment, same epilogues and split-K
+planes). Grid: ``(max_blocks * SPLIT_K * num_n_tiles,)``; program ``pid`` takes M block
+``pid % max_blocks``, K slice ``(pid // max_blocks) % SPLIT_K`` and N tile
+``pid // (max_blocks * SPLIT_K)``. Blocks past ``num_tokens_post_padded`` or with expert -1
+return at once; pair ids past ``num_pairs`` (padding, or out of range) contribute nothing.
+
+Exactness of the GEMV's arithmetic: the decode, the two power-of-two undo multiplies and the
+E8M0 scale (every byte 0..254; 255 decodes to NaN) are exact, so the result equals the fp32
+sum of ``x * w * scale`` products up to summation order, for activations with ``|x| < 2**64``
+(larger ones overflow to inf when pre-scaled) and products ``|x * w| >= 2**-64`` (smaller ones
+are fp32 subnormals after the ``2**-62`` offset and keep fewer bits; they are below 1e-19).
+"""
+
+import triton
+import triton.language as tl
+
+from ._moe_gemm import (
+    ACT_NONE,
+    ACT_SILU,
+    ACT_SWIGLUOAI,
+    WEIGHT_AFTER_BIAS,
+    WEIGHT_BEFORE_BIAS,
+    WEIGHT_NONE,
+    _e2m1_to_f32,
+    _e8m0_to_f32,
+    _gated_activation,
+    _mxfp4_to_bf16_ptx,
+)
+
+__all__ = ["decode_gemv_kernel", "decode_mma_kernel", "ACT_NONE", "ACT_SWIGLUOAI", "ACT_SILU",
+           "WEIGHT_NONE", "WEIGHT_BEFORE_BIAS", "WEIGHT_AFTER_BIAS"]
+
+#: Activations times 2**64 keep the products of the 2**-126-offset weights in the fp32 normals.
+X_PRESCALE = tl.constexpr(18446744073709551616.0)  # 2**64
+#: Undoes 2**-126 * 2**64 once per 32-group partial sum.
+GROUP_UNDO = tl.constexpr(4611686018427387904.0)  # 2**62
+
+
+#: Bits 31 and 24..22 of an int32: 0x81C00000 written as the signed value Triton takes.
+SIGN_AND_MAGNITUDE = tl.constexpr(-0x7E400000)
+
+
+@triton.jit
+def _e2m1_low_bits(codes):
+    """The low nibble of each byte (int32, 0..255) -> its fp32 bit pattern worth
+    E2M1 * 2**-126: the nibble shifted to bits 28..31, then an arithmetic shift by 6 puts its
+    sign at 31 (and copies at 30..25) and its magnitude bits (e1 e0 m) at 24..22; one mask."""
+    return (((codes << 28) >> 6) & SIGN_AND_MAGNITUDE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_high_bits(codes):
+    """The high nibble of each byte (int32, 0..255) -> the same pattern as `_e2m1_low_bits`."""
+    return (((codes << 24) >> 6) & SIGN_AND_MAGNITUDE).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_row(acc, a_ptr, sorted_ids_ptr, slot, num_pairs, k0, k_end, offs_c, offs_lo, w_lo,
+              w_hi, scale_f, stride_am, stride_ak, A_ROW_DIV: tl.constexpr,
+              BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """acc (BLOCK_N,) += this K step's weights times the activation row of the pair in
+    ``slot`` of sorted_ids (nothing for a padding or out-of-range id)."""
+    # The id broadcast over the columns: a scalar & block mask trips the interpreter.
+    pair = tl.load(sorted_ids_ptr + slot + offs_c * 0)
+    mask = (pair >= 0) & (pair < num_pairs) & ((k0 // 2 + offs_c) < k_end // 2)
+    row = a_ptr + (tl.where(mask, pair, 0) // A_ROW_DIV).to(tl.int64) * stride_am
+    # Each x vector has fewer elements than the program has threads, which lets the compiler
+    # load it straight into the weights' column layout (no shared-memory round trip).
+    x_lo = tl.load(row + (k0 + offs_lo) * stride_ak, mask=mask, other=0.0)
+    x_hi = tl.load(row + (k0 + offs_lo + 16) * stride_ak, mask=mask, other=0.0)
+    x_lo = x_lo.to(tl.float32) * X_PRESCALE
+    x_hi = x_hi.to(tl.float32) * X_PRESCALE
+    prod = x_lo[None, :] * w_lo + x_hi[None, :] * w_hi  # (BLOCK_N, HALF_K)
+    part = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, 16)), axis=2)
+    # Two exact power-of-two multiplies: 2**62 * 2**(s - 127) overflows fp32 past s = 192.
+    return acc + tl.sum((part * GROUP_UNDO) * scale_f, axis=1)
+
+
+@triton.jit
+def _block_rows(pid, max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
+                num_pairs, A_ROW_DIV: tl.constexpr, SPLIT_K: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """The program's M block: (in use, expert (int64), pair ids, mask, A rows (int64), K slice,
+    N tile). A block is in use when it lies below num_tokens_post_padded and has an expert."""
+    pid_m = pid % max_blocks
+    pid_kn = pid // max_blocks
+    pid_k = pid_kn % SPLIT_K
+    pid_n = pid_kn // SPLIT_K
+    num_post_padded = tl.load(num_post_padded_ptr)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    in_use = (pid_m * BLOCK_M < num_post_padded) & (expert >= 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    # A negative id is out of range as well as one past the end.
+    mask_m = (pair >= 0) & (pair < num_pairs)
+    pair = tl.where(mask_m, pair, 0)
+    # int64: pair * stride passes 2**31 at large M.
+    a_row = (pair // A_ROW_DIV).to(tl.int64)
+    return in_use, expert, pair, mask_m, a_row, pid_k, pid_n
+
+
+@triton.jit
+def _tile_rows(pid_n, N, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's weight rows (int64) and their mask. Gated: BLOCK_N // 2 output columns, each
+    a (gate, up) pair of rows, so that the tile's rows alternate gate, up."""
+    offs_j = tl.arange(0, BLOCK_N)
+    if ACTIVATION == ACT_NONE:
+        rows = pid_n * BLOCK_N + offs_j
+        mask_n = rows < N
+    else:
+        half = N // 2
+        out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
+        if ACTIVATION == ACT_SWIGLUOAI:
+            rows = 2 * out_col + offs_j % 2
+        else:
+            rows = out_col + (offs_j % 2) * half
+        mask_n = out_col < half
+    return rows.to(tl.int64), mask_n
+
+
+@triton.jit
+def _k_range(pid_k, K, k_per_split, SPLIT_K: tl.constexpr):
+    if SPLIT_K == 1:
+        k_begin = 0
+        k_end = K
+    else:
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(K, k_begin + k_per_split)
+    return k_begin, k_end
+
+
+@triton.jit
+def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
+              bias_ptr, out_ptr, topk_weights_ptr,
+              stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os, alpha, limit,
+              ACTIVATION: tl.constexpr, ROUTER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 -> weight / bias / activation -> the output rows of the
+    pairs (or their split-K plane)."""
+    if ROUTER_WEIGHT != WEIGHT_NONE:
+        routing_weight = tl.load(topk_weights_ptr + pair, mask=mask_m, other=0.0)
+    if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:
+        acc = acc * routing_weight[:, None]
+    if HAS_BIAS:
+        # Only K slice 0 adds the bias (a block mask: a scalar & block mask trips the
+        # interpreter).
+        first_slice = (tl.zeros((BLOCK_N,), tl.int32) + pid_k) == 0
+        bias = tl.load(bias_ptr + expert * stride_bias_e + rows64 * stride_bias_n,
+                       mask=mask_n & first_slice, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ROUTER_WEIGHT == WEIGHT_AFTER_BIAS:
+        acc = acc * routing_weight[:, None]
+
+    out_row = pair.to(tl.int64)
+    if ACTIVATION == ACT_NONE:
+        out_cols = rows64
+        result = acc
+        mask_out = mask_n
+    else:
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        result = _gated_activation(gate, up, alpha, limit, ACTIVATION)
+        out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
+        mask_out = out_cols < N // 2
+    if SPLIT_K > 1:
+        out_ptr += pid_k.to(tl.int64) * stride_os
+    tl.store(
+        out_ptr + out_row[:, None] * stride_om + out_cols[None, :] * stride_on,
+        result.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_out[None, :],
+    )
+
+
+@triton.jit
+def decode_gemv_kernel(
+    a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
+    w_ptr,  # (E, N, K // 2) uint8 MXFP4, GROUP_HALVES layout
+    w_scale_ptr,  # (E, N, K // 32) uint8 E8M0
+    bias_ptr,  # (E, N) float (unused without HAS_BIAS)
+    out_ptr,  # (num_pairs, N_OUT) activation dtype, N_OUT = N // 2 when gated, else N;
+    #           with SPLIT_K > 1: (SPLIT_K, num_pairs, N) float32 planes
+    topk_weights_ptr,  # (num_pairs,) float32
+    sorted_ids_ptr,  # (max_blocks * BLOCK_M,) int32 pair ids, sentinel = num_pairs
+    expert_ids_ptr,  # (max_blocks,) int32 local expert of each block, -1 unused
+    num_post_padded_ptr,  # (1,) int32 rows in use
+    N,  # weight rows (2I for GEMM1, H for GEMM2), a multiple of 32
+    K,  # reduction size (H for GEMM1, I for GEMM2), a multiple of 32
+    num_pairs,
+    max_blocks,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_bias_e, stride_bias_n,
+    stride_om, stride_on,
+    stride_os,  # between the SPLIT_K planes of the output (unused when SPLIT_K == 1)
+    k_per_split,  # K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
+    alpha,
+    limit,
+    A_ROW_DIV: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ROUTER_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block): 1, 2 or 4
+    BLOCK_N: tl.constexpr,  # weight rows per program (gated: BLOCK_N // 2 gate/up pairs)
+    BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
+):
+    """CUDA-core GEMV over the pairs of one M block: fp32 FMA, 32-group partial sums. The
+    weights of a K step are decoded once and used for each of the BLOCK_M (1, 2 or 4) pairs,
+    each with its own accumulator.
+
+    Grid: ``(max_blocks * SPLIT_K * cdiv(N_OUT, cols per tile),)`` (see the module)."""
+    tl.static_assert((BLOCK_M == 1) | (BLOCK_M == 2) | (BLOCK_M == 4))
+    in_use, expert, pair, mask_m, a_row, pid_k, pid_n = _block_rows(
+        tl.program_id(0), max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
+        num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
+    if in_use == 0:
+        return
+    rows64, mask_n = _tile_rows(pid_n, N, ACTIVATION, BLOCK_N)
+    k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
+
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_c = tl.arange(0, HALF_K)  # byte column of the step: group c // 16, element c % 16
+    # Element of K (within the step) of the low nibble of column c; the high one is 16 further.
+    offs_lo = (offs_c // 16) * 32 + offs_c % 16
+    offs_g = tl.arange(0, GROUPS)
+    w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn  # (BLOCK_N, 1)
+    s_rows = w_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
+    first_slot = (tl.program_id(0) % max_blocks) * BLOCK_M
+
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        mask_c = (k0 // 2 + offs_c) < k_end // 2
+        packed = tl.load(w_rows + (k0 // 2 + offs_c)[None, :] * stride_wk,
+                         mask=mask_n[:, None] & mask_c[None, :], other=0)  # (BLOCK_N, HALF_K)
+        mask_g = (k0 // 32 + offs_g) < k_end // 32
+        scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
+                        mask=mask_n[:, None] & mask_g[None, :], other=0)  # (BLOCK_N, GROUPS)
+        scale_f = _e8m0_to_f32(scale.to(tl.int32))
+        codes = packed.to(tl.int32)
+        w_lo = _e2m1_low_bits(codes)
+        w_hi = _e2m1_high_bits(codes)
+        acc0 = _gemv_row(acc0, a_ptr, sorted_ids_ptr, first_slot, num_pairs, k0, k_end, offs_c,
+                         offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak, A_ROW_DIV,
+                         BLOCK_N, GROUPS)
+        if BLOCK_M > 1:
+            acc1 = _gemv_row(acc1, a_ptr, sorted_ids_ptr, first_slot + 1, num_pairs, k0, k_end,
+                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
+                             A_ROW_DIV, BLOCK_N, GROUPS)
+        if BLOCK_M > 2:
+            acc2 = _gemv_row(acc2, a_ptr, sorted_ids_ptr, first_slot + 2, num_pairs, k0, k_end,
+                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
+                             A_ROW_DIV, BLOCK_N, GROUPS)
+            acc3 = _gemv_row(acc3, a_ptr, sorted_ids_ptr, first_slot + 3, num_pairs, k0, k_end,
+                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
+                             A_ROW_DIV, BLOCK_N, GROUPS)
+
+    slot = tl.arange(0, BLOCK_M)[:, None]
+    acc = tl.where(slot == 0, acc0[None, :], acc1[None, :])
+    if BLOCK_M > 2:
+        acc = tl.where(slot == 2, acc2[None, :], acc)
+        acc = tl.where(slot == 3, acc3[None, :], acc)
+    _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
+              topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
+              alpha, limit, ACTIVATION, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def decode_mma_kernel(
+    a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
+    w_ptr,  # (E, N, K // 2) uint8 MXFP4, GROUP_HALVES layout
+    w_scale_ptr,  # (E, N, K // 32) uint8 E8M0
+    bias_ptr,  # (E, N) float (unused without HAS_BIAS)
+    out_ptr,  # (num_pairs, N_OUT) activation dtype, N_OUT = N // 2 when gated, else N;
+    #           with SPLIT_K > 1: (SPLIT_K, num_pairs, N) float32 planes
+    topk_weights_ptr,  # (num_pairs,) float32
+    sorted_ids_ptr,  # (max_blocks * BLOCK_M,) int32 pair ids, sentinel = num_pairs
+    expert_ids_ptr,  # (max_blocks,) int32 local expert of each block, -1 unused
+    num_post_padded_ptr,  # (1,) int32 rows in use
+    N,  # weight rows (2I for GEMM1, H for GEMM2), a multiple of 32
+    K,  # reduction size (H for GEMM1, I for GEMM2), a multiple of 32
+    num_pairs,
+    max_blocks,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_bias_e, stride_bias_n,
+    stride_om, stride_on,
+    stride_os,  # between the SPLIT_K planes of the output (unused when SPLIT_K == 1)
+    k_per_split,  # K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
+    alpha,
+    limit,
+    A_ROW_DIV: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ROUTER_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DEQUANT_PTX: tl.constexpr,  # bf16 on NVIDIA sm_80+: `_mxfp4_to_bf16_ptx`, scale folded in
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (exact), None otherwise
+    BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block), >= 16
+    BLOCK_N: tl.constexpr,  # weight rows per program: the dot's M side (64 for wgmma)
+    BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
+):
+    """Tensor-core swap-AB GEMM: acc^T (BLOCK_N, BLOCK_M) += W_lo X_lo^T + W_hi X_hi^T.
+
+    Grid: ``(max_blocks * SPLIT_K * cdiv(N_OUT, cols per tile),)`` (see the module)."""
+    in_use, expert, pair, mask_m, a_row, pid_k, pid_n = _block_rows(
+        tl.program_id(0), max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
+        num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
+    if in_use == 0:
+        return
+    rows64, mask_n = _tile_rows(pid_n, N, ACTIVATION, BLOCK_N)
+    k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
+
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_c = tl.arange(0, HALF_K)
+    offs_lo = (offs_c // 16) * 32 + offs_c % 16
+    w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn  # (BLOCK_N, 1)
+    s_rows = w_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
+    a_cols = a_ptr + a_row[None, :] * stride_am  # (1, BLOCK_M)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        mask_c = (k0 // 2 + offs_c) < k_end // 2
+        packed = tl.load(w_rows + (k0 // 2 + offs_c)[None, :] * stride_wk,
+                         mask=mask_n[:, None] & mask_c[None, :], other=0)  # (BLOCK_N, HALF_K)
+        # The scale of each byte column, loaded per column (the 16 columns of a group hit one
+        # byte; L1 serves the repeats).
+        scale = tl.load(s_rows + (k0 // 32 + offs_c // 16)[None, :] * stride_sk,
+                        mask=mask_n[:, None] & mask_c[None, :], other=0)  # (BLOCK_N, HALF_K)
+        mask_x = mask_c[:, None] & mask_m[None, :]
+        x_lo = tl.load(a_cols + (k0 + offs_lo)[:, None] * stride_ak, mask=mask_x, other=0.0)
+        x_hi = tl.load(a_cols + (k0 + offs_lo + 16)[:, None] * stride_ak, mask=mask_x,
+                       other=0.0)  # (HALF_K, BLOCK_M)
+        scale_f = _e8m0_to_f32(scale.to(tl.int32))
+        if DEQUANT_PTX:
+            w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_f.to(tl.bfloat16))
+        else:
+            codes = packed.to(tl.int32)
+            w_lo = (_e2m1_to_f32(codes & 0xF) * scale_f).to(DOT_DTYPE)
+            w_hi = (_e2m1_to_f32(codes >> 4) * scale_f).to(DOT_DTYPE)
+        acc = tl.dot(w_lo, x_lo.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(w_hi, x_hi.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+
+    _epilogue(tl.trans(acc), expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr,
+              out_ptr, topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on,
+              stride_os, alpha, limit, ACTIVATION, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M,
+              BLOCK_N)
