@@ -28,9 +28,12 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import mxmoe  # noqa: E402
 from mxmoe.format import MXFP4Tensor  # noqa: E402
-from mxmoe.kernels.decode import (DecodeConfig, decode_fused_experts, k_slices,  # noqa: E402
-                                  launch_decode_gemm)
-from mxmoe.kernels.fused_moe import align, use_dequant_ptx  # noqa: E402
+from mxmoe import settings  # noqa: E402
+from mxmoe.kernels._epilogues import epilogue_of  # noqa: E402
+from mxmoe.kernels.align import align  # noqa: E402
+from mxmoe.kernels.decode import DecodeConfig, DecodeGemm, decode_fused_experts  # noqa: E402
+from mxmoe.kernels.fused_moe import _k_slices as k_slices, use_dequant_ptx  # noqa: E402
+from mxmoe.validation import check_fused_experts_args  # noqa: E402
 from mxmoe.reference import fused_experts_reference  # noqa: E402
 from mxmoe.routing import max_aligned_blocks  # noqa: E402
 
@@ -135,6 +138,7 @@ def gemms_fn(inputs, halves, biases, configs, e, inter):
     b13, b2 = biases
     c1, c2 = configs
     calls = []
+    ptx = use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
     for x, w, ids in inputs:
         num_pairs = ids.numel()
         flat = ids.reshape(-1).contiguous()
@@ -147,18 +151,18 @@ def gemms_fn(inputs, halves, biases, configs, e, inter):
         out1 = act if s1 == 1 else torch.empty(s1, num_pairs, 2 * inter, device=x.device)
         out2 = (torch.empty(num_pairs, HIDDEN, dtype=x.dtype, device=x.device) if s2 == 1
                 else torch.empty(s2, num_pairs, HIDDEN, device=x.device))
-        calls.append((x, wf, aligned, max_blocks, num_pairs, act, out1, out2, s1, p1, s2, p2))
-    ptx = use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
+        call = check_fused_experts_args(x, w13h, w2h, w, ids, w13_bias=b13, w2_bias=b2,
+                                        activation="swigluoai", alpha=1.702, limit=7.0,
+                                        expert_map=None)
+        gemm = DecodeGemm(call, aligned, max_blocks, wf, ptx, epilogue_of(call.activation))
+        calls.append((x, gemm, act, out1, out2, s1, p1, s2, p2))
 
     def run():
-        for x, wf, aligned, max_blocks, num_pairs, act, out1, out2, s1, p1, s2, p2 in calls:
-            kw = dict(aligned=aligned, max_blocks=max_blocks, num_pairs=num_pairs, alpha=1.702,
-                      limit=7.0, dequant_ptx=ptx)
-            launch_decode_gemm(x, TOP_K, w13h, b13, out1, wf, n=2 * inter, k=HIDDEN,
-                               activation=1 if s1 == 1 else 0, router_weight=0, cfg=c1,
-                               splits=s1, k_per_split=p1, **kw)
-            launch_decode_gemm(act, 1, w2h, b2, out2, wf, n=HIDDEN, k=inter, activation=0,
-                               router_weight=2, cfg=c2, splits=s2, k_per_split=p2, **kw)
+        for x, gemm, act, out1, out2, s1, p1, s2, p2 in calls:
+            gemm.launch(x, TOP_K, w13h, b13, out1, n=2 * inter, k=HIDDEN, gated=s1 == 1,
+                        router_weight=0, cfg=c1, splits=s1, k_per_split=p1)
+            gemm.launch(act, 1, w2h, b2, out2, n=HIDDEN, k=inter, gated=False,
+                        router_weight=2, cfg=c2, splits=s2, k_per_split=p2)
     return run
 
 
@@ -166,6 +170,7 @@ def check(results, name, e, inter, device):
     w13, w2, b13, b2 = random_weights(e, inter, device, seed=inter + e)
     halves = (w13.to_layout("group_halves"), w2.to_layout("group_halves"))
     os.environ["MXMOE_POISON"] = "1"
+    settings.refresh()
     for m in (1, 4, 32):
         x, w, ids = routing(m, e, device, seed=m)
         ref = fused_experts_reference(x, w13, w2, w, ids, w13_bias=b13, w2_bias=b2)
@@ -182,6 +187,7 @@ def check(results, name, e, inter, device):
                 print(f"check {name} I={inter} M={m} {variant} {c1.block_n}x{c1.block_k} "
                       f"split {c2.split_k}: max {err:.2e} rms {rms:.2e} {'ok' if ok else 'FAIL'}")
     os.environ["MXMOE_POISON"] = "0"
+    settings.refresh()
 
 
 def main():

@@ -31,20 +31,15 @@ import triton
 import triton.language as tl
 
 from ._moe_gemm import (
-    ACT_NONE,
-    ACT_SILU,
-    ACT_SWIGLUOAI,
     WEIGHT_AFTER_BIAS,
     WEIGHT_BEFORE_BIAS,
     WEIGHT_NONE,
     _e2m1_to_f32,
     _e8m0_to_f32,
-    _gated_activation,
     _mxfp4_to_bf16_ptx,
 )
 
-__all__ = ["decode_gemv_kernel", "decode_mma_kernel", "ACT_NONE", "ACT_SWIGLUOAI", "ACT_SILU",
-           "WEIGHT_NONE", "WEIGHT_BEFORE_BIAS", "WEIGHT_AFTER_BIAS"]
+__all__ = ["decode_gemv_kernel", "decode_mma_kernel"]
 
 #: Activations times 2**64 keep the products of the 2**-126-offset weights in the fp32 normals.
 X_PRESCALE = tl.constexpr(18446744073709551616.0)  # 2**64
@@ -116,17 +111,17 @@ def _block_rows(pid, max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids
 
 
 @triton.jit
-def _tile_rows(pid_n, N, ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr):
+def _tile_rows(pid_n, N, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr):
     """The tile's weight rows (int64) and their mask. Gated: BLOCK_N // 2 output columns, each
     a (gate, up) pair of rows, so that the tile's rows alternate gate, up."""
     offs_j = tl.arange(0, BLOCK_N)
-    if ACTIVATION == ACT_NONE:
+    if not GATED:
         rows = pid_n * BLOCK_N + offs_j
         mask_n = rows < N
     else:
         half = N // 2
         out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
-        if ACTIVATION == ACT_SWIGLUOAI:
+        if INTERLEAVED:
             rows = 2 * out_col + offs_j % 2
         else:
             rows = out_col + (offs_j % 2) * half
@@ -149,8 +144,9 @@ def _k_range(pid_k, K, k_per_split, SPLIT_K: tl.constexpr):
 def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
               bias_ptr, out_ptr, topk_weights_ptr,
               stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os, alpha, limit,
-              ACTIVATION: tl.constexpr, ROUTER_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              GATED: tl.constexpr, ACT_FN: tl.constexpr, ROUTER_WEIGHT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) fp32 -> weight / bias / activation -> the output rows of the
     pairs (or their split-K plane)."""
     if ROUTER_WEIGHT != WEIGHT_NONE:
@@ -168,13 +164,13 @@ def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
         acc = acc * routing_weight[:, None]
 
     out_row = pair.to(tl.int64)
-    if ACTIVATION == ACT_NONE:
+    if not GATED:
         out_cols = rows64
         result = acc
         mask_out = mask_n
     else:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        result = _gated_activation(gate, up, alpha, limit, ACTIVATION)
+        result = ACT_FN(gate, up, alpha, limit)
         out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
         mask_out = out_cols < N // 2
     if SPLIT_K > 1:
@@ -212,13 +208,15 @@ def decode_gemv_kernel(
     alpha,
     limit,
     A_ROW_DIV: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,  # GEMM1's gated epilogue: the output has N // 2 columns
+    INTERLEAVED: tl.constexpr,  # gated: gate/up rows interleave (else [gate | up] halves)
+    ACT_FN: tl.constexpr,  # gated: the activation's epilogue (`_epilogues`)
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block): 1, 2 or 4
     BLOCK_N: tl.constexpr,  # weight rows per program (gated: BLOCK_N // 2 gate/up pairs)
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
-    SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
 ):
     """CUDA-core GEMV over the pairs of one M block: fp32 FMA, 32-group partial sums. The
     weights of a K step are decoded once and used for each of the BLOCK_M (1, 2 or 4) pairs,
@@ -231,7 +229,7 @@ def decode_gemv_kernel(
         num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
     if in_use == 0:
         return
-    rows64, mask_n = _tile_rows(pid_n, N, ACTIVATION, BLOCK_N)
+    rows64, mask_n = _tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N)
     k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
 
     GROUPS: tl.constexpr = BLOCK_K // 32
@@ -281,7 +279,7 @@ def decode_gemv_kernel(
         acc = tl.where(slot == 3, acc3[None, :], acc)
     _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
               topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
-              alpha, limit, ACTIVATION, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+              alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -310,7 +308,9 @@ def decode_mma_kernel(
     alpha,
     limit,
     A_ROW_DIV: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,  # GEMM1's gated epilogue: the output has N // 2 columns
+    INTERLEAVED: tl.constexpr,  # gated: gate/up rows interleave (else [gate | up] halves)
+    ACT_FN: tl.constexpr,  # gated: the activation's epilogue (`_epilogues`)
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DEQUANT_PTX: tl.constexpr,  # bf16 on NVIDIA sm_80+: `_mxfp4_to_bf16_ptx`, scale folded in
@@ -319,7 +319,7 @@ def decode_mma_kernel(
     BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block), >= 16
     BLOCK_N: tl.constexpr,  # weight rows per program: the dot's M side (64 for wgmma)
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
-    SPLIT_K: tl.constexpr,  # K slices, each its own program (ACTIVATION must be ACT_NONE)
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
 ):
     """Tensor-core swap-AB GEMM: acc^T (BLOCK_N, BLOCK_M) += W_lo X_lo^T + W_hi X_hi^T.
 
@@ -329,7 +329,7 @@ def decode_mma_kernel(
         num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
     if in_use == 0:
         return
-    rows64, mask_n = _tile_rows(pid_n, N, ACTIVATION, BLOCK_N)
+    rows64, mask_n = _tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N)
     k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
 
     GROUPS: tl.constexpr = BLOCK_K // 32
@@ -365,5 +365,5 @@ def decode_mma_kernel(
 
     _epilogue(tl.trans(acc), expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr,
               out_ptr, topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on,
-              stride_os, alpha, limit, ACTIVATION, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M,
+              stride_os, alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M,
               BLOCK_N)

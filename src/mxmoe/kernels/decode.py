@@ -1,9 +1,9 @@
 """Launchers of the decode GEMMs (`_decode_gemm`): the memory-bound regime of the fused MoE.
 
-`launch_decode_gemm` has the contract of one `fused_moe._launch_gemm` call (same alignment, same
-epilogues, same split-K planes), with the weights in the GROUP_HALVES layout. `decode_fused_experts`
-is a whole layer built from it (align -> GEMM1 -> GEMM2 -> top-k sum), for tests and benchmarks;
-the fused MoE's dispatcher picks these kernels when pairs per expert are few.
+`DecodeGemm.launch` has the contract of `fused_moe._Gemm.launch` (same alignment, same
+epilogues, same split-K planes), with the weights in the GROUP_HALVES layout; `fused_moe` picks
+it when the weights are in that layout and pairs per expert are few (`choose_decode_config`).
+`decode_fused_experts` runs a whole layer on it with given configs (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -14,20 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from ..activations import Activation
 from ..format import MXFP4Tensor
 from ..layouts import GROUP_HALVES
-from ..routing import Alignment, max_aligned_blocks
+from ..problem import MoEProblem
 from ._decode_gemm import decode_gemv_kernel, decode_mma_kernel
-from ._moe_gemm import split_activation_kernel, topk_sum_kernel
-from .fused_moe import _interpreting, _new_buffer, align, use_dequant_ptx
+from .launch import Launcher
 
-__all__ = ["DecodeConfig", "VARIANTS", "launch_decode_gemm", "decode_fused_experts",
-           "k_slices", "default_decode_config"]
+__all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "decode_fused_experts",
+           "choose_decode_config", "default_decode_config"]
 
 #: "gemv": CUDA-core fp32 FMA (1..4 pairs per expert); "mma": tensor-core swap-AB (16 and up).
 VARIANTS = ("gemv", "mma")
-_ACTIVATIONS = {Activation.SWIGLUOAI: 1, Activation.SILU: 2}
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -74,7 +73,7 @@ class DecodeConfig:
 
 def default_decode_config(pairs_per_expert: float) -> DecodeConfig:
     """A starting point before tuning (scripts/gpu_decode.py sweeps around it)."""
-    if _interpreting():
+    if settings.current().interpret:
         return DecodeConfig("gemv", block_m=1, block_n=32, block_k=64, num_stages=1)
     if pairs_per_expert <= 4:
         block_m = 1 << max(0, int(pairs_per_expert - 1).bit_length())
@@ -83,72 +82,82 @@ def default_decode_config(pairs_per_expert: float) -> DecodeConfig:
     return DecodeConfig("mma", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
 
 
-def k_slices(k: int, cfg: DecodeConfig) -> tuple[int, int]:
-    """(slices, K per slice): at most ``cfg.split_k`` slices of whole K tiles, none empty."""
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
-    return triton.cdiv(k_tiles, per_split), per_split * cfg.block_k
+#: Up to this many pairs per expert the decode kernels run (when the weights are in the
+#: GROUP_HALVES layout); above, the general kernel. Measured on the H200: benchmarks/NOTES.md.
+DECODE_MAX_PAIRS_PER_EXPERT = 16
 
 
-def launch_decode_gemm(a: torch.Tensor, a_row_div: int, weight: MXFP4Tensor,
-                       bias: torch.Tensor | None, out: torch.Tensor, topk_weights: torch.Tensor,
-                       aligned: Alignment, max_blocks: int, num_pairs: int, n: int, k: int, *,
-                       activation: int, router_weight: int, alpha: float, limit: float,
-                       cfg: DecodeConfig, dequant_ptx: bool = False, splits: int = 1,
-                       k_per_split: int | None = None) -> None:
-    """One grouped GEMM of the fused MoE, as `fused_moe._launch_gemm`.
+def choose_decode_config(problem: MoEProblem) -> DecodeConfig | None:
+    """The decode GEMMs' config for this problem, or None when the general kernel should run."""
+    if problem.pairs_per_expert > DECODE_MAX_PAIRS_PER_EXPERT:
+        return None
+    return default_decode_config(problem.pairs_per_expert)
 
-    ``a`` [A_rows, K] (row of pair p: ``p // a_row_div``); ``weight`` [E, N, K] MXFP4 in the
-    GROUP_HALVES layout; ``bias`` [E, N] or None; ``out`` [num_pairs, N // 2 if gated else N],
-    or with ``splits`` > 1 (``activation`` 0) [splits, num_pairs, N] float32 planes that the
-    caller sums. ``activation``: 0 none, 1 swigluoai (interleaved gate/up rows), 2 silu
-    ([gate | up] halves); ``router_weight``: 0 none, 1 before the bias, 2 after it.
-    ``dequant_ptx`` (mma variant, bf16 on NVIDIA sm_80+): the PTX nibble conversion.
-    """
-    if not isinstance(weight, MXFP4Tensor) or weight.layout != GROUP_HALVES:
-        raise ValueError(f"launch_decode_gemm: weight must be an MXFP4Tensor in the "
-                         f"{GROUP_HALVES.name!r} layout, got "
-                         f"{getattr(weight, 'layout', type(weight).__name__)}")
-    if n % 32 or k % 32:
-        raise ValueError(f"launch_decode_gemm: N and K must be multiples of 32, got N={n}, K={k}")
-    if aligned.block_m != cfg.block_m:
-        raise ValueError(f"launch_decode_gemm: the alignment's block_m {aligned.block_m} is not "
-                         f"the config's {cfg.block_m}")
-    if splits > 1 and (activation or out.dim() != 3 or out.shape[0] != splits
-                       or out.dtype != torch.float32):
-        raise ValueError(f"launch_decode_gemm: with {splits} K slices out must be float32 "
-                         f"[{splits}, num_pairs, N] and activation 0, got {tuple(out.shape)} "
-                         f"{out.dtype}, activation {activation}")
-    n_out = n // 2 if activation else n
-    cols_per_tile = cfg.block_n // 2 if activation else cfg.block_n
-    grid = (max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
-    out_rows = out if out.dim() == 2 else out[0]
-    w, s = weight.blocks, weight.scales
-    common = dict(
-        a_ptr=a, w_ptr=w, w_scale_ptr=s, bias_ptr=bias if bias is not None else out,
-        out_ptr=out, topk_weights_ptr=topk_weights, sorted_ids_ptr=aligned.sorted_ids,
-        expert_ids_ptr=aligned.expert_ids, num_post_padded_ptr=aligned.num_tokens_post_padded,
-        N=n, K=k, num_pairs=num_pairs, max_blocks=max_blocks,
-        stride_am=a.stride(0), stride_ak=a.stride(1),
-        stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
-        stride_se=s.stride(0), stride_sn=s.stride(1), stride_sk=s.stride(2),
-        stride_bias_e=bias.stride(0) if bias is not None else 0,
-        stride_bias_n=bias.stride(1) if bias is not None else 0,
-        stride_om=out_rows.stride(0), stride_on=out_rows.stride(1),
-        stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
-        alpha=alpha, limit=limit,
-        A_ROW_DIV=a_row_div, ACTIVATION=activation, ROUTER_WEIGHT=router_weight,
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, SPLIT_K=splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if cfg.variant == "gemv":
-        decode_gemv_kernel[grid](**common)
-    else:
-        dot_dtype = a.dtype
-        decode_mma_kernel[grid](
-            **common, DEQUANT_PTX=dequant_ptx, DOT_DTYPE=_DOT_DTYPES[dot_dtype],
-            DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None,
+
+_gemv = Launcher(decode_gemv_kernel)
+_mma = Launcher(decode_mma_kernel)
+
+
+class DecodeGemm:
+    """The decode GEMMs of one call: `fused_moe._Gemm`'s interface, GROUP_HALVES weights."""
+
+    def __init__(self, call, aligned, max_blocks: int, topk_weights: torch.Tensor,
+                 dequant_ptx: bool, act_fn):
+        self.call = call
+        self.aligned = aligned
+        self.max_blocks = max_blocks
+        self.num_pairs = call.problem.num_pairs
+        self.topk_weights = topk_weights
+        self.dequant_ptx = dequant_ptx
+        self.act_fn = act_fn
+
+    def launch(self, a, a_row_div, weight, bias, out, *, n, k, gated, router_weight, cfg,
+               splits=1, k_per_split=None):
+        """``a`` [A_rows, K] (row of pair p: ``p // a_row_div``); ``weight`` [E, N, K] MXFP4
+        in the GROUP_HALVES layout; ``bias`` [E, N] or None; ``out`` [num_pairs, N // 2 if
+        gated else N], or with ``splits`` > 1 (ungated) [splits, num_pairs, N] float32 planes
+        that the caller sums. ``router_weight``: 0 none, 1 before the bias, 2 after it."""
+        if weight.layout != GROUP_HALVES:
+            raise ValueError(f"the decode GEMMs read the {GROUP_HALVES.name!r} layout, got "
+                             f"{weight.layout.name!r}")
+        if self.aligned.block_m != cfg.block_m:
+            raise ValueError(f"the alignment's block_m {self.aligned.block_m} is not the "
+                             f"decode config's {cfg.block_m}")
+        if splits > 1 and (gated or out.dim() != 3 or out.shape[0] != splits
+                           or out.dtype != torch.float32):
+            raise ValueError("split-K GEMMs write (splits, pairs, N) float32 planes, ungated")
+        n_out = n // 2 if gated else n
+        cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
+        grid = (self.max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
+        out_rows = out if out.dim() == 2 else out[0]
+        w, s = weight.blocks, weight.scales  # (E, N, K/2), (E, N, K/32) uint8
+        aligned = self.aligned
+        common = dict(
+            a_ptr=a, w_ptr=w, w_scale_ptr=s, bias_ptr=bias if bias is not None else out,
+            out_ptr=out, topk_weights_ptr=self.topk_weights, sorted_ids_ptr=aligned.sorted_ids,
+            expert_ids_ptr=aligned.expert_ids,
+            num_post_padded_ptr=aligned.num_tokens_post_padded,
+            N=n, K=k, num_pairs=self.num_pairs, max_blocks=self.max_blocks,
+            stride_am=a.stride(0), stride_ak=a.stride(1),
+            stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
+            stride_se=s.stride(0), stride_sn=s.stride(1), stride_sk=s.stride(2),
+            stride_bias_e=bias.stride(0) if bias is not None else 0,
+            stride_bias_n=bias.stride(1) if bias is not None else 0,
+            stride_om=out_rows.stride(0), stride_on=out_rows.stride(1),
+            stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
+            alpha=self.call.alpha, limit=self.call.limit,
+            A_ROW_DIV=a_row_div, GATED=gated, INTERLEAVED=self.call.activation.interleaved,
+            ACT_FN=self.act_fn, ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if cfg.variant == "gemv":
+            _gemv(grid, **common)
+        else:
+            dot_dtype = a.dtype
+            _mma(grid, **common, DEQUANT_PTX=self.dequant_ptx,
+                 DOT_DTYPE=_DOT_DTYPES[dot_dtype],
+                 DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None)
 
 
 def decode_fused_experts(
@@ -168,78 +177,33 @@ def decode_fused_experts(
     config1: DecodeConfig | None = None,
     config2: DecodeConfig | None = None,
 ) -> torch.Tensor:
-    """The whole MoE layer on the decode GEMMs: ``[M, H]`` in the activation dtype.
+    """The whole MoE layer on the decode GEMMs with the given configs: ``[M, H]``.
 
-    Args as `mxmoe.reference.fused_experts_reference` (assumed valid, as after
-    `mxmoe.fused_experts`' checks), with ``w13`` [E, 2I, H] and ``w2`` [E, H, I] in the
+    Arguments as `mxmoe.fused_experts` (validated there), with ``w13`` and ``w2`` in the
     GROUP_HALVES layout. ``config1`` / ``config2``: the two GEMMs' configs (one ``block_m``:
     they share the alignment); defaults from `default_decode_config`.
     """
+    from ..validation import check_fused_experts_args
+    from .fused_moe import fused_moe
+    from .inner_product import InnerProduct
+
     for name, w in (("w13", w13), ("w2", w2)):
         if not isinstance(w, MXFP4Tensor) or w.layout != GROUP_HALVES:
             raise ValueError(f"decode_fused_experts: {name} must be an MXFP4Tensor in the "
                              f"{GROUP_HALVES.name!r} layout, got {w!r}")
-    x = hidden_states
-    m, hidden = x.shape
-    top_k = topk_ids.shape[1]
-    num_local = w13.shape[0]
-    inter = w2.shape[2]
-    num_pairs = m * top_k
-    activation = Activation(activation)
-    cfg1 = config1 or default_decode_config(num_pairs / max(1, num_local))
+    call = check_fused_experts_args(
+        hidden_states, w13, w2, topk_weights, topk_ids, w13_bias=w13_bias, w2_bias=w2_bias,
+        activation=activation, alpha=alpha, limit=limit, expert_map=expert_map,
+        apply_router_weight_on_input=apply_router_weight_on_input,
+    )
+    cfg1 = config1 or default_decode_config(call.problem.pairs_per_expert)
     cfg2 = config2 or cfg1
     if cfg1.block_m != cfg2.block_m:
         raise ValueError(f"decode_fused_experts: config1.block_m {cfg1.block_m} != "
                          f"config2.block_m {cfg2.block_m} (the GEMMs share one alignment)")
-    max_blocks = max_aligned_blocks(num_pairs, num_local, cfg1.block_m)
-    out = _new_buffer((m, hidden), x.dtype, x.device)
-    if max_blocks == 0:
-        return out.zero_()
-    num_global = expert_map.numel() if expert_map is not None else num_local
-    flat_ids = topk_ids.reshape(-1).contiguous()
-    expert_map = expert_map.contiguous() if expert_map is not None else None
-    aligned = align(flat_ids, cfg1.block_m, num_local, num_global, expert_map)
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    on_input = apply_router_weight_on_input
-    ptx = use_dequant_ptx(x.device, x.dtype)
-    kw = dict(aligned=aligned, max_blocks=max_blocks, num_pairs=num_pairs, alpha=alpha,
-              limit=limit, dequant_ptx=ptx)
-    gated = _ACTIVATIONS[activation]
-
-    act = _new_buffer((num_pairs, inter), x.dtype, x.device)
-    splits1, per1 = k_slices(hidden, cfg1)
-    if splits1 == 1:
-        launch_decode_gemm(x, top_k, w13, w13_bias, act, weights, n=2 * inter, k=hidden,
-                           activation=gated, router_weight=1 if on_input else 0, cfg=cfg1, **kw)
-    else:
-        partial = _new_buffer((splits1, num_pairs, 2 * inter), torch.float32, x.device)
-        launch_decode_gemm(x, top_k, w13, w13_bias, partial, weights, n=2 * inter, k=hidden,
-                           activation=0, router_weight=1 if on_input else 0, cfg=cfg1,
-                           splits=splits1, k_per_split=per1, **kw)
-        block_i = 64 if _interpreting() else 1024
-        split_activation_kernel[(num_pairs, triton.cdiv(inter, block_i))](
-            partial, act, inter, partial.stride(0), partial.stride(1), partial.stride(2),
-            act.stride(0), act.stride(1), alpha, limit,
-            ACTIVATION=gated, NUM_SPLITS=splits1, BLOCK_I=block_i,
-        )
-
-    splits2, per2 = k_slices(inter, cfg2)
-    rows = (_new_buffer((num_pairs, hidden), x.dtype, x.device) if splits2 == 1 else
-            _new_buffer((splits2, num_pairs, hidden), torch.float32, x.device))
-    launch_decode_gemm(act, 1, w2, w2_bias, rows, weights, n=hidden, k=inter, activation=0,
-                       router_weight=0 if on_input else 2, cfg=cfg2, splits=splits2,
-                       k_per_split=per2, **kw)
-    rows2d = rows if splits2 == 1 else rows[0]
-    has_map = expert_map is not None
-    block_h = 64 if _interpreting() else 1024
-    topk_sum_kernel[(m, triton.cdiv(hidden, block_h))](
-        rows, flat_ids, expert_map if has_map else flat_ids, out,
-        hidden, num_global, num_local,
-        rows2d.stride(0), rows2d.stride(1), out.stride(0), out.stride(1),
-        rows.stride(0) if splits2 > 1 else 0,
-        TOP_K=top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits2,
-    )
-    return out
+    if call.problem.num_tokens == 0:
+        return hidden_states.new_zeros(hidden_states.shape)
+    return fused_moe(call, InnerProduct.DEQUANT, "triton_dequant", config=(cfg1, cfg2))
 
 
 def with_split(cfg: DecodeConfig, split_k: int) -> DecodeConfig:

@@ -20,6 +20,7 @@ from . import configs
 from ._epilogues import epilogue_of
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 from .align import align
+from .decode import DecodeConfig, DecodeGemm, choose_decode_config
 from .inner_product import InnerProduct
 from .launch import Launcher
 
@@ -78,7 +79,7 @@ def choose_config(call: MoECall, backend: str) -> configs.MoEConfig:
                                     switches.interpret)
 
 
-def _k_slices(k: int, cfg: configs.MoEConfig) -> tuple[int, int]:
+def _k_slices(k: int, cfg) -> tuple[int, int]:
     """(slices, K per slice): at most ``cfg.split_k`` slices of whole K tiles, none empty."""
     k_tiles = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
@@ -89,18 +90,16 @@ class _Gemm:
     """What both GEMMs of one call share: the alignment, the inner product, the dtypes."""
 
     def __init__(self, call: MoECall, inner: InnerProduct, aligned, max_blocks: int,
-                 topk_weights: torch.Tensor):
+                 topk_weights: torch.Tensor, dequant_ptx: bool, act_fn):
         self.call = call
         self.inner = inner
         self.aligned = aligned
         self.max_blocks = max_blocks
         self.num_pairs = call.problem.num_pairs
         self.topk_weights = topk_weights
-        dtype = call.hidden_states.dtype
-        self.dot_dtype = _dot_dtype(dtype, inner)
-        self.dequant_ptx = (inner is InnerProduct.DEQUANT
-                            and use_dequant_ptx(call.device, self.dot_dtype))
-        self.act_fn = epilogue_of(call.activation)
+        self.dot_dtype = _dot_dtype(call.hidden_states.dtype, inner)
+        self.dequant_ptx = dequant_ptx
+        self.act_fn = act_fn
 
     def launch(self, a, a_row_div, weight, bias, out, *, n, k, gated, router_weight, cfg,
                splits=1, k_per_split=None):
@@ -148,9 +147,25 @@ class _Gemm:
 _WEIGHT_NONE, _WEIGHT_BEFORE_BIAS, _WEIGHT_AFTER_BIAS = 0, 1, 2
 
 
+def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
+    """(GEMM class, config of GEMM1, config of GEMM2): the decode GEMMs when the weights are in
+    their layout and pairs per expert are few, else the general kernel's tuned config."""
+    if isinstance(config, tuple):
+        return DecodeGemm, config[0], config[1]
+    if isinstance(config, DecodeConfig):
+        return DecodeGemm, config, config
+    if config is None and inner is InnerProduct.DEQUANT and not settings.current().forced_config:
+        if call.w13.layout == GROUP_HALVES and call.w2.layout == GROUP_HALVES:
+            decode = choose_decode_config(call.problem)
+            if decode is not None:
+                return DecodeGemm, decode, decode
+    cfg = config or choose_config(call, backend)
+    return _Gemm, cfg, cfg.gemm2()
+
+
 def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
               dense: tuple[torch.Tensor, torch.Tensor] | None = None,
-              config: configs.MoEConfig | None = None) -> torch.Tensor:
+              config=None) -> torch.Tensor:
     """``[M, H]`` in the activation dtype.
 
     Args:
@@ -158,12 +173,13 @@ def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
         inner: the GEMMs' inner product.
         backend: the backend's name, which its tuned configs are keyed on.
         dense: ``(w13 [E, 2I, H], w2 [E, H, I])`` in the dot dtype, for `InnerProduct.DENSE`.
-        config: a config to use instead of the lookup (tuning).
+        config: instead of the lookup (tuning, tests): a `MoEConfig` for the general kernel,
+            or a `DecodeConfig` (or one per GEMM, as a pair) for the decode GEMMs.
     """
     p = call.problem
     x = call.hidden_states
     dtype = x.dtype
-    cfg = config or choose_config(call, backend)
+    gemm_class, cfg, cfg2 = _configs(call, inner, backend, config)
     num_pairs = p.num_pairs
     max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
     out = _new_buffer((p.num_tokens, p.hidden), dtype, x.device)
@@ -180,7 +196,13 @@ def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
         topk_weights = topk_weights.to(torch.float32).contiguous()
     on_input = call.apply_router_weight_on_input
     w13, w2 = dense if inner is InnerProduct.DENSE else (call.w13, call.w2)
-    gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights)
+    dequant_ptx = (inner is InnerProduct.DEQUANT
+                   and use_dequant_ptx(call.device, _dot_dtype(dtype, inner)))
+    act_fn = epilogue_of(call.activation)
+    if gemm_class is DecodeGemm:
+        gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
+    else:
+        gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
 
     act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
     weight1 = _WEIGHT_BEFORE_BIAS if on_input else _WEIGHT_NONE
@@ -203,7 +225,6 @@ def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
             ACT_FN=gemm.act_fn, NUM_SPLITS=splits1, BLOCK_I=block_i,
         )
 
-    cfg2 = cfg.gemm2()
     splits2, k_per_split2 = _k_slices(p.intermediate, cfg2)
     # GEMM2's per-pair rows; with split-K one float32 plane per K slice, summed by topk_sum.
     inter = (_new_buffer((num_pairs, p.hidden), dtype, x.device) if splits2 == 1 else
