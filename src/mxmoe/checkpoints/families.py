@@ -3,7 +3,7 @@
 | family | ``model_type`` | experts / intermediate keys | router | activation |
 |---|---|---|---|---|
 | gpt-oss | ``gpt_oss`` (or OpenAI's config) | ``num_local_experts`` / ``intermediate_size`` | Linear with bias, softmax over the top-k logits | swigluoai (w13 rows interleave gate/up) |
-| Qwen3-MoE | ``qwen3_moe`` | ``num_experts`` / ``moe_intermediate_size`` | no bias, softmax -> top-k, renormalised iff ``norm_topk_prob`` | silu, ``[gate | up]`` halves |
+| Qwen3-MoE | ``qwen3_moe`` | ``num_experts`` (or ``num_local_experts``) / ``moe_intermediate_size`` | no bias, softmax -> top-k, renormalised iff ``norm_topk_prob`` | silu, ``[gate | up]`` halves |
 | Mixtral | ``mixtral`` | ``num_local_experts`` / ``intermediate_size`` | no bias, softmax -> top-k -> renormalised | silu, ``[gate | up]`` halves |
 
 Softmax over the top-k logits equals softmax over all E then dividing the chosen k by their
@@ -41,10 +41,11 @@ class MoEFamily:
         return dict(self.keys).get(what, what)
 
 
-#: model_type -> (experts key, intermediate key); silu families whose MoE layers mxmoe runs.
+#: model_type -> (experts keys, intermediate key); silu families whose MoE layers mxmoe runs.
+#: Qwen3-MoE's own configs say num_experts; transformers 5 writes num_local_experts.
 _SILU_FAMILIES = {
-    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
-    "mixtral": ("num_local_experts", "intermediate_size"),
+    "qwen3_moe": (("num_experts", "num_local_experts"), "moe_intermediate_size"),
+    "mixtral": (("num_local_experts",), "intermediate_size"),
 }
 FAMILIES = ("gpt_oss", *_SILU_FAMILIES)
 
@@ -88,7 +89,8 @@ def family_of(config: dict, layer: int, where: str) -> MoEFamily:
         if layer in dense or (layer + 1) % step:
             raise ValueError(f"layer {layer} of this Qwen3-MoE is a dense MLP (config.json "
                              f"mlp_only_layers = {dense}, decoder_sparse_step = {step}), not MoE")
-    experts_key, inter_key = _SILU_FAMILIES[model_type]
+    experts_keys, inter_key = _SILU_FAMILIES[model_type]
+    experts_key = next((k for k in experts_keys if k in config), experts_keys[0])
     renormalize = True if model_type == "mixtral" else bool(config.get("norm_topk_prob", False))
     keys = (("experts", experts_key), ("hidden", "hidden_size"),
             ("intermediate", inter_key), ("top_k", "num_experts_per_tok"))
