@@ -1,7 +1,8 @@
 """The `mxmoe` command: one module per subcommand, each with `add_arguments` and `run`.
 
-Only the module of the subcommand being run is imported (and with it torch, where that module
-needs it): ``mxmoe --help`` and ``mxmoe --version`` import neither torch nor Triton.
+Only the module of the subcommand being run is imported; ``mxmoe --help`` and ``--version``
+import none of them (``mxmoe/__init__.py`` still imports torch: see the report for making its
+names lazy).
 """
 
 from __future__ import annotations
