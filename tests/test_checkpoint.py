@@ -8,7 +8,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import mxmoe
-from mxmoe import checkpoint as ckpt_module
+from mxmoe.checkpoints import files as ckpt_module
 from mxmoe.checkpoint import NAMINGS, load_gpt_oss_moe
 from mxmoe.distributed import expert_range, intermediate_range, w13_row_ranges
 

@@ -71,3 +71,35 @@ def test_unknown_subcommand_exits_with_usage(capsys):
         main(["frobnicate"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bare_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mxmoe") and "quantize" in out and "check" in out
+
+
+def test_version(capsys):
+    import mxmoe
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mxmoe {mxmoe.__version__}"
+
+
+def test_check_help_states_the_tolerance_policy(capsys):
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0.02 where the arithmetic rounds to 16 bits" in out and "0.0001 where it is fp32" in out
+
+
+def test_tolerance_policy_gives_triton_scaled_the_16_bit_tolerance():
+    import torch
+
+    from mxmoe.cli.check import tolerance_for
+
+    assert tolerance_for("triton_scaled", torch.float32) == 2e-2
+    assert tolerance_for("triton_dequant", torch.float32) == 1e-4
+    assert tolerance_for("torch", torch.bfloat16) == 2e-2

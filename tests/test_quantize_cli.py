@@ -213,3 +213,21 @@ def test_verification_catches_a_corrupted_write(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="SHA-256 mismatch"):
         convert.quantize_checkpoint(tmp_path / "in", tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_output_directory_mode_follows_the_umask(tmp_path):
+    # Like mkdir: 0777 less the umask, not mkdtemp's private 0700.
+    import os
+    import stat
+
+    from mxmoe.convert import quantize_checkpoint
+
+    from checkpoints import bf16_gpt_oss_tensors, dense_moe, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "bf16", bf16_gpt_oss_tensors({0: dense_moe(2, 64, 32)}))
+    old = os.umask(0o027)
+    try:
+        quantize_checkpoint(src, tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750

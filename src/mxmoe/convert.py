@@ -373,6 +373,8 @@ def quantize_checkpoint(
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    # mkdtemp makes a private (0700) directory; the output is an ordinary one, as mkdir makes.
+    os.chmod(tmp, 0o777 & ~_umask())
     bar = _Progress(sum(e.source.nbytes for p in plans for e in p.entries if e.kind != "scales"),
                     progress)
     try:
@@ -409,6 +411,12 @@ def quantize_checkpoint(
         raise
     return QuantizeResult(dst, [p.target_name for p in plans], converted,
                           sum(e.kind == "copy" for p in plans for e in p.entries))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(tmp: Path, dst: Path) -> None:

@@ -306,3 +306,36 @@ class MXFP4MoE(nn.Module):
             cls, path, layer, top_k=top_k, device=device, dtype=dtype, backend=backend,
             ep_group=ep_group, tp_group=tp_group, activation=activation,
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        layer: int,
+        *,
+        top_k: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        backend: str = "auto",
+        ep_group=None,
+        tp_group=None,
+    ) -> "MXFP4MoE":
+        """Read layer ``layer``'s MoE from an MXFP4 safetensors checkpoint of any format mxmoe
+        knows, detected from config.json and the tensor names (`mxmoe.checkpoints`): gpt-oss
+        (HF or OpenAI names; swigluoai, router with bias) or compressed-tensors
+        ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16) of Qwen3-MoE or Mixtral (silu with
+        ``[gate | up]`` halves, router without bias, renormalised as config.json says). The
+        packed bytes are the file's, never requantized; only this layer's tensors (and with
+        ``ep_group``/``tp_group`` only this rank's part) are read.
+
+        Raises:
+            ValueError: an unsupported format, family or scheme (NVFP4, MXFP4 activations), a
+                missing tensor, a shape or dtype that does not fit (naming the tensor), no
+                top_k, or a CUDA device this torch cannot use.
+        """
+        from .checkpoints import layer_from_pretrained
+
+        return layer_from_pretrained(
+            cls, path, layer, top_k=top_k, device=device, dtype=dtype, backend=backend,
+            ep_group=ep_group, tp_group=tp_group,
+        )

@@ -1,4 +1,17 @@
-"""Run a Hugging Face transformers gpt-oss model on mxmoe: ``use_mxmoe(model)``.
+"""Run a Hugging Face transformers MoE model on mxmoe: ``use_mxmoe(model)``, for gpt-oss,
+Qwen3-MoE and Mixtral.
+
+Qwen3-MoE and Mixtral (`Qwen3MoeSparseMoeBlock`, `MixtralSparseMoeBlock`) become a
+`SparseMXFP4MoE`: their experts ``gate_up_proj [E, 2I, H]`` (rows ``[gate | up]``) and
+``down_proj [E, H, I]`` are mxmoe's ``w13``/``w2`` as they are (``activation="silu"``),
+quantized losslessly when transformers dequantized an MXFP4 checkpoint (compressed-tensors
+``dequantize=True``, or its default, which in transformers 5 dequantizes the 3D experts too);
+experts held as per-expert Linears (llm-compressor's linearized ``experts.{j}.gate_proj`` ...)
+are stacked, their ``weight_packed``/``weight_scale`` bytes taken as they are when compressed.
+The router keeps its weight and its rule (Mixtral renormalises the top-k, Qwen3-MoE when
+``norm_topk_prob``); the block returns a plain tensor, as transformers 5's does.
+
+gpt-oss:
 
 `use_mxmoe` replaces the MoE block (``mlp``) of every gpt-oss decoder layer with a
 `GptOssMXFP4MoE` (an `MXFP4MoE`) built from that block's own weights:
@@ -43,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "pip install 'mxmoe[transformers]'"
     ) from exc
 
-__all__ = ["GptOssMXFP4MoE", "use_mxmoe"]
+__all__ = ["GptOssMXFP4MoE", "SparseMXFP4MoE", "use_mxmoe"]
 
 #: The first transformers release with gpt-oss.
 MIN_TRANSFORMERS_VERSION = (4, 55)
@@ -259,23 +272,167 @@ def _replacement_for(where: str, mlp, backend: str):
     return build
 
 
-def use_mxmoe(model, *, backend: str = "auto"):
-    """Run the MoE blocks of a transformers gpt-oss model on mxmoe, in place.
+def _silu_families() -> list[tuple[str, type, type, type, type, type]]:
+    """(family, pretrained base, decoder layer, sparse block, router, experts) of the silu MoE
+    families this transformers has."""
+    found = []
+    for family, module_name, prefix in (("qwen3_moe", "qwen3_moe", "Qwen3Moe"),
+                                        ("mixtral", "mixtral", "Mixtral")):
+        try:
+            module = __import__(f"transformers.models.{module_name}.modeling_{module_name}",
+                                fromlist=["_"])
+        except ImportError:
+            continue
+        classes = [getattr(module, f"{prefix}{suffix}", None) for suffix in (
+            "PreTrainedModel", "DecoderLayer", "SparseMoeBlock", "TopKRouter", "Experts")]
+        if all(c is not None for c in classes):
+            found.append((family, *classes))
+    return found
 
-    Args:
-        model: a transformers gpt-oss model (`GptOssForCausalLM`, `GptOssModel`, or another
-            `GptOssPreTrainedModel`), with its weights loaded on their device.
-        backend: the mxmoe backend of every block (``"auto"``, ``"torch"``, ...).
 
-    Returns:
-        ``model``, whose decoder layers' ``mlp`` are now `GptOssMXFP4MoE`. Blocks already
-        patched only take the new ``backend``.
+class SparseMXFP4MoE(MXFP4MoE):
+    """`MXFP4MoE` in place of a Qwen3-MoE or Mixtral sparse block: ``forward(hidden [B, S, H])
+    -> hidden [B, S, H]``, a plain tensor as the replaced block returned. Its router is typed
+    as the family's router class, so that ``output_router_logits`` still records it."""
 
-    Raises:
-        TypeError: ``model`` is not a gpt-oss model.
-        ValueError: a block's structure, shapes or data are not what this module knows; nothing
-            is replaced then.
-    """
+    def __init__(self, *args, router_class: type, **kwargs):
+        super().__init__(*args, **kwargs)
+        router = _router_logits_class(router_class)(self.router.weight.detach(), self.top_k)
+        self.router = router
+
+
+_ROUTER_CLASSES: dict[type, type] = {}
+
+
+def _router_logits_class(base: type) -> type:
+    """A subclass of ``base`` (a transformers TopKRouter) holding only the Linear: returns the
+    logits; mxmoe does the softmax and top-k."""
+    if base not in _ROUTER_CLASSES:
+
+        def __init__(self, weight: torch.Tensor, top_k: int):
+            nn.Module.__init__(self)  # the router's own __init__ wants a config
+            self.top_k = top_k
+            self.num_experts, self.hidden_dim = weight.shape
+            self.weight = nn.Parameter(weight)
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(hidden_states, self.weight)
+
+        _ROUTER_CLASSES[base] = type(f"{base.__name__}Logits", (base,),
+                                     {"__init__": __init__, "forward": forward})
+    return _ROUTER_CLASSES[base]
+
+
+#: Per-expert projection names (gate, up, down) of linearized experts.
+_LINEAR_EXPERT_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _linear_weight(where: str, linear, n: int, k: int) -> MXFP4Tensor:
+    """``[n, k]`` MXFP4 of one per-expert Linear: its compressed-tensors bytes
+    (``weight_packed``/``weight_scale``) as they are, else its float ``weight`` quantized."""
+    packed = getattr(linear, "weight_packed", None)
+    if isinstance(packed, torch.Tensor):
+        scale = getattr(linear, "weight_scale", None)
+        if getattr(linear, "weight_global_scale", None) is not None:
+            raise ValueError(f"{where}: has weight_global_scale (NVFP4), not MXFP4")
+        _check_tensor(where, "weight_packed", packed, (n, k // 2), floating=False)
+        _check_tensor(where, "weight_scale", scale, (n, k // MXFP4_BLOCK_SIZE), floating=False)
+        return MXFP4Tensor(packed.detach(), scale.detach())
+    weight = getattr(linear, "weight", None)
+    _check_tensor(where, "weight", weight, (n, k), floating=True)
+    return quantize_mxfp4(weight.detach())
+
+
+def _silu_expert_weights(where: str, experts, experts_class, num_experts: int, hidden: int,
+                         inter: int):
+    """A zero-argument function giving ``(w13, w2)`` of a silu block's experts; raises now
+    when they are not recognisable."""
+    if isinstance(experts, experts_class):
+        _check_tensor(where, "gate_up_proj", experts.gate_up_proj,
+                      (num_experts, 2 * inter, hidden), floating=True)
+        _check_tensor(where, "down_proj", experts.down_proj, (num_experts, hidden, inter),
+                      floating=True)
+        # Already mxmoe's orientation: w13 [E, 2I, H] with rows [gate | up], w2 [E, H, I].
+        return lambda: (_quantize_experts(experts.gate_up_proj.detach()),
+                        _quantize_experts(experts.down_proj.detach()))
+    if isinstance(experts, nn.ModuleList) and len(experts) == num_experts:
+        for names in _LINEAR_EXPERT_NAMES:
+            if all(hasattr(experts[0], n) for n in names):
+                break
+        else:
+            raise ValueError(f"{where}.0: expected per-expert Linears named "
+                             f"{' / '.join('/'.join(n) for n in _LINEAR_EXPERT_NAMES)}")
+        gate, up, down = names
+        shapes = {gate: (inter, hidden), up: (inter, hidden), down: (hidden, inter)}
+
+        def weights(check_only: bool = False):
+            parts = {n: [] for n in names}
+            for j, expert in enumerate(experts):
+                for n in names:
+                    parts[n].append(_linear_weight(f"{where}.{j}.{n}", getattr(expert, n, None),
+                                                   *shapes[n]))
+            if check_only:
+                return None
+            w13 = MXFP4Tensor(
+                torch.stack([torch.cat([g.blocks, u.blocks]) for g, u in
+                             zip(parts[gate], parts[up])]),
+                torch.stack([torch.cat([g.scales, u.scales]) for g, u in
+                             zip(parts[gate], parts[up])]))
+            w2 = MXFP4Tensor(torch.stack([d.blocks for d in parts[down]]),
+                             torch.stack([d.scales for d in parts[down]]))
+            return w13, w2
+
+        if not any(isinstance(getattr(getattr(experts[0], n), "weight_packed", None),
+                              torch.Tensor) for n in names):
+            weights(check_only=True)  # float weights: check the shapes now
+        return weights
+    raise ValueError(
+        f"{where}: expected {experts_class.__name__} (3D gate_up_proj/down_proj) or a "
+        f"ModuleList of {num_experts} per-expert Linears, got {type(experts).__name__}"
+    )
+
+
+def _silu_replacement_for(where: str, mlp, family, router_class, experts_class, backend):
+    router = getattr(mlp, "gate", None)
+    if not isinstance(router, router_class):
+        raise ValueError(f"{where}.gate: expected {router_class.__name__}, got "
+                         f"{type(router).__name__}")
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{where}.gate.weight: expected a float [E, H] tensor")
+    num_experts, hidden = weight.shape
+    _check_tensor(f"{where}.gate", "weight", weight, (num_experts, hidden), floating=True)
+    experts = getattr(mlp, "experts", None)
+    if isinstance(experts, experts_class):
+        inter = experts.down_proj.shape[-1]
+    elif isinstance(experts, nn.ModuleList) and len(experts):
+        down = next((getattr(experts[0], n[2]) for n in _LINEAR_EXPERT_NAMES
+                     if hasattr(experts[0], n[2])), None)
+        packed = getattr(down, "weight_packed", None)
+        inter = (packed.shape[-1] * 2 if isinstance(packed, torch.Tensor)
+                 else getattr(getattr(down, "weight", None), "shape", (0,))[-1])
+    else:
+        inter = 0
+    for name, size in (("hidden_size", hidden), ("intermediate_size", inter)):
+        if size % MXFP4_BLOCK_SIZE != 0:
+            raise ValueError(f"{where}: {name} = {size} is not a multiple of {MXFP4_BLOCK_SIZE}, "
+                             f"the MXFP4 block: mxmoe cannot hold these experts")
+    get_weights = _silu_expert_weights(f"{where}.experts", experts, experts_class, num_experts,
+                                       hidden, inter)
+    renormalize = True if family == "mixtral" else bool(getattr(router, "norm_topk_prob", False))
+
+    def build() -> SparseMXFP4MoE:
+        with torch.no_grad():
+            w13, w2 = get_weights()
+            return SparseMXFP4MoE(
+                w13, w2, weight.detach(), top_k=int(router.top_k), activation="silu",
+                renormalize=renormalize, backend=backend, router_class=router_class,
+            )
+
+    return build
+
+
+def _check_version() -> None:
     version = _version_tuple(transformers.__version__)
     if version < MIN_TRANSFORMERS_VERSION:
         raise ValueError(
@@ -283,10 +440,66 @@ def use_mxmoe(model, *, backend: str = "auto"):
             f"{'.'.join(map(str, MIN_TRANSFORMERS_VERSION))} (gpt-oss), found "
             f"{transformers.__version__}"
         )
+
+
+def _replace_all(builders) -> None:
+    builders.reverse()
+    while builders:
+        # One block at a time, dropping each builder (and with it the old block's weights)
+        # before the next block is quantized.
+        layer, build = builders.pop()
+        layer.mlp = build()
+        del layer, build
+
+
+def _use_mxmoe_silu(model, family, layer_class, block_class, router_class, experts_class,
+                    backend):
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, layer_class)]
+    builders = []
+    for name, layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, SparseMXFP4MoE):
+            mlp.backend = backend
+        elif isinstance(mlp, block_class):
+            builders.append((layer, _silu_replacement_for(f"{name}.mlp", mlp, family,
+                                                          router_class, experts_class, backend)))
+    if not builders and not any(isinstance(getattr(m, "mlp", None), SparseMXFP4MoE)
+                                for _, m in layers):
+        raise ValueError(f"{type(model).__name__} has no {block_class.__name__} to patch")
+    _replace_all(builders)
+    return model
+
+
+def use_mxmoe(model, *, backend: str = "auto"):
+    """Run the MoE blocks of a transformers gpt-oss, Qwen3-MoE or Mixtral model on mxmoe, in
+    place.
+
+    Args:
+        model: a transformers gpt-oss, Qwen3-MoE or Mixtral model (`GptOssForCausalLM`,
+            `Qwen3MoeForCausalLM`, `MixtralForCausalLM`, their base models, or another of
+            their `PreTrainedModel` classes), with its weights loaded on their device.
+        backend: the mxmoe backend of every block (``"auto"``, ``"torch"``, ...).
+
+    Returns:
+        ``model``, whose MoE blocks (``mlp``) are now `GptOssMXFP4MoE` or `SparseMXFP4MoE`
+        (Qwen3-MoE's dense ``mlp_only_layers`` stay as they are). Blocks already patched only
+        take the new ``backend``.
+
+    Raises:
+        TypeError: ``model`` is none of those models.
+        ValueError: a block's structure, shapes or data are not what this module knows; nothing
+            is replaced then.
+    """
+    _check_version()
+    for family, base, layer_class, block_class, router_class, experts_class in _silu_families():
+        if isinstance(model, base):
+            return _use_mxmoe_silu(model, family, layer_class, block_class, router_class,
+                                   experts_class, backend)
     if not isinstance(model, modeling_gpt_oss.GptOssPreTrainedModel):
         raise TypeError(
-            f"use_mxmoe expects a transformers gpt-oss model (GptOssForCausalLM, GptOssModel or "
-            f"another GptOssPreTrainedModel), got {type(model).__name__}"
+            f"use_mxmoe expects a transformers gpt-oss (GptOssForCausalLM, GptOssModel or "
+            f"another GptOssPreTrainedModel), Qwen3-MoE (Qwen3MoeForCausalLM ...) or Mixtral "
+            f"(MixtralForCausalLM ...) model, got {type(model).__name__}"
         )
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, modeling_gpt_oss.GptOssDecoderLayer)]
@@ -303,11 +516,5 @@ def use_mxmoe(model, *, backend: str = "auto"):
             layer.mlp.backend = backend
             continue
         builders.append((layer, _replacement_for(f"{name}.mlp", layer.mlp, backend)))
-    builders.reverse()
-    while builders:
-        # One block at a time, dropping each builder (and with it the old block's weights)
-        # before the next block is quantized.
-        layer, build = builders.pop()
-        layer.mlp = build()
-        del layer, build
+    _replace_all(builders)
     return model
