@@ -18,7 +18,7 @@ from mxmoe.bench.floors import dense_expert_bytes, expert_bytes, layer_flops, la
 from mxmoe.bench.problems import MODELS, CPU_MODEL, make_rotations, make_weights
 from mxmoe.bench.timing import RepPolicy
 from mxmoe.cli import main
-from mxmoe.cli._common import relative_error
+from mxmoe.testing import relative_error
 from mxmoe.reference import fused_experts_reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..api import fused_experts
-from ..cli._common import relative_error
+from ..testing import relative_error
 from ..reference import fused_experts_reference
 from ..routing import route
 from . import report
