@@ -160,20 +160,22 @@ def random_moe(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k
 
 # --------------------------------------------------------------------------- errors
 
-def _compared(out: torch.Tensor, ref: torch.Tensor):
-    """(out, ref) in float64 over the finite reference elements, or None when the NaN rule
-    already makes the error infinite."""
+def _normalised_error(out: torch.Tensor, ref: torch.Tensor, norm) -> float:
+    """``norm(out - ref) / norm(ref)`` in float64 over the elements where the reference is
+    finite, or ``inf`` where the NaN rule (module docstring) is broken."""
     if out.shape != ref.shape:
         raise ValueError(f"relative_error: out {tuple(out.shape)} and ref {tuple(ref.shape)} "
                          f"differ in shape")
     out, ref = out.detach().double(), ref.detach().to(out.device).double()
     finite = torch.isfinite(ref)
     bad = (finite & ~torch.isfinite(out)) | (torch.isnan(ref) & ~torch.isnan(out))
-    infinite_ref = torch.isinf(ref)
-    bad |= infinite_ref & (out != ref)
+    bad |= torch.isinf(ref) & (out != ref)
     if bool(bad.any()):
-        return None
-    return out[finite], ref[finite]
+        return math.inf
+    out, ref = out[finite], ref[finite]
+    if ref.numel() == 0:
+        return 0.0
+    return float(norm(out - ref) / norm(ref).clamp_min(1e-30))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -181,24 +183,12 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     reference is finite; ``inf`` where the module's NaN rule is broken (NaN or Inf in the
     output where the reference is finite, a finite output where the reference is NaN).
     0.0 for empty tensors; the denominator is at least 1e-30."""
-    pair = _compared(out, ref)
-    if pair is None:
-        return math.inf
-    out, ref = pair
-    if ref.numel() == 0:
-        return 0.0
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return _normalised_error(out, ref, lambda t: t.abs().max())
 
 
 def rms_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Normalised RMS error ``||out - ref|| / ||ref||``, same NaN rule as `relative_error`."""
-    pair = _compared(out, ref)
-    if pair is None:
-        return math.inf
-    out, ref = pair
-    if ref.numel() == 0:
-        return 0.0
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+    return _normalised_error(out, ref, torch.linalg.vector_norm)
 
 
 # --------------------------------------------------------------------------- poisoned buffers
