@@ -23,9 +23,11 @@ from typing import Callable, Sequence
 
 import torch
 
-#: Repetitions of the host timing: this many seconds over the time of one call, clamped.
+#: Repetitions of the host timing: this many seconds over the time of one call, clamped to
+#: [_MIN_REPS, _MAX_REPS]; calls over _SLOW_S (the reference at large M) get _MIN_REPS_SLOW.
 _HOST_BUDGET_S = 0.2
 _MIN_REPS, _MAX_REPS = 20, 200
+_SLOW_S, _MIN_REPS_SLOW = 1e-2, 5
 _WARMUP_CALLS = 3
 
 
@@ -62,7 +64,8 @@ def skipped(reason: str) -> HostCost:
 
 
 def host_reps(seconds_per_call: float) -> int:
-    return max(_MIN_REPS, min(_MAX_REPS, int(_HOST_BUDGET_S / max(seconds_per_call, 1e-6))))
+    lo = _MIN_REPS if seconds_per_call < _SLOW_S else _MIN_REPS_SLOW
+    return max(lo, min(_MAX_REPS, int(_HOST_BUDGET_S / max(seconds_per_call, 1e-6))))
 
 
 def time_host(call: Callable[[int], object], reps: int, sync: Callable[[], None]
