@@ -18,7 +18,7 @@ from mxmoe.bench.floors import dense_expert_bytes, expert_bytes, layer_flops, la
 from mxmoe.bench.problems import MODELS, CPU_MODEL, make_rotations, make_weights
 from mxmoe.bench.timing import RepPolicy
 from mxmoe.cli import main
-from mxmoe.cli._common import relative_error
+from mxmoe.testing import relative_error
 from mxmoe.reference import fused_experts_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -441,6 +441,18 @@ class _ReplayGraph:
             self.out.copy_(self.fn(self.inputs))
 
 
+class _FakeHostMeter:
+    calls = 0
+
+    def measure(self, fn, input_sets, seconds_per_call):
+        from mxmoe.bench.host import HostCost
+
+        self.calls += 1
+        fn(input_sets[0])
+        return HostCost(us=400.0, us_min=350.0, reps=20, launches=5, kernels=4, bare_us=100.0,
+                        bare_direct_us=70.0)
+
+
 def test_runner_gpu_branch_with_fakes(fake_cuda, monkeypatch, tmp_path):
     """The CUDA branch of the runner (sync check, capture, NaN-filled replay check, graph or
     eager timing) driven on the CPU: CUDA events, capture and the sync check are fakes."""
@@ -477,6 +489,7 @@ def test_runner_gpu_branch_with_fakes(fake_cuda, monkeypatch, tmp_path):
     run = runner.Runner(settings, given_ceilings(10, 0.1), {"device": "fake"},
                         log=lambda line: None)
     run.gpu = True
+    run.host_meter = _FakeHostMeter()
     results = run.run()
     assert results["complete"]
     by = {(r["backend"], r["M"]): r for r in results["rows"]}
@@ -494,3 +507,86 @@ def test_runner_gpu_branch_with_fakes(fake_cuda, monkeypatch, tmp_path):
         assert auto["graph"] and auto["status"] == "ok" and auto["reps"] == 5
         assert "auto -> torch" in auto["detail"]
         assert by["baseline_grouped_mm", m]["graph"]
+        for row in (torch_row, scaled, auto):  # every path gets its host cost
+            assert row["host_us"] == 400.0 and row["launches"] == 5
+            assert row["host_bare_us"] == 100.0 and row["host_ratio"] == pytest.approx(4.0)
+    assert run.host_meter.calls == len(results["rows"])
+    text = report.render_text(results)
+    assert "host cost of an eager call" in text and "400 /5 4.0x" in text
+
+
+# --- the layer row, the peer row, the host cost on the CPU -----------------------------------------
+
+def test_runner_layer_row_and_unavailable_peer_and_no_host_on_cpu(tmp_path):
+    from mxmoe.bench import runner
+    from mxmoe.bench.ceilings import given_ceilings
+
+    settings = runner.Settings(
+        device=torch.device("cpu"), dtype=torch.float32, models=[CPU_MODEL], tokens=[3],
+        paths=["torch", "layer", "triton_kernels"], rotations=2,
+        policy=RepPolicy(budget_s=0.01, min_reps_small=1, min_reps_large=1, max_reps=2),
+        json_path=tmp_path / "r.json")
+    results = runner.Runner(settings, given_ceilings(10, 0.1), {"device": "cpu"},
+                            log=lambda line: None).run()
+    assert results["complete"]
+    by = {r["backend"]: r for r in report.load_json(tmp_path / "r.json")["rows"]}
+    layer = by["MXFP4MoE"]
+    assert layer["status"] == "ok" and layer["max_rel_err"] < 1e-5, layer
+    assert "router included" in layer["detail"]
+    peer = by["triton_kernels"]
+    assert peer["status"] == "skipped" and "CUDA" in peer["error"] and peer["ms"] is None
+    assert "skipped" in report.render_text(results)
+    for name in ("torch", "MXFP4MoE"):
+        assert by[name]["host_us"] is None and "no GPU" in by[name]["host_note"]
+
+
+def test_layer_path_reference_routes_from_its_router():
+    from mxmoe.bench.runner import MoELayerPath
+
+    weights = make_weights(CPU_MODEL, torch.float32, "cpu")
+    inputs = make_rotations(CPU_MODEL, 5, 1, torch.float32, "cpu").inputs[0]
+    layer = MoELayerPath(weights)
+    out, ref = layer(inputs), layer.reference(inputs)
+    assert relative_error(out, ref) < 1e-5
+    # not the rotations' routing: the router logits of the inputs are not the layer's
+    other = fused_experts_reference(inputs.hidden_states, weights.w13, weights.w2,
+                                    inputs.topk_weights, inputs.topk_ids,
+                                    w13_bias=weights.w13_bias, w2_bias=weights.w2_bias)
+    assert relative_error(other, ref) > 1e-2
+
+
+# --- where results go --------------------------------------------------------------------------
+
+def test_default_results_dir_is_a_user_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("MXMOE_RESULTS_DIR", raising=False)
+    monkeypatch.delenv("MXMOE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert report.default_results_dir() == tmp_path / "xdg" / "mxmoe" / "results"
+    monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path / "cache"))
+    assert report.default_results_dir() == tmp_path / "cache" / "results"
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path / "mine"))
+    assert report.default_results_dir() == tmp_path / "mine"
+
+
+def test_committed_results_dir_is_the_checkouts():
+    assert report.committed_results_dir() == ROOT / "benchmarks" / "results"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of mxmoe bench")
+def test_bench_writes_to_the_user_directory_not_the_working_directory(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MXMOE_RESULTS_DIR", str(tmp_path / "user"))
+    rc = main(["bench", "--tokens", "1", "--backends", "torch", "--no-plot",
+               "--ceilings", "10", "0.1"])
+    assert rc == 0
+    assert not (tmp_path / "benchmarks").exists()
+    (path,) = (tmp_path / "user").glob("*.json")
+    assert f"results: {path}" in capsys.readouterr().out
+
+
+def test_out_and_committed_exclude_each_other(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "--committed", "--out", str(tmp_path)])

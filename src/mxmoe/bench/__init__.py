@@ -6,9 +6,12 @@
 - `floors`: the roofline floor of a layer from those ceilings (pure arithmetic).
 - `baseline`: the plain-torch path with dequantized weights (`torch._grouped_mm`).
 - `timing`: CUDA-graph replay timing with CUDA events (eager fallback), and CPU timing.
+- `host`: the host cost of an eager call, its launch count, the bare cost of as many launches.
+- `peers`: OpenAI's triton_kernels as a comparison path (optional; never a dependency).
 - `runner`: the loop over models, M and paths; checks each path against the fp32 reference.
 - `report`: the JSON file, the printed tables and the markdown of BENCHMARKS.md.
 - `plot`: the PNG (needs matplotlib, the ``bench`` extra).
 
-Nothing here imports Triton: the backends do, when they are first run.
+Nothing here imports Triton at import time: the backends, `host.BareLaunch` and the peer do,
+when they are first used.
 """

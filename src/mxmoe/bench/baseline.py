@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import Activation, apply_activation
-from ..cli._common import relative_error
+from ..testing import relative_error
 from ..constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .problems import Inputs, Weights, torch_route
 

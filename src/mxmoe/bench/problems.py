@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from ..constants import E8M0_EXPONENT_BIAS, F4_E2M1_VALUES, MXFP4_BLOCK_SIZE
+from ..constants import MXFP4_BLOCK_SIZE
 from ..format import MXFP4Tensor
+from ..testing import random_mxfp4, seeded_generator
 
 
 @dataclass(frozen=True)
@@ -64,26 +64,6 @@ def torch_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, 
     return torch.softmax(top_logits, dim=-1), ids.to(torch.int32)
 
 
-# Root-mean-square of a uniformly random E2M1 code (all 16 codes equally likely).
-_E2M1_RMS = math.sqrt(sum(v * v for v in F4_E2M1_VALUES) / len(F4_E2M1_VALUES))
-
-
-def random_mxfp4(shape: tuple[int, ...], generator: torch.Generator, device) -> MXFP4Tensor:
-    """Random packed MXFP4 weights ``[..., K]`` made directly as bytes, scaled like ``K**-0.5``.
-
-    Generating bytes instead of quantizing a float tensor keeps gpt-oss-120b's experts (2.1 G
-    weights) cheap to make on any device. Every code is equally likely; each block's scale is
-    within a factor 2 of the one that gives an RMS of ``K**-0.5``, so layer outputs stay O(1).
-    """
-    *lead, k = shape
-    center = E8M0_EXPONENT_BIAS + round(math.log2(1.0 / (_E2M1_RMS * math.sqrt(k))))
-    blocks = torch.randint(0, 256, (*lead, k // 2), dtype=torch.uint8, device=device,
-                           generator=generator)
-    scales = torch.randint(center - 1, center + 2, (*lead, k // MXFP4_BLOCK_SIZE),
-                           dtype=torch.uint8, device=device, generator=generator)
-    return MXFP4Tensor(blocks, scales)
-
-
 @dataclass
 class Weights:
     """The layer's weights: shared by every M and every path (they are the model)."""
@@ -93,6 +73,9 @@ class Weights:
     w2: MXFP4Tensor  # [E, H, I]
     w13_bias: torch.Tensor  # [E, 2I]
     w2_bias: torch.Tensor  # [E, H]
+    #: The router of the `MXFP4MoE` row (the other paths take the rotations' router logits).
+    router_weight: torch.Tensor  # [E, H] float32
+    router_bias: torch.Tensor  # [E] float32
 
     @property
     def nbytes(self) -> int:
@@ -102,14 +85,18 @@ class Weights:
 
 
 def make_weights(model: ModelShape, dtype: torch.dtype, device, seed: int = 0) -> Weights:
+    """The layer's weights, drawn on ``device`` (`mxmoe.testing.random_mxfp4` as bytes: no
+    float copy of gpt-oss-120b's experts is ever made)."""
     device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = seeded_generator(seed, device)
     e, h, i = model.experts, model.hidden, model.inter
-    w13 = random_mxfp4((e, 2 * i, h), g, device)
-    w2 = random_mxfp4((e, h, i), g, device)
+    w13 = random_mxfp4((e, 2 * i, h), g, quantized=False)
+    w2 = random_mxfp4((e, h, i), g, quantized=False)
     w13_bias = (torch.randn(e, 2 * i, device=device, generator=g) * 0.1).to(dtype)
     w2_bias = (torch.randn(e, h, device=device, generator=g) * 0.1).to(dtype)
-    return Weights(model, w13, w2, w13_bias, w2_bias)
+    router_weight = torch.randn(e, h, device=device, generator=g) * h**-0.5
+    router_bias = torch.randn(e, device=device, generator=g) * 0.1
+    return Weights(model, w13, w2, w13_bias, w2_bias, router_weight, router_bias)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 The JSON (``schema: mxmoe-bench/1``) has top-level ``device``, ``versions``, ``git_sha``,
 ``date``, ``ceilings``, ``settings``, ``models``, ``notes``, ``complete`` and ``rows``; each row
 has at least ``model``, ``M``, ``backend``, ``ms``, ``floor_ms``, ``ratio``, ``max_rel_err``,
-``graph`` and ``status`` (``ok``, ``FAIL``: error over the tolerance, ``error``: it raised).
+``graph`` and ``status`` (``ok``, ``FAIL``: error over the tolerance, ``error``: it raised,
+``skipped``: the path cannot run here, ``error`` says why), and the host cost of an eager call
+(``host_us``, ``launches``, ``host_bare_us``, ``host_ratio``, ... see `host.HostCost`).
 Missing numbers are ``null``; the file is strict JSON (no NaN).
 """
 
@@ -13,6 +15,8 @@ import json
 import math
 import os
 import re
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ SCHEMA = "mxmoe-bench/1"
 REQUIRED_TOP = ("device", "versions", "git_sha", "ceilings", "rows")
 REQUIRED_ROW = ("model", "M", "backend", "ms", "floor_ms", "ratio", "max_rel_err", "graph",
                 "status")
-STATUSES = ("ok", "FAIL", "error")
+STATUSES = ("ok", "FAIL", "error", "skipped")
 
 
 def new_results(environment: dict, ceilings: dict, settings: dict, models: dict,
@@ -115,6 +119,40 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
+#: Overrides where `mxmoe bench` writes by default.
+RESULTS_DIR_ENV = "MXMOE_RESULTS_DIR"
+
+
+def default_results_dir() -> Path:
+    """Where `mxmoe bench` writes without ``--out``: ``$MXMOE_RESULTS_DIR``, else ``results/``
+    in mxmoe's cache directory (``$MXMOE_CACHE_DIR``, else ``$XDG_CACHE_HOME/mxmoe`` or
+    ``~/.cache/mxmoe``; ``~/Library/Caches/mxmoe`` on macOS, ``%LOCALAPPDATA%\\mxmoe`` on
+    Windows), never the directory the command is run from."""
+    if os.environ.get(RESULTS_DIR_ENV):
+        return Path(os.environ[RESULTS_DIR_ENV]).expanduser()
+    if os.environ.get("MXMOE_CACHE_DIR"):
+        return Path(os.environ["MXMOE_CACHE_DIR"]).expanduser() / "results"
+    home = Path.home()
+    if sys.platform == "darwin":
+        base = home / "Library" / "Caches"
+    elif os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
+    return base / "mxmoe" / "results"
+
+
+def committed_results_dir() -> Path:
+    """``benchmarks/results/`` of the mxmoe checkout this module runs from (the results that
+    are committed; `scripts/gpu_bench.sh` writes there). ValueError outside a checkout."""
+    root = Path(__file__).resolve().parents[3]
+    results = root / "benchmarks" / "results"
+    if not (root / "pyproject.toml").is_file() or not results.parent.is_dir():
+        raise ValueError(f"--committed: mxmoe does not run from a checkout ({root} has no "
+                         f"benchmarks/ and pyproject.toml); give --out DIR instead")
+    return results
+
+
 def results_path(out_dir: Path, device: str, date: str | None = None, tag: str = "") -> Path:
     """``<out_dir>/<device slug>-<YYYY-MM-DD>[-<tag>].json``; a time is added if that file
     exists."""
@@ -146,6 +184,10 @@ def format_row(row: dict, t0: float | None = None) -> str:
     line = (f"{prefix}{row['model']:<14} M={row['M']:<6} {row['backend']:<20} "
             f"{_ms(row['ms']):>9} ms  floor {_ms(row['floor_ms']):>9} ms  {ratio:>8}  "
             f"err {err:>7}  {'graph' if row['graph'] else 'eager':<5}  {row['status']}")
+    if row.get("host_us") is not None:
+        line += (f"  host {row['host_us']:.0f} us"
+                 + (f" ({row['launches']} launches, bare {row['host_bare_us']:.0f} us)"
+                    if row.get("host_bare_us") is not None else ""))
     extra = row.get("error") or ""
     if row.get("detail"):
         extra = f"{extra} ({row['detail']})" if extra else row["detail"]
@@ -163,6 +205,8 @@ def _paths(rows: list[dict]) -> list[str]:
 def _cell(row: dict | None) -> str:
     if row is None:
         return ""
+    if row["status"] == "skipped":
+        return "skipped"
     if row["status"] == "error" or row["ms"] is None:
         return "error"
     text = f"{_ms(row['ms'])} {_ratio(row['ratio'])}" if row.get("ratio") else _ms(row["ms"])
@@ -204,6 +248,40 @@ def _grid(results: dict, model: str) -> tuple[list[str], list[list[str]]]:
             _ratio(point["auto_vs_best"]),
         ])
     return head, body
+
+
+def _host_cell(row: dict | None) -> str:
+    if row is None or row.get("host_us") is None:
+        return "-" if row is not None else ""
+    text = f"{row['host_us']:.0f}"
+    if row.get("launches") is not None:
+        text += f" /{row['launches']}"
+    if row.get("host_ratio") is not None:
+        text += f" {row['host_ratio']:.1f}x"
+    return text
+
+
+def has_host(results: dict, model: str) -> bool:
+    return any(r.get("host_us") is not None for r in results["rows"] if r["model"] == model)
+
+
+def _host_grid(results: dict, model: str) -> tuple[list[str], list[list[str]]]:
+    """Host µs of one eager call per path, its launches, and its ratio to the bare launches."""
+    rows = [r for r in results["rows"] if r["model"] == model]
+    paths = _paths(rows)
+    head = ["M", *paths, "bare µs/launch"]
+    body = []
+    for point in summarize(rows):
+        bare = [r["host_bare_us"] / r["launches"] for r in point["rows"].values()
+                if r.get("host_bare_us") is not None and r.get("launches")]
+        body.append([str(point["M"]), *[_host_cell(point["rows"].get(p)) for p in paths],
+                     f"{statistics.median(bare):.1f}" if bare else "-"])
+    return head, body
+
+
+HOST_LEGEND = ("host cell: median µs of wall time to issue one eager call (GPU idle before it) "
+               "/ GPU launches it makes, and its ratio to as many launches of a trivial compiled "
+               "Triton kernel through kernel[grid] (bare µs/launch), measured in the same run.")
 
 
 def _models(results: dict) -> list[str]:
@@ -259,7 +337,10 @@ def errors(results: dict) -> list[str]:
     for row in results["rows"]:
         if row.get("error"):
             seen.setdefault((row["model"], row["backend"], row["error"]), []).append(row["M"])
-    return [f"{model} {backend} at M={','.join(map(str, ms))}: {error}"
+    skipped = {(r["model"], r["backend"], r["error"]) for r in results["rows"]
+               if r.get("status") == "skipped"}
+    return [f"{model} {backend} at M={','.join(map(str, ms))}: "
+            f"{'skipped: ' if (model, backend, error) in skipped else ''}{error}"
             for (model, backend, error), ms in seen.items()]
 
 
@@ -273,7 +354,15 @@ def render_text(results: dict) -> str:
         lines += ["", f"{model} {_shape_text(results, model)}".rstrip()]
         lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
+        if has_host(results, model):
+            head, body = _host_grid(results, model)
+            widths = [max(len(x) for x in col) for col in zip(head, *body)]
+            lines += ["", f"{model}: host cost of an eager call (µs / launches, x bare)"]
+            lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+            lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in body]
     lines += ["", LEGEND]
+    if any(has_host(results, model) for model in _models(results)):
+        lines.append(HOST_LEGEND)
     problems = errors(results)
     if problems:
         lines += ["errors:"] + [f"  {p}" for p in problems]
@@ -309,7 +398,14 @@ def render_markdown(results: dict, plot: str | None = None, source: str | None =
         lines += ["", "| " + " | ".join(head) + " |",
                   "|" + "|".join("---:" if i != 2 else "---" for i in range(len(head))) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
+        if has_host(results, model):
+            head, body = _host_grid(results, model)
+            lines += ["", f"Host cost of an eager call, {model}:", "",
+                      "| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
+            lines += ["| " + " | ".join(row) + " |" for row in body]
     lines += ["", LEGEND]
+    if any(has_host(results, model) for model in _models(results)):
+        lines.append(HOST_LEGEND)
     problems = errors(results)
     if problems:
         lines += ["", "## Errors", ""] + [f"- {p}" for p in problems]

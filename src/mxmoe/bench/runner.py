@@ -1,5 +1,12 @@
 """The benchmark loop: for each model and M, check every path against the fp32 reference, then
-time it beside the layer's floor. One failing path is recorded and the run goes on."""
+time it beside the layer's floor, and measure its host cost (eager call) beside the bare cost of
+as many launches. One failing path is recorded and the run goes on.
+
+Paths: mxmoe backend names and ``auto`` (route + `fused_experts`), ``baseline`` (plain torch,
+dense weights), ``triton_kernels`` (the peer, `peers`), ``layer`` (`MXFP4MoE` with the default
+backend, its own router included: checked against the reference routed from its router's
+logits). The baseline, the peer and the layer are made once per model.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +20,27 @@ from typing import Callable
 import torch
 
 from ..api import fused_experts
-from ..cli._common import relative_error
+from ..testing import poison_, relative_error
 from ..reference import fused_experts_reference
 from ..routing import route
 from . import report
 from .baseline import DenseBaseline
 from .ceilings import Ceilings
 from .floors import Floor, dense_expert_bytes, layer_floor
-from .problems import Inputs, ModelShape, Rotations, Weights, make_rotations, make_weights
+from .host import HostCost, HostMeter, skipped
+from .peers import TRITON_KERNELS, PeerUnavailable, TritonKernelsLayer
+from .problems import (Inputs, ModelShape, Rotations, Weights, make_rotations, make_weights,
+                       torch_route)
 from .timing import (RepPolicy, Timing, capture_graphs, host_sync_reason, time_cpu,
                      time_eager_cuda, time_graphs)
 
 #: The path name that selects the plain-torch bf16-weights baseline.
 BASELINE = "baseline"
+#: The path name of the `MXFP4MoE` layer (router included, default backend); its row label.
+LAYER = "layer"
+LAYER_LABEL = "MXFP4MoE"
+#: Paths that are not mxmoe backend names.
+EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER)
 
 
 @dataclass
@@ -40,6 +55,7 @@ class Settings:
     tolerance: float = 2e-2
     json_path: Path | None = None  # rewritten after every M, so a cut-off run keeps its rows
     time_limit_s: float | None = None  # start no new (model, M) point after this long
+    host: bool = True  # measure the host cost of an eager call (on a GPU)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -51,6 +67,7 @@ class Settings:
             "rotations": self.rotations,
             "budget_s": self.policy.budget_s,
             "tolerance": self.tolerance,
+            "host": self.host,
         }
 
 
@@ -104,6 +121,32 @@ def backend_layer(name: str, weights: Weights) -> Callable[[Inputs], torch.Tenso
     return layer
 
 
+class MoELayerPath:
+    """`MXFP4MoE` (router + experts, ``backend="auto"``) on the benchmark's weights:
+    ``layer(inputs)`` takes the activations only; `reference` routes from its router."""
+
+    label = LAYER_LABEL
+
+    def __init__(self, weights: Weights):
+        from ..layer import MXFP4MoE
+
+        self.weights = weights
+        self.module = MXFP4MoE(weights.w13, weights.w2, weights.router_weight,
+                               weights.router_bias, weights.w13_bias, weights.w2_bias,
+                               top_k=weights.model.top_k)
+
+    def __call__(self, inputs: Inputs) -> torch.Tensor:
+        return self.module(inputs.hidden_states)
+
+    def reference(self, inputs: Inputs) -> torch.Tensor:
+        w = self.weights
+        logits = torch.nn.functional.linear(inputs.hidden_states.to(torch.float32),
+                                            w.router_weight, w.router_bias)
+        topk_weights, topk_ids = torch_route(logits, w.model.top_k)
+        return fused_experts_reference(inputs.hidden_states, w.w13, w.w2, topk_weights,
+                                       topk_ids, w13_bias=w.w13_bias, w2_bias=w.w2_bias)
+
+
 def _auto_detail(device: torch.device) -> str:
     from ..backends import resolve_backend
 
@@ -128,6 +171,8 @@ class Runner:
         self.gpu = settings.device.type == "cuda"
         self._traced: set[str] = set()  # paths whose first traceback was printed
         self._dense_floor: Floor | None = None  # of the current point
+        #: Made on first use on a GPU; tests put a fake here to drive the host-cost branch.
+        self.host_meter: HostMeter | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -173,7 +218,7 @@ class Runner:
         self._say(f"{model.name}: H={model.hidden} I={model.inter} E={model.experts} "
                   f"k={model.top_k}, {dtype} activations, making weights")
         weights = make_weights(model, s.dtype, s.device)
-        baseline: DenseBaseline | None = None
+        built: dict[str, object] = {}  # path -> its layer object, or the exception making it
         try:
             for m in s.tokens:
                 elapsed = time.perf_counter() - self._t0
@@ -208,16 +253,17 @@ class Runner:
                     self._save()
                     continue
                 for path in s.paths:
-                    if path == BASELINE and baseline is None:
-                        try:
-                            baseline = DenseBaseline(weights, s.dtype)
-                        except Exception as exc:
-                            row = self._row(model, m, "baseline", floor, rotations)
-                            self._failed(row, path, exc)
-                            self._add(row)
-                            continue
+                    made = self._build(path, weights, built)
+                    if isinstance(made, BaseException):
+                        row = self._row(model, m, self._label(path, None), floor, rotations)
+                        if isinstance(made, PeerUnavailable):
+                            row["status"], row["error"] = "skipped", str(made)
+                        else:
+                            self._failed(row, path, made)
+                        self._add(row)
+                        continue
                     try:
-                        row = self._measure(model, m, path, weights, baseline, rotations,
+                        row = self._measure(model, m, path, weights, made, rotations,
                                             floor, reference)
                     except ContextLost as exc:
                         if exc.row is not None:
@@ -229,7 +275,8 @@ class Runner:
                 if self.gpu:
                     torch.cuda.empty_cache()
         finally:
-            del baseline, weights
+            built.clear()
+            del weights
             try:
                 from ..backends.bf16 import clear_dense_cache
 
@@ -238,6 +285,28 @@ class Runner:
                 pass
             if self.gpu:
                 torch.cuda.empty_cache()
+
+    def _build(self, path: str, weights: Weights, built: dict):
+        """The per-model object of ``path`` (made once, kept in ``built``), None for the paths
+        that need none, or the exception that making it raised."""
+        makers = {BASELINE: lambda: DenseBaseline(weights, self.s.dtype),
+                  TRITON_KERNELS: lambda: TritonKernelsLayer(weights, self.s.dtype),
+                  LAYER: lambda: MoELayerPath(weights)}
+        if path not in makers:
+            return None
+        if path not in built:
+            try:
+                built[path] = makers[path]()
+            except Exception as exc:
+                built[path] = exc
+        return built[path]
+
+    @staticmethod
+    def _label(path: str, made) -> str:
+        if path == BASELINE:
+            return made.label if made is not None and not isinstance(made, BaseException) \
+                else "baseline"
+        return {LAYER: LAYER_LABEL}.get(path, path)
 
     def _add(self, row: dict) -> None:
         self.results["rows"].append(row)
@@ -269,24 +338,45 @@ class Runner:
             "rotations": len(rotations.inputs),
             "disjoint_rotations": rotations.disjoint_experts,
             "dtype": str(self.s.dtype).replace("torch.", ""),
+            **HostCost().as_row(),
         }
 
-    def _measure(self, model: ModelShape, m: int, path: str, weights: Weights,
-                 baseline: DenseBaseline | None, rotations: Rotations, floor: Floor,
-                 reference: torch.Tensor) -> dict:
+    def _host_cost(self, fn, inputs: list[Inputs], timing: Timing) -> HostCost:
+        if not self.s.host:
+            return skipped("not measured (--no-host)")
+        if not self.gpu:
+            return skipped("no GPU: the work runs on the host, the call's wall time is its ms")
+        if self.host_meter is None:
+            self.host_meter = HostMeter(self.s.device)
+        try:
+            return self.host_meter.measure(fn, inputs, timing.ms / 1e3 + 1e-4)
+        except Exception as exc:
+            if not _cuda_alive(self.s.device):
+                raise
+            return skipped(f"host cost failed: {_one_line(exc)}")
+
+    def _measure(self, model: ModelShape, m: int, path: str, weights: Weights, made,
+                 rotations: Rotations, floor: Floor, reference: torch.Tensor) -> dict:
         s = self.s
         device = s.device
-        row = self._row(model, m, path, floor, rotations)
+        row = self._row(model, m, self._label(path, made), floor, rotations)
         inputs = rotations.inputs
         graphs, outputs = [], []
         try:
             if path == BASELINE:
-                if baseline is None:
-                    raise RuntimeError("the baseline's dense weights were not made")
-                baseline.select(inputs[0])
-                row["backend"] = baseline.label
-                row["detail"] = "; ".join([baseline.method, *baseline.notes])
-                fn = baseline
+                made.select(inputs[0])
+                row["backend"] = made.label
+                row["detail"] = "; ".join([made.method, *made.notes])
+                fn = made
+            elif path == TRITON_KERNELS:
+                row["detail"] = made.detail
+                fn = made
+            elif path == LAYER:
+                reference = made.reference(inputs[0])
+                row["detail"] = f"router included; {_auto_detail(device)}"
+                if rotations.disjoint_experts:
+                    row["detail"] += "; its own router: rotations not expert-disjoint"
+                fn = made
             else:
                 fn = backend_layer(path, weights)
                 if path == "auto":
@@ -312,7 +402,7 @@ class Runner:
                             raise
                         why_not = f"capture failed: {_one_line(exc)}"
                 if graphs:
-                    outputs[0].fill_(float("nan"))  # a replay that skips an element shows it
+                    poison_(outputs[0])  # a replay that skips an element shows it
                     graphs[0].replay()
                     _sync(device)
                     errors.append(relative_error(outputs[0], reference))
@@ -323,6 +413,7 @@ class Runner:
             else:
                 timing = time_cpu(fn, inputs, s.policy, estimate=first_call_s)
 
+            row.update(self._host_cost(fn, inputs, timing).as_row())
             err = max(errors)
             row.update(ms=timing.ms, ms_min=timing.ms_min, ms_p90=timing.ms_p90,
                        ms_batch_mean=timing.ms_batch_mean, reps=timing.reps, graph=timing.graph,

@@ -1,4 +1,9 @@
-"""Helpers shared by the subcommands: the environment header and random MoE problems."""
+"""Helpers shared by the subcommands: the environment header.
+
+Random problems and the relative error live in `mxmoe.testing`; `random_moe` and
+`relative_error` are re-exported here only for the modules that still import them from here
+(`cli/check.py`, `tune.py`): import them from `mxmoe.testing`.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import datetime
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..testing import random_moe, relative_error  # noqa: F401  (re-exported, see above)
 
 
 def git_sha() -> str:
@@ -66,52 +72,3 @@ def header(info: dict) -> str:
         f"torch: {info['torch']} | Triton: {info['triton']} | git: {info['git_sha']} | "
         f"{info['date']}"
     )
-
-
-@dataclass
-class RandomMoE:
-    """A random MoE problem with MXFP4 weights, for check and bench."""
-
-    hidden_states: torch.Tensor
-    w13: object
-    w2: object
-    w13_bias: torch.Tensor
-    w2_bias: torch.Tensor
-    topk_weights: torch.Tensor
-    topk_ids: torch.Tensor
-
-
-def random_moe(
-    num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int,
-    dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-) -> RandomMoE:
-    from ..format import quantize_mxfp4
-    from ..routing import route
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device)
-
-    w13 = quantize_mxfp4(randn(num_experts, 2 * inter, hidden, scale=hidden**-0.5))
-    w2 = quantize_mxfp4(randn(num_experts, hidden, inter, scale=inter**-0.5))
-    weights, ids = route(randn(num_tokens, num_experts), top_k)
-    return RandomMoE(
-        hidden_states=randn(num_tokens, hidden).to(dtype),
-        w13=w13,
-        w2=w2,
-        w13_bias=randn(num_experts, 2 * inter, scale=0.1).to(dtype),
-        w2_bias=randn(num_experts, hidden, scale=0.1).to(dtype),
-        topk_weights=weights,
-        topk_ids=ids,
-    )
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref| (NaN anywhere in out counts as infinite)."""
-    out = out.float()
-    ref = ref.float()
-    if torch.isnan(out).any() and not torch.isnan(ref).any():
-        return float("inf")
-    denom = ref.abs().max().clamp_min(1e-30)
-    return float((out - ref).abs().nan_to_num(0.0).max() / denom)

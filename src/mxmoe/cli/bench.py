@@ -5,7 +5,9 @@ swigluoai) for M from 1 to 16384; every usable mxmoe backend, ``auto`` and a pla
 baseline with dequantized weights (``torch._grouped_mm``), each checked against the fp32
 reference, then timed as the median of CUDA-graph replays with rotating inputs. The floor of
 each point comes from the copy bandwidth and bf16 matmul rate measured at the start of the run.
-Writes ``<out>/<gpu>-<date>.json`` (and a PNG when matplotlib is installed) and prints a table.
+Writes ``<gpu>-<date>.json`` (and a PNG when matplotlib is installed) into mxmoe's user results
+directory (printed; ``--out DIR`` chooses another, ``--committed`` the checkout's
+``benchmarks/results/``) and prints a table.
 
 Without a GPU: the reference, the baseline and (under TRITON_INTERPRET=1, which this command
 sets when it is unset) the Triton interpreter on a small shape: a check that every path runs and
@@ -32,12 +34,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=None,
                         help="M values (default on a GPU: 1 2 4 ... 16384)")
     parser.add_argument("--backends", nargs="+", default=None,
-                        help="paths: mxmoe backend names, 'auto', 'baseline' (default: every "
-                             "usable backend, auto and the baseline)")
+                        help="paths: mxmoe backend names, 'auto', 'baseline' (plain torch, "
+                             "dense weights), 'layer' (MXFP4MoE, router included), "
+                             "'triton_kernels' (OpenAI's, when it imports) (default: all of "
+                             "them that run here)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="activation dtype (default: bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                        help="directory for the JSON and the PNG (default: benchmarks/results)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help="directory for the JSON and the PNG (default: mxmoe's user results "
+                            "directory, ~/.cache/mxmoe/results on Linux, $MXMOE_RESULTS_DIR to "
+                            "move it; the path is printed)")
+    where.add_argument("--committed", action="store_true",
+                       help="write into the checkout's benchmarks/results/ (the committed "
+                            "results, as scripts/gpu_bench.sh does)")
     parser.add_argument("--tag", default="",
                         help="added to the file name: <gpu>-<date>-<tag>.json")
     parser.add_argument("--quick", action="store_true", help="fewer M values and repetitions")
@@ -55,6 +65,10 @@ def add_arguments(parser) -> None:
                         help="start no new point after this long; print and write what was "
                              "measured (for machines that kill long commands)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    parser.add_argument("--no-host", action="store_true",
+                        help="do not measure the host cost of eager calls (measured by default "
+                             "on a GPU: host µs per call, its launches, the bare cost of as "
+                             "many Triton launches)")
 
 
 def _set_up_interpreter(notes: list[str]) -> None:
@@ -75,15 +89,25 @@ def _set_up_interpreter(notes: list[str]) -> None:
 
 
 def _paths(requested, device, known, log) -> list[str]:
+    """The paths to run: ``requested`` (checked against ``known``), or by default every usable
+    backend, auto, the baseline, the `MXFP4MoE` layer and the triton_kernels peer when it can
+    run here. A requested peer that cannot run stays: its rows say why."""
     from ..backends import backends
-    from ..bench.runner import BASELINE
+    from ..bench.peers import TRITON_KERNELS, unavailable_reason
+    from ..bench.runner import BASELINE, LAYER
 
     table = backends(device)
     if requested is None:
         for name, (usable, reason) in table.items():
             if not usable:
                 log(f"skipping backend {name}: {reason}")
-        return [n for n, (usable, _) in table.items() if usable] + ["auto", BASELINE]
+        paths = [n for n, (usable, _) in table.items() if usable] + ["auto", BASELINE, LAYER]
+        peer_reason = unavailable_reason(device)
+        if peer_reason is None:
+            paths.append(TRITON_KERNELS)
+        else:
+            log(f"skipping {TRITON_KERNELS}: {peer_reason}")
+        return paths
     paths = []
     for name in requested:
         if name not in known:
@@ -120,7 +144,7 @@ def _run(args) -> int:
     from ..bench.ceilings import (H100_COPY_BYTES_PER_S, H100_MATMUL_FLOPS_PER_S,
                                   given_ceilings, measure_ceilings)
     from ..bench.plot import plot_results
-    from ..bench.runner import BASELINE, Runner, Settings
+    from ..bench.runner import EXTRA_PATHS, Runner, Settings
     from ..bench.timing import RepPolicy
     from ._common import environment
 
@@ -128,6 +152,11 @@ def _run(args) -> int:
         print(text, flush=True)
 
     device = torch.device("cuda" if cuda else "cpu")
+    try:
+        out_dir = (report.committed_results_dir() if args.committed
+                   else args.out or report.default_results_dir())
+    except ValueError as exc:
+        raise SystemExit(f"mxmoe bench: {exc}") from None
     env = environment()
     log(report.header_line({"device": env["device"], "versions": env, "git_sha": env["git_sha"],
                             "date": env["date"]}))
@@ -150,6 +179,8 @@ def _run(args) -> int:
                         "Triton interpreter on the CPU, timed by the wall clock, only to show "
                         "that every path runs and agrees with the fp32 reference (torch "
                         "single-threaded)")
+        notes.append("host cost of eager calls: skipped without a GPU (the work itself runs "
+                     "on the host: a call's wall time is its ms)")
         if not models:
             models = [problems.CPU_MODEL]
         elif any(m.hidden * m.inter * m.experts > 2**24 for m in models):
@@ -171,7 +202,7 @@ def _run(args) -> int:
     if rotations < 1:
         raise SystemExit(f"mxmoe bench: --rotations must be >= 1, got {rotations}")
 
-    known = {*BACKEND_NAMES, "auto", BASELINE}
+    known = {*BACKEND_NAMES, *EXTRA_PATHS}
     paths = _paths(args.backends, device, known, log)
     for note in notes:
         log(f"note: {note}")
@@ -190,10 +221,12 @@ def _run(args) -> int:
             log(f"note: {notes[-1]}")
     log(report.ceilings_line({"ceilings": ceilings.as_dict()}))
 
-    json_path = report.results_path(args.out, env["device"], env["date"], args.tag)
+    json_path = report.results_path(out_dir, env["device"], env["date"], args.tag)
+    log(f"results will be written to {json_path}")
     settings = Settings(device=device, dtype=dtype, models=models, tokens=tokens, paths=paths,
                         rotations=rotations, policy=policy, tolerance=args.tolerance,
-                        json_path=json_path, time_limit_s=args.time_limit, notes=notes)
+                        json_path=json_path, time_limit_s=args.time_limit, notes=notes,
+                        host=not args.no_host)
     settings_note = (f"paths: {' '.join(paths)} | M: {' '.join(map(str, tokens))} | "
                      f"{len(models)} model(s) | {rotations} rotations | budget "
                      f"{policy.budget_s:g} s/point")
