@@ -58,7 +58,6 @@ VARIANTS = {
 def run_variant(variant, kw):
     backend, extra = VARIANTS[variant]
     from mxmoe.kernels import fused_moe as fm
-    from mxmoe.backends import MoEArgs  # noqa: F401
 
     if extra:
         base = fm.choose_config

@@ -1,11 +1,11 @@
 """`mxmoe::fused_experts`: the fused-experts computation as a PyTorch custom operator.
 
 `mxmoe.fused_experts` validates its arguments in Python and calls this operator (through
-`run_fused_experts`); so does the `MXFP4MoE` layer, through it. To `torch.compile` the operator
+`run_call`); so does the `MXFP4MoE` layer, through it. To `torch.compile` the operator
 is opaque: dynamo records one node, shapes come from the fake implementation (``[M, H]`` in the
 activation dtype), and the real implementation runs at run time. So a compiled model never
 breaks its graph on mxmoe, whichever backend runs underneath. (Plain eager inference skips the
-dispatcher: see `run_fused_experts`.)
+dispatcher: see `run_call`.)
 
 The operator's schema only knows tensors and scalars, so a call crosses it flattened (each
 weight as blocks, scales and its layout's name): `mxmoe.problem.OP_ARGS` is that argument list,

@@ -278,7 +278,7 @@ class Runner:
             built.clear()
             del weights
             try:
-                from ..backends.bf16 import clear_dense_cache
+                from ..backends.triton import clear_dense_cache
 
                 clear_dense_cache()
             except ImportError:
