@@ -8,12 +8,11 @@ chunks of pairs (count, offsets, scatter) that spread over the GPU. No host sync
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import settings
 from ..routing import Alignment, max_aligned_blocks
 from ._align import align_count_kernel, align_kernel, align_offsets_kernel, align_scatter_kernel
-from .launch import Launcher
+from .launch import Launcher, cdiv, next_power_of_2
 
 #: Up to this many (token, slot) pairs the alignment runs as one Triton program; above, as three
 #: launches over chunks of pairs (count, offsets, scatter) that spread over the GPU.
@@ -49,12 +48,13 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
     num_pairs = topk_ids.numel()
     max_blocks = max_aligned_blocks(num_pairs, num_local, block_m)
     device = topk_ids.device
-    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    total = torch.empty(1, dtype=torch.int32, device=device)
+    # One allocation for the three outputs (each torch.empty costs microseconds of host time).
+    rows = max_blocks * block_m
+    out = torch.empty(rows + max_blocks + 1, dtype=torch.int32, device=device)
+    sorted_ids, expert_ids, total = out[:rows], out[rows:rows + max_blocks], out[-1:]
     has_map = expert_map is not None
     emap = expert_map if has_map else topk_ids
-    num_bins = triton.next_power_of_2(num_local + 1)
+    num_bins = next_power_of_2(num_local + 1)
     sub, max_chunks = _align_sizes(num_bins)
     if num_pairs <= ALIGN_ONE_PROGRAM_MAX_PAIRS:
         _align_one(
@@ -65,8 +65,8 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
         )
         return Alignment(sorted_ids, expert_ids, total, block_m)
 
-    pairs_per_chunk = triton.cdiv(triton.cdiv(num_pairs, max_chunks), sub) * sub
-    chunks = triton.cdiv(num_pairs, pairs_per_chunk)
+    pairs_per_chunk = cdiv(cdiv(num_pairs, max_chunks), sub) * sub
+    chunks = cdiv(num_pairs, pairs_per_chunk)
     num_rows = max_blocks * block_m
     work = torch.empty(2 * max_chunks * num_bins + num_bins, dtype=torch.int32, device=device)
     chunk_counts = work[: max_chunks * num_bins]
@@ -76,7 +76,7 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
         (chunks,), topk_ids_ptr=topk_ids, expert_map_ptr=emap, sorted_ids_ptr=sorted_ids,
         chunk_counts_ptr=chunk_counts, num_pairs=num_pairs, num_global=num_global,
         num_local=num_local, pairs_per_chunk=pairs_per_chunk, num_rows=num_rows,
-        rows_per_program=triton.cdiv(triton.cdiv(num_rows, chunks), sub) * sub,
+        rows_per_program=cdiv(cdiv(num_rows, chunks), sub) * sub,
         HAS_MAP=has_map, NUM_BINS=num_bins, SUB=sub, num_warps=4,
     )
     _align_offsets(
@@ -90,7 +90,7 @@ def align(topk_ids: torch.Tensor, block_m: int, num_local: int, num_global: int,
         expert_ids_ptr=expert_ids, chunk_base_ptr=chunk_base, ends_ptr=ends, num_post_padded_ptr=total,
         num_pairs=num_pairs, num_global=num_global, num_local=num_local,
         pairs_per_chunk=pairs_per_chunk, max_blocks=max_blocks,
-        blocks_per_program=triton.cdiv(triton.cdiv(max_blocks, chunks), sub) * sub,
+        blocks_per_program=cdiv(cdiv(max_blocks, chunks), sub) * sub,
         HAS_MAP=has_map, BLOCK_M=block_m, NUM_BINS=num_bins, SUB=sub, num_warps=4,
     )
     return Alignment(sorted_ids, expert_ids, total, block_m)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import settings
@@ -20,7 +19,7 @@ from ..format import MXFP4Tensor
 from ..layouts import GROUP_HALVES
 from ..problem import MoEProblem
 from ._decode_gemm import decode_gemv_kernel, decode_mma_kernel
-from .launch import Launcher
+from .launch import Launcher, cdiv
 
 __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "decode_fused_experts",
            "choose_decode_config", "default_decode_config"]
@@ -128,9 +127,13 @@ class DecodeGemm:
             raise ValueError("split-K GEMMs write (splits, pairs, N) float32 planes, ungated")
         n_out = n // 2 if gated else n
         cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
-        grid = (self.max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
+        grid = (self.max_blocks * splits * cdiv(n_out, cols_per_tile),)
         out_rows = out if out.dim() == 2 else out[0]
+        # Strides read once per tensor (each .stride(i) is a call into torch).
+        sa, so = a.stride(), out_rows.stride()
+        sb = bias.stride() if bias is not None else (0, 0)
         w, s = weight.blocks, weight.scales  # (E, N, K/2), (E, N, K/32) uint8
+        sw, ss = w.stride(), s.stride()
         aligned = self.aligned
         common = dict(
             a_ptr=a, w_ptr=w, w_scale_ptr=s, bias_ptr=bias if bias is not None else out,
@@ -138,12 +141,10 @@ class DecodeGemm:
             expert_ids_ptr=aligned.expert_ids,
             num_post_padded_ptr=aligned.num_tokens_post_padded,
             N=n, K=k, num_pairs=self.num_pairs, max_blocks=self.max_blocks,
-            stride_am=a.stride(0), stride_ak=a.stride(1),
-            stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
-            stride_se=s.stride(0), stride_sn=s.stride(1), stride_sk=s.stride(2),
-            stride_bias_e=bias.stride(0) if bias is not None else 0,
-            stride_bias_n=bias.stride(1) if bias is not None else 0,
-            stride_om=out_rows.stride(0), stride_on=out_rows.stride(1),
+            stride_am=sa[0], stride_ak=sa[1],
+            stride_we=sw[0], stride_wn=sw[1], stride_wk=sw[2],
+            stride_se=ss[0], stride_sn=ss[1], stride_sk=ss[2],
+            stride_bias_e=sb[0], stride_bias_n=sb[1], stride_om=so[0], stride_on=so[1],
             stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
             alpha=self.call.alpha, limit=self.call.limit,
             A_ROW_DIV=a_row_div, GATED=gated, INTERLEAVED=self.call.activation.interleaved,

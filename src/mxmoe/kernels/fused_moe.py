@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import settings
@@ -22,7 +21,7 @@ from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 from .align import align
 from .decode import DecodeConfig, DecodeGemm, choose_decode_config
 from .inner_product import InnerProduct
-from .launch import Launcher
+from .launch import Launcher, cdiv
 
 __all__ = ["fused_moe", "choose_config", "use_dequant_ptx"]
 
@@ -81,9 +80,9 @@ def choose_config(call: MoECall, backend: str) -> configs.MoEConfig:
 
 def _k_slices(k: int, cfg) -> tuple[int, int]:
     """(slices, K per slice): at most ``cfg.split_k`` slices of whole K tiles, none empty."""
-    k_tiles = triton.cdiv(k, cfg.block_k)
-    per_split = triton.cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
-    return triton.cdiv(k_tiles, per_split), per_split * cfg.block_k
+    k_tiles = cdiv(k, cfg.block_k)
+    per_split = cdiv(k_tiles, max(1, min(cfg.split_k, k_tiles)))
+    return cdiv(k_tiles, per_split), per_split * cfg.block_k
 
 
 class _Gemm:
@@ -110,12 +109,16 @@ class _Gemm:
             raise ValueError("split-K GEMMs write (splits, pairs, N) float32 planes, ungated")
         n_out = n // 2 if gated else n
         cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
-        grid = (self.max_blocks * splits * triton.cdiv(n_out, cols_per_tile),)
+        grid = (self.max_blocks * splits * cdiv(n_out, cols_per_tile),)
         out_rows = out if out.dim() == 2 else out[0]
+        # Strides read once per tensor (each .stride(i) is a call into torch).
+        sa, so = a.stride(), out_rows.stride()
+        sb = bias.stride() if bias is not None else (0, 0)
         dense = self.inner is InnerProduct.DENSE
         w = weight if dense else weight.blocks  # (E, N, K/2) uint8, or (E, N, K) dense
         s = weight if dense else weight.scales  # (E, N, K/32) uint8; unused when dense
         halves = not dense and weight.layout == GROUP_HALVES
+        sw, ss = w.stride(), s.stride()
         _gemm(
             grid,
             a_ptr=a, b_ptr=w, b_scale_ptr=s, bias_ptr=bias if bias is not None else out,
@@ -123,12 +126,10 @@ class _Gemm:
             sorted_ids_ptr=self.aligned.sorted_ids, expert_ids_ptr=self.aligned.expert_ids,
             num_post_padded_ptr=self.aligned.num_tokens_post_padded,
             N=n, K=k, num_pairs=self.num_pairs, max_blocks=self.max_blocks,
-            stride_am=a.stride(0), stride_ak=a.stride(1),
-            stride_be=w.stride(0), stride_bn=w.stride(1), stride_bk=w.stride(2),
-            stride_se=s.stride(0), stride_sn=s.stride(1), stride_sk=s.stride(2),
-            stride_bias_e=bias.stride(0) if bias is not None else 0,
-            stride_bias_n=bias.stride(1) if bias is not None else 0,
-            stride_om=out_rows.stride(0), stride_on=out_rows.stride(1),
+            stride_am=sa[0], stride_ak=sa[1],
+            stride_be=sw[0], stride_bn=sw[1], stride_bk=sw[2],
+            stride_se=ss[0], stride_sn=ss[1], stride_sk=ss[2],
+            stride_bias_e=sb[0], stride_bias_n=sb[1], stride_om=so[0], stride_on=so[1],
             stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
             alpha=self.call.alpha, limit=self.call.limit,
             A_ROW_DIV=a_row_div, WEIGHT_MODE=int(self.inner), W_LAYOUT=int(halves),
@@ -217,7 +218,7 @@ def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
                     k_per_split=k_per_split1)
         block_i = 64 if settings.current().interpret else 1024
         _split_activation(
-            (num_pairs, triton.cdiv(p.intermediate, block_i)),
+            (num_pairs, cdiv(p.intermediate, block_i)),
             partial_ptr=partial, out_ptr=act, inter_size=p.intermediate,
             stride_ps=partial.stride(0), stride_pm=partial.stride(1),
             stride_pn=partial.stride(2), stride_om=act.stride(0), stride_on=act.stride(1),
@@ -236,7 +237,7 @@ def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
     has_map = expert_map is not None
     block_h = 64 if settings.current().interpret else 1024
     _topk_sum(
-        (p.num_tokens, triton.cdiv(p.hidden, block_h)),
+        (p.num_tokens, cdiv(p.hidden, block_h)),
         inter_ptr=inter, topk_ids_ptr=topk_ids,
         expert_map_ptr=expert_map if has_map else topk_ids, out_ptr=out, H=p.hidden,
         num_global_experts=p.num_global_experts, num_local_experts=p.num_local_experts,

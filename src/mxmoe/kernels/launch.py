@@ -6,16 +6,18 @@ looks up the compiled kernel on each call: 16-23 us of host time per launch on t
 four or five kernels, so that difference is a large share of an eager call.
 
 `Launcher` keeps the compiled kernel of each specialization and launches it directly. Its key is
-at least as fine as Triton's own: each tensor's dtype and 16-byte alignment, each int's
-``== 1`` / ``% 16 == 0`` / 32-bit range, the constexpr values and the launch options; so it
-never reuses a kernel Triton would have compiled differently (it may compile one more than
-needed, never one fewer). The first call of a specialization goes through ``kernel[grid]``,
-which compiles and launches and hands back the compiled kernel.
+at least as fine as Triton's own: each tensor's dtype and 16-byte alignment, every other
+argument's value (ints, floats, constexprs) and the launch options; so it never reuses a kernel
+Triton would have compiled differently. A new key goes through ``kernel[grid]``, which finds
+(or compiles) the kernel, launches it and hands it back. The key is built with C-speed
+itemgetters: its cost is a few microseconds, not Triton's binder's.
 
 Under ``TRITON_INTERPRET=1`` (or a Triton without these internals) it is ``kernel[grid](...)``.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -27,24 +29,6 @@ __all__ = ["Launcher"]
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
-def _tensor_key(t):
-    return (t.dtype, t.data_ptr() % 16 == 0)
-
-
-def _int_key(x):
-    return ("i", x == 1, x % 16 == 0, -(2**31) <= x < 2**31)
-
-
-_KEYS = {
-    torch.Tensor: _tensor_key,
-    torch.nn.Parameter: _tensor_key,
-    bool: lambda x: ("b", x),
-    int: _int_key,
-    float: lambda x: "f",
-    type(None): lambda x: None,
-}
-
-
 class Launcher:
     """``Launcher(kernel)(grid, **arguments, num_warps=..., num_stages=...)`` launches."""
 
@@ -52,40 +36,60 @@ class Launcher:
         self.kernel = kernel
         # InterpretedFunction (the interpreter) has its own argument handling; keep it.
         self._names = tuple(getattr(kernel, "arg_names", ()))
-        self._constexpr = tuple(i in set(getattr(kernel, "constexprs", ())) for i in
-                                range(len(self._names)))
+        self._values = operator.itemgetter(*self._names) if len(self._names) > 1 else None
+        self._options = operator.itemgetter(*_OPTIONS)
+        # Filled on the first launch: which arguments are tensors (keyed by dtype and
+        # alignment) and which are not (keyed by value: finer than Triton's key, never coarser).
+        self._tensors = None
+        self._scalars = None
         self._compiled: dict = {}
         self._runtime = None
 
     def _direct(self):
-        """(driver, launch hooks) when direct launches are possible here, else None."""
+        """(driver, launch hooks) when direct launches are possible here, else False."""
         if self._runtime is None:
             try:
                 from triton import knobs
                 from triton.runtime.driver import driver
                 from triton.runtime.jit import JITFunction
 
-                usable = isinstance(self.kernel, JITFunction)
+                usable = isinstance(self.kernel, JITFunction) and self._values is not None
                 self._runtime = (driver.active, knobs.runtime) if usable else False
             except (ImportError, AttributeError):
                 self._runtime = False
         return self._runtime
+
+    def _key(self, values: tuple, options: tuple):
+        if self._tensors is None:
+            positions = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+            others = [i for i in range(len(values)) if i not in positions]
+            self._tensors = operator.itemgetter(*positions, -1)  # -1: always a tuple
+            self._scalars = operator.itemgetter(*others, -1)
+        tensors = self._tensors(values)[:-1]
+        # A tensor where a scalar was (or the reverse) changes the key's shape: a miss, and
+        # Triton's own path decides.
+        return (options, self._scalars(values),
+                tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
 
     def __call__(self, grid: tuple, **arguments):
         runtime = None if settings.current().interpret else self._direct()
         if not runtime:
             return self.kernel[grid](**arguments)
         active, hooks = runtime
-        values = [arguments[name] for name in self._names]
-        key = [active.get_current_device(), *(arguments.get(o) for o in _OPTIONS)]
-        for value, constexpr in zip(values, self._constexpr):
-            key.append(value if constexpr else _KEYS.get(type(value), _other_key)(value))
-        key = tuple(key)
-        compiled = self._compiled.get(key)
+        values = self._values(arguments)
+        try:
+            key = self._key(values, self._options(_DefaultNone(arguments)))
+            compiled = self._compiled.get(key)
+        except (AttributeError, TypeError):  # an unhashable or unexpected argument
+            key, compiled = None, None
         if compiled is None:
-            self._compiled[key] = self.kernel[grid](**arguments)
+            compiled = self.kernel[grid](**arguments)
+            if key is not None:
+                if len(self._compiled) >= _MAX_ENTRIES:
+                    self._compiled.clear()
+                self._compiled[key] = compiled
             return
-        device = key[0]
+        device = active.get_current_device()
         stream = active.get_current_stream(device)
         grid = (*grid, 1, 1)
         enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
@@ -95,7 +99,26 @@ class Launcher:
                      compiled.packed_metadata, metadata, enter, leave, *values)
 
 
-def _other_key(value):
-    # Anything else (a str, a tl.dtype, a jit function passed as a constexpr-like value): by
-    # value, as Triton keys it.
-    return value
+#: Specializations remembered per kernel (the ints in the key vary with M): past this many,
+#: start over.
+_MAX_ENTRIES = 1024
+
+
+class _DefaultNone(dict):
+    """The launch options given, None for the others (itemgetter over a dict with defaults)."""
+
+    def __missing__(self, key):
+        return None
+
+
+# Host-side size arithmetic. `triton.cdiv` and `triton.next_power_of_2` are Triton functions
+# that cost ~20 us a call from Python (measured with Triton 3.9 on the CPU machine): a decode
+# step computes ten of them, so the launchers use these.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

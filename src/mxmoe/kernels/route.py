@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from ._route import route_kernel
-from .launch import Launcher
+from .launch import Launcher, cdiv, next_power_of_2
 
 _route = Launcher(route_kernel)
 
@@ -19,12 +18,12 @@ def route_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool
     ids = torch.empty((m, top_k), dtype=torch.int32, device=router_logits.device)
     if m == 0:
         return weights, ids
-    block_e = triton.next_power_of_2(e)
+    block_e = next_power_of_2(e)
     rows = max(1, min(16, 4096 // block_e))
     _route(
-        (triton.cdiv(m, rows),), logits_ptr=router_logits, weights_ptr=weights, ids_ptr=ids,
+        (cdiv(m, rows),), logits_ptr=router_logits, weights_ptr=weights, ids_ptr=ids,
         M=m, E=e, stride_lm=router_logits.stride(0), stride_le=router_logits.stride(1),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+        TOP_K=top_k, K_PAD=next_power_of_2(top_k), RENORMALIZE=renormalize,
         BLOCK_E=block_e, ROWS=rows, num_warps=4,
     )
     return weights, ids
