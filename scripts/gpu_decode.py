@@ -64,12 +64,15 @@ def sweep(pairs_per_expert):
     out = {}
     if pairs_per_expert <= 8:
         bm = min(4, triton.next_power_of_2(max(1, int(pairs_per_expert + 0.999))))
-        out["gemv"] = [(gemv(bm, 64, 128, 4), gemv(bm, 64, 128, 4)),
-                       (gemv(bm, 128, 128, 4), gemv(bm, 64, 128, 4, split=2)),
-                       (gemv(bm, 64, 256, 8), gemv(bm, 32, 256, 8))]
-    out["mma"] = [(mma(64, 128, 4, 3), mma(64, 128, 4, 3)),
-                  (mma(64, 64, 4, 4), mma(64, 64, 4, 4, split=2)),
-                  (mma(128, 128, 8, 3), mma(64, 128, 4, 3))]
+        out["gemv"] = [(gemv(bm, 256, 64, 4), gemv(bm, 256, 64, 4)),
+                       (gemv(bm, 128, 64, 4), gemv(bm, 128, 64, 4)),
+                       (gemv(bm, 256, 64, 4, split=2), gemv(bm, 128, 64, 4, split=2)),
+                       (gemv(bm, 256, 128, 8), gemv(bm, 256, 64, 4, split=2)),
+                       (gemv(bm, 64, 128, 4, split=4), gemv(bm, 64, 64, 4, split=3))]
+        if bm > 1:
+            out["gemv1"] = [(gemv(1, 256, 64, 4), gemv(1, 256, 64, 4)),
+                            (gemv(1, 128, 64, 4, split=2), gemv(1, 128, 64, 4, split=2))]
+    out["mma"] = [(mma(64, 128, 4, 3), mma(64, 128, 4, 3))]
     return out
 
 

@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mxmoe.kernels._decode_gemm import decode_gemv_kernel, decode_mma_kernel  # noqa: E402
+from mxmoe.kernels._epilogues import swiglu_oai  # noqa: E402
 
 POINTERS = {"a_ptr": "*bf16", "w_ptr": "*u8", "w_scale_ptr": "*u8", "bias_ptr": "*bf16",
             "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
@@ -41,11 +42,12 @@ DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_bias_e", "stri
          "stride_os", "k_per_split"}
 
 # (name, kernel, constexprs, options)
-def _gemv(name, m, n, k, warps, gemm1=False):
-    return (f"gemv M{m} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}", decode_gemv_kernel,
-            dict(A_ROW_DIV=4 if gemm1 else 1, ACTIVATION=1 if gemm1 else 0,
+def _gemv(name, m, n, k, warps, gemm1=False, even=False):
+    return (f"gemv M{m} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}"
+            f"{' even K' if even else ''}", decode_gemv_kernel,
+            dict(A_ROW_DIV=4 if gemm1 else 1, GATED=gemm1, INTERLEAVED=True, ACT_FN=swiglu_oai,
                  ROUTER_WEIGHT=0 if gemm1 else 2, HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n,
-                 BLOCK_K=k, SPLIT_K=1), dict(num_warps=warps, num_stages=3))
+                 BLOCK_K=k, SPLIT_K=1, EVEN_K=even), dict(num_warps=warps, num_stages=3))
 
 
 VARIANTS = [
@@ -53,14 +55,18 @@ VARIANTS = [
     _gemv("", 1, 64, 128, 4),
     _gemv("", 1, 64, 256, 8),
     _gemv("", 1, 128, 128, 4),
+    _gemv("", 1, 128, 64, 4, even=True),
+    _gemv("", 1, 256, 64, 4, even=True),
+    _gemv("", 1, 256, 128, 8, even=True),
+    _gemv("", 2, 128, 64, 4, even=True),
     _gemv("", 2, 64, 128, 4),
     _gemv("", 4, 64, 128, 4),
     ("mma M16 N64 K128 GEMM1 ptx", decode_mma_kernel,
-     dict(A_ROW_DIV=4, ACTIVATION=1, ROUTER_WEIGHT=0, HAS_BIAS=True, DEQUANT_PTX=True,
+     dict(A_ROW_DIV=4, GATED=True, INTERLEAVED=True, ACT_FN=swiglu_oai, ROUTER_WEIGHT=0, HAS_BIAS=True, DEQUANT_PTX=True,
           DOT_DTYPE="bf16", DOT_PRECISION=None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=1), dict(num_warps=4, num_stages=3)),
     ("mma M16 N64 K128 GEMM2 ptx", decode_mma_kernel,
-     dict(A_ROW_DIV=1, ACTIVATION=0, ROUTER_WEIGHT=2, HAS_BIAS=True, DEQUANT_PTX=True,
+     dict(A_ROW_DIV=1, GATED=False, INTERLEAVED=True, ACT_FN=swiglu_oai, ROUTER_WEIGHT=2, HAS_BIAS=True, DEQUANT_PTX=True,
           DOT_DTYPE="bf16", DOT_PRECISION=None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
           SPLIT_K=1), dict(num_warps=4, num_stages=3)),
 ]
@@ -74,6 +80,8 @@ def compile_variant(kernel, constexprs, options):
     import triton.language as tl
 
     signature = dict(POINTERS)
+    if kernel is decode_gemv_kernel:
+        signature["w_ptr"] = "*i32"  # the GEMV reads the bytes as int32 words
     for name in SCALARS:
         signature[name] = "constexpr" if name in UNIT else "i32"
     signature["alpha"] = "fp32"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 
-from mxmoe import settings
+from mxmoe import settings as mxmoe_settings
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -118,9 +118,9 @@ def test_torch_backend_equals_reference(kw):
 def test_triton_backend_equals_reference(backend, kw):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MXMOE_POISON", "1")  # an element never written is NaN and fails
-        settings.refresh()
+        mxmoe_settings.refresh()
         check(backend, kw)
-    settings.refresh()
+    mxmoe_settings.refresh()
 
 
 @pytest.mark.interpreter

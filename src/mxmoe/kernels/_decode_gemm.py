@@ -52,42 +52,6 @@ SIGN_AND_MAGNITUDE = tl.constexpr(-0x7E400000)
 
 
 @triton.jit
-def _e2m1_low_bits(codes):
-    """The low nibble of each byte (int32, 0..255) -> its fp32 bit pattern worth
-    E2M1 * 2**-126: the nibble shifted to bits 28..31, then an arithmetic shift by 6 puts its
-    sign at 31 (and copies at 30..25) and its magnitude bits (e1 e0 m) at 24..22; one mask."""
-    return (((codes << 28) >> 6) & SIGN_AND_MAGNITUDE).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_high_bits(codes):
-    """The high nibble of each byte (int32, 0..255) -> the same pattern as `_e2m1_low_bits`."""
-    return (((codes << 24) >> 6) & SIGN_AND_MAGNITUDE).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _gemv_row(acc, a_ptr, sorted_ids_ptr, slot, num_pairs, k0, k_end, offs_c, offs_lo, w_lo,
-              w_hi, scale_f, stride_am, stride_ak, A_ROW_DIV: tl.constexpr,
-              BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-    """acc (BLOCK_N,) += this K step's weights times the activation row of the pair in
-    ``slot`` of sorted_ids (nothing for a padding or out-of-range id)."""
-    # The id broadcast over the columns: a scalar & block mask trips the interpreter.
-    pair = tl.load(sorted_ids_ptr + slot + offs_c * 0)
-    mask = (pair >= 0) & (pair < num_pairs) & ((k0 // 2 + offs_c) < k_end // 2)
-    row = a_ptr + (tl.where(mask, pair, 0) // A_ROW_DIV).to(tl.int64) * stride_am
-    # Each x vector has fewer elements than the program has threads, which lets the compiler
-    # load it straight into the weights' column layout (no shared-memory round trip).
-    x_lo = tl.load(row + (k0 + offs_lo) * stride_ak, mask=mask, other=0.0)
-    x_hi = tl.load(row + (k0 + offs_lo + 16) * stride_ak, mask=mask, other=0.0)
-    x_lo = x_lo.to(tl.float32) * X_PRESCALE
-    x_hi = x_hi.to(tl.float32) * X_PRESCALE
-    prod = x_lo[None, :] * w_lo + x_hi[None, :] * w_hi  # (BLOCK_N, HALF_K)
-    part = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, 16)), axis=2)
-    # Two exact power-of-two multiplies: 2**62 * 2**(s - 127) overflows fp32 past s = 192.
-    return acc + tl.sum((part * GROUP_UNDO) * scale_f, axis=1)
-
-
-@triton.jit
 def _block_rows(pid, max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
                 num_pairs, A_ROW_DIV: tl.constexpr, SPLIT_K: tl.constexpr,
                 BLOCK_M: tl.constexpr):
@@ -183,9 +147,71 @@ def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
 
 
 @triton.jit
+def _nibble_to_f32(words, NIBBLE: tl.constexpr):
+    """Nibble ``NIBBLE`` (0..7, bits 4n..4n+3) of each int32 word -> the fp32 bit pattern worth
+    E2M1 * 2**-126: shifted to bits 28..31, then an arithmetic shift by 6 puts its sign at 31
+    (copied to 30..25) and its magnitude bits (e1 e0 m) at 24..22, and one mask keeps those.
+    Three integer operations (two for the top nibble); the 0.5 code lands as a subnormal."""
+    if NIBBLE == 7:
+        bits = (words >> 6) & SIGN_AND_MAGNITUDE
+    else:
+        bits = ((words << (28 - 4 * NIBBLE)) >> 6) & SIGN_AND_MAGNITUDE
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_words_row(acc, words, scale_f, a_ptr, sorted_ids_ptr, slot, num_pairs, k0, k_end,
+                    offs_w, stride_am, stride_ak, A_ROW_DIV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc (BLOCK_N, GROUPS) += this K step's weights (int32 words of 8 nibbles) times the
+    activation row of the pair in ``slot`` of sorted_ids, one partial sum per 32-group
+    (nothing for a padding or out-of-range id)."""
+    # The id broadcast over the word columns: a scalar & block mask trips the interpreter.
+    pair = tl.load(sorted_ids_ptr + slot + offs_w * 0)
+    valid = (pair >= 0) & (pair < num_pairs)
+    row = a_ptr + (tl.where(valid, pair, 0) // A_ROW_DIV).to(tl.int64) * stride_am
+    # GROUP_HALVES: word w of a group holds its bytes 4w..4w+3; nibble n is byte n // 2's low
+    # (n even: element 4w + n // 2) or high half (n odd: element 16 + 4w + n // 2).
+    group_first = k0 + (offs_w // 4) * 32 + (offs_w % 4) * 4
+    part = tl.zeros(words.shape, dtype=tl.float32)
+    for n in tl.static_range(8):
+        k = group_first + (n % 2) * 16 + n // 2
+        if EVEN_K:
+            x = tl.load(row + k * stride_ak, mask=valid, other=0.0)
+        else:
+            x = tl.load(row + k * stride_ak, mask=valid & (k < k_end), other=0.0)
+        part += _nibble_to_f32(words, n) * (x.to(tl.float32) * X_PRESCALE)[None, :]
+    # A group's 4 words are one thread's 4 consecutive registers: this sum stays in the thread.
+    part = tl.sum(tl.reshape(part, (BLOCK_N, GROUPS, 4)), axis=2)
+    # Two exact power-of-two multiplies: 2**62 * 2**(s - 127) overflows fp32 past s = 192.
+    return acc + (part * GROUP_UNDO) * scale_f
+
+
+@triton.jit
+def _load_words(w_rows, s_rows, k0, k_end, mask_n, offs_w, offs_g, stride_wk, stride_sk,
+                EVEN_K: tl.constexpr):
+    """The words (BLOCK_N, WORDS) int32 and scales (BLOCK_N, GROUPS) uint8 of the K step at
+    k0; zeros past k_end (with EVEN_K only a step past the end can be, so one row mask)."""
+    if EVEN_K:
+        live = mask_n & (k0 < k_end)
+        words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :] * stride_wk,
+                        mask=live[:, None], other=0)
+        scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
+                        mask=live[:, None], other=0)
+    else:
+        mask_w = (k0 // 8 + offs_w) < k_end // 8
+        words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_w[None, :], other=0)
+        mask_g = (k0 // 32 + offs_g) < k_end // 32
+        scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
+                        mask=mask_n[:, None] & mask_g[None, :], other=0)
+    return words, scale
+
+
+@triton.jit
 def decode_gemv_kernel(
     a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
-    w_ptr,  # (E, N, K // 2) uint8 MXFP4, GROUP_HALVES layout
+    w_ptr,  # (E, N, K // 8) int32: the GROUP_HALVES bytes read as little-endian words
     w_scale_ptr,  # (E, N, K // 32) uint8 E8M0
     bias_ptr,  # (E, N) float (unused without HAS_BIAS)
     out_ptr,  # (num_pairs, N_OUT) activation dtype, N_OUT = N // 2 when gated, else N;
@@ -199,7 +225,7 @@ def decode_gemv_kernel(
     num_pairs,
     max_blocks,
     stride_am, stride_ak,
-    stride_we, stride_wn, stride_wk,
+    stride_we, stride_wn, stride_wk,  # in words
     stride_se, stride_sn, stride_sk,
     stride_bias_e, stride_bias_n,
     stride_om, stride_on,
@@ -217,10 +243,15 @@ def decode_gemv_kernel(
     BLOCK_N: tl.constexpr,  # weight rows per program (gated: BLOCK_N // 2 gate/up pairs)
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
+    EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
 ):
-    """CUDA-core GEMV over the pairs of one M block: fp32 FMA, 32-group partial sums. The
-    weights of a K step are decoded once and used for each of the BLOCK_M (1, 2 or 4) pairs,
-    each with its own accumulator.
+    """CUDA-core GEMV over the pairs of one M block, fp32 FMA, the weights read as int32 words.
+
+    Each word holds the 8 nibbles of one 32-group's 4 bytes; each is decoded in 2-3 integer
+    operations and multiplied into a per-word fp32 partial sum, which gets its group's scale
+    once (one multiply per 8 weights); the words' sums are added up only after the K loop.
+    The weights of a K step are decoded once for all BLOCK_M (1, 2 or 4) pairs, each with its
+    own accumulator.
 
     Grid: ``(max_blocks * SPLIT_K * cdiv(N_OUT, cols per tile),)`` (see the module)."""
     tl.static_assert((BLOCK_M == 1) | (BLOCK_M == 2) | (BLOCK_M == 4))
@@ -232,51 +263,48 @@ def decode_gemv_kernel(
     rows64, mask_n = _tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N)
     k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
 
+    WORDS: tl.constexpr = BLOCK_K // 8
     GROUPS: tl.constexpr = BLOCK_K // 32
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    offs_c = tl.arange(0, HALF_K)  # byte column of the step: group c // 16, element c % 16
-    # Element of K (within the step) of the low nibble of column c; the high one is 16 further.
-    offs_lo = (offs_c // 16) * 32 + offs_c % 16
+    offs_w = tl.arange(0, WORDS)  # word column of the step: group w // 4, word w % 4
     offs_g = tl.arange(0, GROUPS)
     w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn  # (BLOCK_N, 1)
     s_rows = w_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
     first_slot = (tl.program_id(0) % max_blocks) * BLOCK_M
 
-    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    # Register double buffering: the loads of step k0 + BLOCK_K are issued before step k0 is
+    # computed, so a program keeps two steps of weights in flight (plain loads into registers
+    # are not pipelined by num_stages).
+    words, scale = _load_words(w_rows, s_rows, k_begin, k_end, mask_n, offs_w, offs_g,
+                               stride_wk, stride_sk, EVEN_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        mask_c = (k0 // 2 + offs_c) < k_end // 2
-        packed = tl.load(w_rows + (k0 // 2 + offs_c)[None, :] * stride_wk,
-                         mask=mask_n[:, None] & mask_c[None, :], other=0)  # (BLOCK_N, HALF_K)
-        mask_g = (k0 // 32 + offs_g) < k_end // 32
-        scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
-                        mask=mask_n[:, None] & mask_g[None, :], other=0)  # (BLOCK_N, GROUPS)
+        words_next, scale_next = _load_words(w_rows, s_rows, k0 + BLOCK_K, k_end, mask_n,
+                                             offs_w, offs_g, stride_wk, stride_sk, EVEN_K)
         scale_f = _e8m0_to_f32(scale.to(tl.int32))
-        codes = packed.to(tl.int32)
-        w_lo = _e2m1_low_bits(codes)
-        w_hi = _e2m1_high_bits(codes)
-        acc0 = _gemv_row(acc0, a_ptr, sorted_ids_ptr, first_slot, num_pairs, k0, k_end, offs_c,
-                         offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak, A_ROW_DIV,
-                         BLOCK_N, GROUPS)
+        acc0 = _gemv_words_row(acc0, words, scale_f, a_ptr, sorted_ids_ptr, first_slot,
+                               num_pairs, k0, k_end, offs_w, stride_am, stride_ak, A_ROW_DIV,
+                               BLOCK_N, GROUPS, EVEN_K)
         if BLOCK_M > 1:
-            acc1 = _gemv_row(acc1, a_ptr, sorted_ids_ptr, first_slot + 1, num_pairs, k0, k_end,
-                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
-                             A_ROW_DIV, BLOCK_N, GROUPS)
+            acc1 = _gemv_words_row(acc1, words, scale_f, a_ptr, sorted_ids_ptr, first_slot + 1,
+                                   num_pairs, k0, k_end, offs_w, stride_am, stride_ak,
+                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K)
         if BLOCK_M > 2:
-            acc2 = _gemv_row(acc2, a_ptr, sorted_ids_ptr, first_slot + 2, num_pairs, k0, k_end,
-                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
-                             A_ROW_DIV, BLOCK_N, GROUPS)
-            acc3 = _gemv_row(acc3, a_ptr, sorted_ids_ptr, first_slot + 3, num_pairs, k0, k_end,
-                             offs_c, offs_lo, w_lo, w_hi, scale_f, stride_am, stride_ak,
-                             A_ROW_DIV, BLOCK_N, GROUPS)
+            acc2 = _gemv_words_row(acc2, words, scale_f, a_ptr, sorted_ids_ptr, first_slot + 2,
+                                   num_pairs, k0, k_end, offs_w, stride_am, stride_ak,
+                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K)
+            acc3 = _gemv_words_row(acc3, words, scale_f, a_ptr, sorted_ids_ptr, first_slot + 3,
+                                   num_pairs, k0, k_end, offs_w, stride_am, stride_ak,
+                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K)
+        words, scale = words_next, scale_next
 
     slot = tl.arange(0, BLOCK_M)[:, None]
-    acc = tl.where(slot == 0, acc0[None, :], acc1[None, :])
+    acc = tl.where(slot == 0, tl.sum(acc0, axis=1)[None, :], tl.sum(acc1, axis=1)[None, :])
     if BLOCK_M > 2:
-        acc = tl.where(slot == 2, acc2[None, :], acc)
-        acc = tl.where(slot == 3, acc3[None, :], acc)
+        acc = tl.where(slot == 2, tl.sum(acc2, axis=1)[None, :], acc)
+        acc = tl.where(slot == 3, tl.sum(acc3, axis=1)[None, :], acc)
     _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
               topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
               alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)

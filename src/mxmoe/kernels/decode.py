@@ -93,6 +93,21 @@ def choose_decode_config(problem: MoEProblem) -> DecodeConfig | None:
     return default_decode_config(problem.pairs_per_expert)
 
 
+def _words(weight: MXFP4Tensor) -> torch.Tensor:
+    """The blocks ``(E, N, K/2)`` uint8 viewed as ``(E, N, K/8)`` int32. A view (no copy) is
+    kept on the weight object, so a layer's repeated calls make it once; blocks that int32
+    words cannot alias (a strided or odd-offset view) are copied, per call."""
+    words = weight._dense_cache.get("int32 words")
+    if words is None:
+        blocks = weight.blocks
+        if blocks.stride(-1) == 1 and blocks.data_ptr() % 4 == 0 and all(
+                st % 4 == 0 for st in blocks.stride()[:-1]):
+            words = weight._dense_cache["int32 words"] = blocks.view(torch.int32)
+        else:
+            words = blocks.contiguous().view(torch.int32)
+    return words
+
+
 _gemv = Launcher(decode_gemv_kernel)
 _mma = Launcher(decode_mma_kernel)
 
@@ -132,7 +147,9 @@ class DecodeGemm:
         # Strides read once per tensor (each .stride(i) is a call into torch).
         sa, so = a.stride(), out_rows.stride()
         sb = bias.stride() if bias is not None else (0, 0)
-        w, s = weight.blocks, weight.scales  # (E, N, K/2), (E, N, K/32) uint8
+        s = weight.scales  # (E, N, K/32) uint8
+        # The GEMV reads the bytes as int32 words (E, N, K/8); the mma kernel as bytes.
+        w = _words(weight) if cfg.variant == "gemv" else weight.blocks
         sw, ss = w.stride(), s.stride()
         aligned = self.aligned
         common = dict(
@@ -153,7 +170,8 @@ class DecodeGemm:
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if cfg.variant == "gemv":
-            _gemv(grid, **common)
+            per_slice = k_per_split or k
+            _gemv(grid, **common, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0)
         else:
             dot_dtype = a.dtype
             _mma(grid, **common, DEQUANT_PTX=self.dequant_ptx,
