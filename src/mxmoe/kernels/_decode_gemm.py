@@ -193,7 +193,8 @@ def _load_words(w_rows, s_rows, k0, k_end, mask_n, offs_w, offs_g, stride_wk, st
     """The words (BLOCK_N, WORDS) int32 and scales (BLOCK_N, GROUPS) uint8 of the K step at
     k0; zeros past k_end (with EVEN_K only a step past the end can be, so one row mask)."""
     if EVEN_K:
-        live = mask_n & (k0 < k_end)
+        # A block comparison: a scalar & block mask trips the interpreter.
+        live = mask_n & ((mask_n.to(tl.int32) * 0 + k0) < k_end)
         words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :] * stride_wk,
                         mask=live[:, None], other=0)
         scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
