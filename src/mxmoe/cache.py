@@ -137,7 +137,7 @@ class EntryFile:
         path = self.path
         try:
             raw = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return {}
         except OSError as exc:
             warn_once(path, "unreadable", f"cannot read the {self.what} {path} ({exc}); "
