@@ -131,10 +131,10 @@ def candidates(key: TuneKey) -> list[MoEConfig]:
         return (configs._log_ratio(p.pairs_per_expert, pairs)
                 + configs._SHAPE_WEIGHT * (abs(math.log2(p.n / n1)) + abs(math.log2(p.k / k1))))
 
+    if pairs <= 16:  # decode: few experts x N tiles may leave SMs idle
+        found += [replace(found[0], split_k=s, split_k2=1) for s in (2, 4)]
     for point in sorted(points, key=distance):
         found.append(configs.fit_config(point.config, *shape, sm_count=sms))
-    if pairs <= 16:
-        found += [replace(found[0], split_k=s, split_k2=1) for s in (2, 4)]
     unique = []
     for cfg in found:
         if cfg not in unique:

@@ -332,6 +332,9 @@ class TunedPoint:
     n: int
     k: int
     config: MoEConfig
+    #: The tuned problem's experts and top-k: on a tie, a point of this very problem wins.
+    num_experts: int = 0
+    top_k: int = 0
 
 
 def _tuned_points(backend: str, tables: list[dict]) -> list[TunedPoint]:
@@ -345,7 +348,7 @@ def _tuned_points(backend: str, tables: list[dict]) -> list[TunedPoint]:
             for m, entry in (entries.items() if isinstance(entries, dict) else ()):
                 cfg = _config_or_none(entry)
                 if cfg is not None and str(m).isdigit():
-                    points.append(TunedPoint(int(m) * k / e, 2 * i, h, cfg))
+                    points.append(TunedPoint(int(m) * k / e, 2 * i, h, cfg, e, k))
     return points
 
 
@@ -373,7 +376,11 @@ def derived_config(points: list[TunedPoint], num_tokens: int, hidden: int, inter
         return (_log_ratio(p.pairs_per_expert, pairs)
                 + _SHAPE_WEIGHT * (abs(math.log2(p.n / n1)) + abs(math.log2(p.k / k1))))
 
-    base = min(points, key=lambda p: (distance(p), p.pairs_per_expert, p.n, p.k)).config
+    def rank(p: TunedPoint):
+        other_problem = (p.num_experts, p.top_k) != (num_experts, top_k)
+        return (round(distance(p), 9), other_problem, p.pairs_per_expert, p.n, p.k)
+
+    base = min(points, key=rank).config
     return fit_config(base, num_tokens, hidden, intermediate, num_experts, top_k,
                       sm_count=sm_count)
 
