@@ -234,3 +234,12 @@ def test_derived_gemm1_splits_k_only_when_sms_would_idle():
     # 8 experts of N = 28672: thousands of programs already.
     many = configs.derived_config(points, 1, 4096, 14336, 8, 8, sm_count=132)
     assert many.split_k == 1
+
+
+def test_fastest_backend_prefers_the_user_cache_and_falls_back_to_none():
+    assert configs.fastest_backend(H100, 64, *GPT_OSS_20B) is None  # the table has no verdict
+    cfg = MoEConfig().to_json()
+    tuning_cache.record(H100, "triton_scaled", "H2880_I2880_E32_k4", 64, cfg,
+                        fastest="triton_scaled")
+    assert configs.fastest_backend(H100, 64, *GPT_OSS_20B) == "triton_scaled"
+    assert configs.fastest_backend(None, 64, *GPT_OSS_20B) is None

@@ -152,3 +152,23 @@ def test_unknown_model_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tune", "--models", "llama"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_graph_timer_times_a_forced_config_and_the_config_is_the_one_run():
+    import torch
+
+    from mxmoe.reference import fused_experts_reference
+
+    shape = tune.parse_shape("256,96,8,2")
+    args = tune.problem_args(shape, 16, torch.bfloat16)
+    ref = fused_experts_reference(args.hidden_states, args.w13, args.w2, args.topk_weights,
+                                  args.topk_ids, w13_bias=args.w13_bias, w2_bias=args.w2_bias,
+                                  activation=shape.activation)
+    for cfg in (MoEConfig(block_n=32, block_k=32), MoEConfig(block_m=32, swap_ab=True,
+                                                             split_k=2)):
+        out = tune.run_with_config("triton_dequant", args, cfg)
+        err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+        assert err < 2e-2, cfg
+    seconds = tune.GraphTimer()("triton_dequant", shape, 16, MoEConfig())
+    assert 0 < seconds < 0.1

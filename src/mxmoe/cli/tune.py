@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                         help="further problems: hidden, intermediate (per rank), experts, top-k, "
                              "optionally ',silu' (halves, no bias) or ',swigluoai' (default)")
     parser.add_argument("--tokens", type=int, nargs="+", default=None, metavar="M",
-                        help=f"token counts M to tune. Default: {' '.join(map(str, DEFAULT_TOKENS))}")
+                        help="token counts M to tune. Default: "
+                             + " ".join(map(str, DEFAULT_TOKENS)))
     parser.add_argument("--backends", nargs="+", default=["triton_dequant"],
                         choices=TUNABLE_BACKENDS,
                         help="backends to tune; with several, the fastest per (shape, M) is "

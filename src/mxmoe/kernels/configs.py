@@ -79,7 +79,7 @@ class MoEConfig:
 
 
 __all__ = ["MoEConfig", "Selection", "clear_memo", "derived_config", "device_slug",
-           "explain", "heuristic_config", "lookup", "preferred_backend", "select", "size_class"]
+           "explain", "fastest_backend", "heuristic_config", "lookup", "preferred_backend", "select", "size_class"]
 
 
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int, interpret: bool) -> MoEConfig:
@@ -295,6 +295,23 @@ def explain(backend: str, device_facts: DeviceFacts | None, num_tokens: int, hid
         cfg = derived_config(points, *shape, sm_count=device_facts.sm_count)
         return Selection(cfg, "derived", f"from {len(points)} tuned points")
     return Selection(heuristic_config(m, top_k, num_experts, False), "heuristic")
+
+
+def fastest_backend(device_facts: DeviceFacts | None, num_tokens: int, hidden: int,
+                    intermediate: int, num_experts: int, top_k: int) -> str | None:
+    """Which backend the tuned data calls fastest for this size class, or None: the user
+    cache, then this device's table, then its family's (what `backend="auto"` may prefer)."""
+    if device_facts is None or device_facts.kind != "cuda":
+        return None
+    from .. import tuning_cache
+
+    shape = (size_class(num_tokens), hidden, intermediate, num_experts, top_k)
+    tables = [tuning_cache.table(device_facts), _load_table(device_facts.slug)]
+    for table in tables + [t for _, t in _family_tables(device_facts)]:
+        found = _fastest(table, *shape)
+        if found is not None:
+            return backend_name(found)
+    return None
 
 
 def _family_tables(facts: DeviceFacts) -> list[tuple[str, dict]]:
