@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from mxmoe import autotune, cache, tuning_cache
-from mxmoe.devices import DeviceFacts
+from mxmoe.settings import DeviceFacts
 from mxmoe.kernels import configs
 from mxmoe.kernels.configs import MoEConfig
 
-FACTS = DeviceFacts("NVIDIA H200", (9, 0), 132, "1.0", "13.0")
+FACTS = DeviceFacts("cuda", "NVIDIA H200", (9, 0), 132, False)
 QWEN3 = (2048, 768, 128, 8)  # H, I, E, k: in no shipped table
 
 

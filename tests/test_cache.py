@@ -65,10 +65,10 @@ _RANK_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from mxmoe import tuning_cache
-from mxmoe.devices import DeviceFacts
+from mxmoe.settings import DeviceFacts
 
 rank, go = int(sys.argv[1]), Path(sys.argv[2])
-facts = DeviceFacts("Test GPU", (9, 0), 132, "1.0", "13.0")
+facts = DeviceFacts("cuda", "Test GPU", (9, 0), 132, False)
 while not go.exists():
     time.sleep(0.005)
 assert tuning_cache.record(facts, "triton_dequant", "H64_I64_E8_k2", 2 ** rank,
@@ -81,7 +81,7 @@ print(json.dumps(sorted(tuning_cache.table(facts)["configs"]["triton_dequant"]["
 def test_processes_recording_together_lose_no_entry(tmp_path, isolated, processes):
     from mxmoe import tuning_cache
     from mxmoe.backends.probe.watch import child_env
-    from mxmoe.devices import DeviceFacts
+    from mxmoe.settings import DeviceFacts
 
     go = tmp_path / "go"
     script = tmp_path / "rank.py"
@@ -95,7 +95,7 @@ def test_processes_recording_together_lose_no_entry(tmp_path, isolated, processe
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), [err for _, err in outputs]
     tuning_cache.forget()
-    facts = DeviceFacts("Test GPU", (9, 0), 132, "1.0", "13.0")
+    facts = DeviceFacts("cuda", "Test GPU", (9, 0), 132, False)
     entries = tuning_cache.table(facts)["configs"]["triton_dequant"]["H64_I64_E8_k2"]
     assert entries == {str(2 ** r): {"block_m": 16 * (r + 1)} for r in range(processes)}
     assert [p.name for p in isolated.iterdir() if p.suffix == ".json"] == ["tuned.json"]

@@ -77,12 +77,12 @@ def test_gemm2_config_inherits_or_overrides_split():
 # --------------------------------------------------------------------------- select: the order
 
 from mxmoe import cache, tuning_cache  # noqa: E402
-from mxmoe.devices import DeviceFacts  # noqa: E402
+from mxmoe.settings import DeviceFacts  # noqa: E402
 from mxmoe.kernels.configs import MoEConfig  # noqa: E402
 
-H100 = DeviceFacts("NVIDIA H100 80GB HBM3", (9, 0), 132, "1.0", "13.0")
-H200 = DeviceFacts("NVIDIA H200", (9, 0), 132, "1.0", "13.0")
-L40S = DeviceFacts("NVIDIA L40S", (8, 9), 142, "1.0", "13.0")
+H100 = DeviceFacts("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 132, False)
+H200 = DeviceFacts("cuda", "NVIDIA H200", (9, 0), 132, False)
+L40S = DeviceFacts("cuda", "NVIDIA L40S", (8, 9), 142, False)
 GPT_OSS_20B = (2880, 2880, 32, 4)
 
 
@@ -160,11 +160,16 @@ def test_user_cache_comes_before_the_shipped_table():
     assert explain(H200, 64).source == "family table"  # another device: not its entry
 
 
-def test_user_cache_entry_of_another_driver_is_not_used():
+def test_user_cache_entry_of_another_driver_is_not_used(monkeypatch):
+    from mxmoe import devices
+
     mine = MoEConfig(block_m=32, block_n=32, block_k=32)
     tuning_cache.record(H100, "triton_dequant", "H2880_I2880_E32_k4", 64, mine.to_json())
-    updated = DeviceFacts(H100.name, H100.capability, H100.sm_count, "2.0", H100.runtime)
-    assert explain(updated, 64).source == "table"
+    assert explain(H100, 64).source == "user cache"
+    stack = devices.software_stack()
+    monkeypatch.setattr(devices, "software_stack", lambda: {**stack, "driver": "updated"})
+    tuning_cache.forget()
+    assert explain(H100, 64).source == "table"
 
 
 def test_damaged_user_cache_is_ignored_with_a_warning(user_cache):

@@ -11,12 +11,12 @@ import pytest
 from mxmoe import cache, tune, tuning_cache
 from mxmoe.cli import build_parser
 from mxmoe.cli import tune as cli_tune
-from mxmoe.devices import DeviceFacts
+from mxmoe.settings import DeviceFacts
 from mxmoe.distributed import intermediate_range
 from mxmoe.kernels import configs
 from mxmoe.kernels.configs import MoEConfig
 
-FACTS = DeviceFacts("Test GPU", (9, 0), 132, "1.0", "13.0")
+FACTS = DeviceFacts("cuda", "Test GPU", (9, 0), 132, False)
 
 
 @pytest.fixture(autouse=True)

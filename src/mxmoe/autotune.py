@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from . import tuning_cache
-from .devices import DeviceFacts
+from .settings import DeviceFacts
 from .kernels import configs
 from .kernels.configs import MoEConfig
 

@@ -301,7 +301,7 @@ class TableWriter:
         self.path = path
         self.table = _read_table(path)
         self.table.update({"format": TABLE_FORMAT, "device": facts.name,
-                           "capability": list(facts.capability or ()),
+                           "capability": list(facts.capability),
                            "sm_count": facts.sm_count})
         if copy_tb_s is not None:
             self.table["copy_tb_s"] = copy_tb_s
@@ -342,7 +342,9 @@ def _read_table(path: Path) -> dict:
 def shipped_table_path(facts) -> Path:
     from .kernels import configs
 
-    return configs._TABLE_DIR / f"{facts.slug}.json"
+    from .devices import device_slug
+
+    return configs._TABLE_DIR / f"{device_slug(facts.name)}.json"
 
 
 # --------------------------------------------------------------------------- timing on the GPU

@@ -10,8 +10,8 @@ the shape of a shipped one: ``{"configs": {backend: {"H.._I.._E.._k..": {"M": co
 
 from __future__ import annotations
 
-from . import cache
-from .devices import DeviceFacts
+from . import cache, devices
+from .settings import DeviceFacts
 
 FILE_NAME = "tuned.json"
 FILE_FORMAT = 1
@@ -31,11 +31,8 @@ def key_of(facts: DeviceFacts) -> tuple[str, dict]:
     """(id, key) of the tuned entry for ``facts`` and this software stack."""
     key = {
         "device": facts.name,
-        "capability": list(facts.capability) if facts.capability else None,
-        "driver": facts.driver,
-        "runtime": facts.runtime,
-        "torch": facts.torch,
-        "triton": facts.triton,
+        "capability": list(facts.capability),
+        **devices.software_stack(),
         "sources": cache.source_digest(TUNED_SOURCES, (".py",)),
     }
     return cache.key_id(key), key

@@ -99,15 +99,17 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("mxmoe tune needs a CUDA GPU: it times kernels on the device it tunes for.")
         return 2
-    from .. import devices
+    from .. import settings
+    from ..devices import family
     from ..tune import GraphTimer, Progress, TableWriter, UserCacheWriter, shipped_table_path, tune
 
-    facts = devices.facts()
+    facts = settings.device_facts("cuda")
     if args.write_shipped_table or args.out:
         writer = TableWriter(args.out or shipped_table_path(facts), facts, args.copy_tb_s)
     else:
         writer = UserCacheWriter(facts)
-    print(f"tuning on {facts.name} ({facts.family}, {facts.sm_count} SMs) -> {writer.where}")
+    print(f"tuning on {facts.name} ({family(facts.capability)}, {facts.sm_count} SMs) -> "
+          f"{writer.where}")
     progress = Progress(candidates)
     try:
         tune(jobs, GraphTimer(), writer, progress=progress)

@@ -26,7 +26,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..devices import DeviceFacts, device_slug
+from ..devices import device_slug, family
+from ..settings import DeviceFacts
 
 _TABLE_DIR = Path(__file__).with_name("configs")
 #: The format of a shipped table written today (the first tables have no "format" key).
@@ -246,7 +247,8 @@ def select(backend: str, device_facts: DeviceFacts | None, num_tokens: int, hidd
     (backend, device, problem, `size_class`): a repeated call costs one dict lookup.
 
     Args:
-        device_facts: `mxmoe.devices.facts(device)`; None or a CPU device: the heuristics.
+        device_facts: `mxmoe.settings.device_facts(device)`; None or a CPU device: the
+            heuristics.
         interpret: Triton runs under its interpreter (few, small tiles).
     """
     key = (backend, device_facts, hidden, intermediate, num_experts, top_k,
@@ -274,16 +276,17 @@ def explain(backend: str, device_facts: DeviceFacts | None, num_tokens: int, hid
     backend = backend_name(backend)
     m = size_class(num_tokens)
     shape = (m, hidden, intermediate, num_experts, top_k)
-    if interpret or device_facts is None or device_facts.kind != "cuda":
+    if interpret or device_facts is None or device_facts.type != "cuda":
         return Selection(heuristic_config(m, top_k, num_experts, interpret), "heuristic")
     user = tuning_cache.table(device_facts)
     found = _nearest(user["configs"].get(backend, {}), *shape)
     if found is not None:
         return Selection(found, "user cache", str(tuning_cache.path()))
-    own = _load_table(device_facts.slug)
+    slug = device_slug(device_facts.name)
+    own = _load_table(slug)
     found = _nearest(own.get("configs", {}).get(backend, {}), *shape)
     if found is not None:
-        return Selection(found, "table", device_facts.slug)
+        return Selection(found, "table", slug)
     family = _family_tables(device_facts)
     for slug, table in family:
         found = _nearest(table["configs"].get(backend, {}), *shape)
@@ -301,12 +304,12 @@ def fastest_backend(device_facts: DeviceFacts | None, num_tokens: int, hidden: i
                     intermediate: int, num_experts: int, top_k: int) -> str | None:
     """Which backend the tuned data calls fastest for this size class, or None: the user
     cache, then this device's table, then its family's (what `backend="auto"` may prefer)."""
-    if device_facts is None or device_facts.kind != "cuda":
+    if device_facts is None or device_facts.type != "cuda":
         return None
     from .. import tuning_cache
 
     shape = (size_class(num_tokens), hidden, intermediate, num_experts, top_k)
-    tables = [tuning_cache.table(device_facts), _load_table(device_facts.slug)]
+    tables = [tuning_cache.table(device_facts), _load_table(device_slug(device_facts.name))]
     for table in tables + [t for _, t in _family_tables(device_facts)]:
         found = _fastest(table, *shape)
         if found is not None:
@@ -316,21 +319,20 @@ def fastest_backend(device_facts: DeviceFacts | None, num_tokens: int, hidden: i
 
 def _family_tables(facts: DeviceFacts) -> list[tuple[str, dict]]:
     """Shipped tables of other devices with this compute capability, nearest SM count first."""
-    if facts.capability is None:
+    if family(facts.capability) is None:
         return []
-    found = []
+    own, found = device_slug(facts.name), []
     for slug in _shipped_slugs():
         table = _load_table(slug)
         capability = table.get("capability")
-        if slug != facts.slug and capability and tuple(capability) == tuple(facts.capability):
+        if slug != own and capability and tuple(capability) == tuple(facts.capability):
             sms = table.get("sm_count") or 0
             found.append((abs(sms - facts.sm_count), slug, table))
     return [(slug, table) for _, slug, table in sorted(found, key=lambda t: t[:2])]
 
 
 def _describe(slug: str, table: dict) -> str:
-    cap = table.get("capability") or ("?", "?")
-    parts = [f"sm_{cap[0]}{cap[1]}"]
+    parts = [family(tuple(table.get("capability") or ())) or "unknown family"]
     if table.get("sm_count"):
         parts.append(f"{table['sm_count']} SMs")
     if table.get("copy_tb_s"):

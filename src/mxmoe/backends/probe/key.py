@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ... import cache, devices
+from ... import cache, devices, settings
 
 #: What a kernel's answer depends on, relative to the package: editing any of these re-probes.
 PROBED_SOURCES = ("kernels", "backends", "routing.py", "format.py", "activations.py",
@@ -43,10 +43,11 @@ def _key_of(device: str, dequant_ptx: str) -> tuple[str, dict]:
 
 def device_fingerprint(device: torch.device) -> dict:
     """The CUDA device's name, compute capability, driver and CUDA (or HIP) runtime versions."""
-    found = devices.facts(with_index(device))
-    major, minor = found.capability or (0, 0)
-    return {"device": found.name, "capability": f"{major}.{minor}", "driver": found.driver,
-            "runtime": found.runtime}
+    found = settings.device_facts(with_index(device))
+    major, minor = found.capability
+    stack = devices.software_stack()
+    return {"device": found.name, "capability": f"{major}.{minor}", "driver": stack["driver"],
+            "runtime": stack["runtime"]}
 
 
 def source_digest() -> str:
