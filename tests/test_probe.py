@@ -11,11 +11,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from mxmoe import cache
 from mxmoe.backends import probe
+from mxmoe.backends.probe import key as probe_key_module
+from mxmoe.backends.probe import watch
 
 BACKEND = "triton_dequant"
 FAKE_KEY = ("key-one", {"device": "Fake GPU", "driver": "1.0", "sources": "aaaa"})
@@ -26,7 +30,7 @@ def isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own cache directory and an empty in-process memo."""
     monkeypatch.setenv(probe.CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(probe.TIMEOUT_ENV, raising=False)
-    monkeypatch.setattr(probe, "_warned_unwritable", False)
+    monkeypatch.setattr(cache, "_warned", set())
     probe.forget(cache_file=False)
     yield tmp_path / "cache"
     probe.forget(cache_file=False)
@@ -129,7 +133,7 @@ def test_hang_with_a_grandchild_holding_the_pipes_is_killed(tmp_path):
 
 def test_correct_result_then_hang_at_exit_is_usable_after_a_grace(tmp_path, monkeypatch):
     # A driver that hangs tearing down: waiting the whole timeout would only waste time.
-    monkeypatch.setattr(probe, "EXIT_GRACE_S", 0.5)
+    monkeypatch.setattr(watch, "EXIT_GRACE_S", 0.5)
     start = time.monotonic()
     result = run_script(tmp_path, f"print({result_line()!r}, flush=True)\ntime.sleep(600)",
                         timeout=60)
@@ -238,7 +242,7 @@ def test_real_child_prints_one_result_line_and_no_import_warning():
     # -W error: running the module must not warn that it was imported before it ran.
     cmd = [sys.executable, "-W", "error", "-m", "mxmoe.backends.probe", "--backend", "torch",
            "--device", "cpu", "--dtype", "float32"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=probe._child_env())
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=watch.child_env())
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(probe.RESULT_MARKER)]
     assert out.returncode == 0 and len(lines) == 1, out.stderr
     payload = json.loads(lines[0].split(" ", 1)[1])
@@ -297,7 +301,8 @@ def test_verdict_is_written_to_the_cache_file(fake_child, isolated_cache):
     entry = data["entries"][FAKE_KEY[0]]
     assert data["format"] == probe.CACHE_FORMAT and entry["key"] == FAKE_KEY[1]
     assert entry["results"][BACKEND]["usable"] is True
-    assert [p.name for p in isolated_cache.iterdir()] == [probe.CACHE_FILE_NAME]  # no temp left
+    names = {p.name for p in isolated_cache.iterdir()}
+    assert probe.CACHE_FILE_NAME in names and not any(n.endswith(".tmp") for n in names)
 
 
 def test_verdict_is_memoized_within_a_process(fake_child, isolated_cache):
@@ -345,22 +350,25 @@ def test_each_backend_is_probed_separately(fake_child):
     assert fake_child.runs == 2
 
 
-@pytest.mark.parametrize("content", [
-    b"{not json",
-    b"\xff\xfe\x00binary",
-    b"[]",
-    b'{"format": 999, "entries": {}}',
-    b'{"format": 1, "entries": []}',
-    b'{"format": 1, "entries": {"key-one": 5}}',
-    b'{"format": 1, "entries": {"key-one": {"key": {"device": "Fake GPU", "driver": "1.0", '
-    b'"sources": "aaaa"}, "results": {"triton_dequant": {"usable": "maybe"}}}}}',
+@pytest.mark.parametrize("content, warns", [
+    (b"{not json", True),
+    (b"\xff\xfe\x00binary", True),
+    (b"[]", True),
+    (b'{"format": 999, "entries": {}}', True),
+    (b'{"format": 1, "entries": []}', True),
+    (b'{"format": 1, "entries": {"key-one": 5}}', False),
+    (b'{"format": 1, "entries": {"key-one": {"key": {"device": "Fake GPU", "driver": "1.0", '
+     b'"sources": "aaaa"}, "results": {"triton_dequant": {"usable": "maybe"}}}}}', False),
 ], ids=["not json", "not utf-8", "a list", "other format", "entries a list", "entry a number",
         "result malformed"])
-def test_corrupt_cache_file_is_ignored_and_rewritten(fake_child, isolated_cache, content):
+def test_corrupt_cache_file_is_ignored_and_rewritten(fake_child, isolated_cache, content, warns,
+                                                     recwarn):
     path = cache_file(isolated_cache)
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
     assert probe.probe(BACKEND, "cuda:0").usable and fake_child.runs == 1
+    damaged = [w for w in recwarn if "is damaged" in str(w.message)]
+    assert len(damaged) == (1 if warns else 0)
     data = json.loads(path.read_text())
     assert data["entries"][FAKE_KEY[0]]["results"][BACKEND]["usable"] is True
 
@@ -403,6 +411,48 @@ def test_cache_keeps_only_the_newest_entries(fake_child, isolated_cache, monkeyp
     assert set(entries) == {"k1", "k2"}
 
 
+# A process of its own that probes once (a fake child that logs each run and takes a moment,
+# so that processes started together overlap) and prints the verdict it got.
+_RANK_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from mxmoe.backends import probe
+
+runs_log, go = Path(sys.argv[1]), Path(sys.argv[2])
+child = [sys.executable, "-c",
+         "import sys, time; open(sys.argv[1], 'a').write('run '); time.sleep(0.5); "
+         "print(sys.argv[2], flush=True)", str(runs_log), sys.argv[3]]
+probe.child_command = lambda backend, device: child
+probe.probe_key = lambda device: ("key-one", {"device": "Fake GPU", "driver": "1.0"})
+while not go.exists():  # start together
+    time.sleep(0.005)
+result = probe.probe("triton_dequant", "cuda:0")
+print(json.dumps({"usable": result.usable, "max_rel_err": result.max_rel_err}))
+"""
+
+
+@pytest.mark.parametrize("processes", [2, 8])
+def test_processes_starting_together_run_one_child_and_agree(tmp_path, isolated_cache,
+                                                             processes):
+    runs_log, go = tmp_path / "runs.log", tmp_path / "go"
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    env = {**watch.child_env(), probe.CACHE_DIR_ENV: str(isolated_cache)}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(runs_log), str(go), result_line()],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(processes)]
+    time.sleep(1.0)  # let every interpreter reach the barrier (imports take a while)
+    go.touch()
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err for _, err in outputs]
+    verdicts = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert verdicts == [{"usable": True, "max_rel_err": 1e-3}] * processes
+    assert runs_log.read_text().count("run") == 1  # the others waited and read its verdict
+    data = json.loads(cache_file(isolated_cache).read_text())  # one valid file
+    assert data["entries"]["key-one"]["results"][BACKEND]["usable"] is True
+    assert not [p for p in isolated_cache.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_forget_drops_memo_and_file(fake_child, isolated_cache):
     probe.probe(BACKEND, "cuda:0")
     probe.forget()
@@ -429,9 +479,11 @@ def test_source_digest_is_stable_hex():
 
 
 def test_source_digest_covers_kernels_backends_and_routing():
-    package = probe.Path(probe.__file__).resolve().parents[1]
-    names = {p.relative_to(package).as_posix() for p in probe._probed_files(package)}
-    assert {"backends/probe.py", "kernels/__init__.py", "routing.py", "format.py"} <= names
+    package = Path(cache.__file__).resolve().parent
+    files = cache._files(package, probe.PROBED_SOURCES, (".py", ".json"))
+    names = {p.relative_to(package).as_posix() for p in files}
+    assert {"backends/probe/watch.py", "backends/probe/child.py", "kernels/__init__.py",
+            "routing.py", "format.py"} <= names
     assert "cli/info.py" not in names
 
 
@@ -456,10 +508,11 @@ def test_real_probe_on_the_gpu_says_usable(backend):
 def test_probe_key_tells_the_two_nibble_conversions_apart(monkeypatch):
     """MXMOE_DEQUANT_PTX changes the compiled code, so a verdict for one does not stand for
     the other."""
-    monkeypatch.setattr(probe, "device_fingerprint", lambda device: {"device": "Fake GPU"})
-    monkeypatch.setattr(probe, "_KEYS", {})
-    id_ptx, key_ptx = probe._key_of("cuda:0", "1")
-    id_portable, key_portable = probe._key_of("cuda:0", "0")
+    monkeypatch.setattr(probe_key_module, "device_fingerprint",
+                        lambda device: {"device": "Fake GPU"})
+    monkeypatch.setattr(probe_key_module, "_KEYS", {})
+    id_ptx, key_ptx = probe_key_module._key_of("cuda:0", "1")
+    id_portable, key_portable = probe_key_module._key_of("cuda:0", "0")
     assert id_ptx != id_portable
     assert key_ptx["dequant_ptx"] == "1" and key_portable["dequant_ptx"] == "0"
-    assert probe._key_of("cuda:0", "1")[0] == id_ptx  # stable
+    assert probe_key_module._key_of("cuda:0", "1")[0] == id_ptx  # stable
