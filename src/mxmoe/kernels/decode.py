@@ -71,19 +71,27 @@ class DecodeConfig:
 
 
 def default_decode_config(pairs_per_expert: float) -> DecodeConfig:
-    """A starting point before tuning (scripts/gpu_decode.py sweeps around it)."""
+    """The GEMV config measured best on the H200 (scripts/gpu_decode.py, benchmarks/NOTES.md
+    section 14): narrow N tiles, GEMM1 in 4 K slices (GEMM2's config is `decode_config2`)."""
     if settings.current().interpret:
         return DecodeConfig("gemv", block_m=1, block_n=32, block_k=64, num_stages=1)
-    if pairs_per_expert <= 4:
-        block_m = 1 << max(0, int(pairs_per_expert - 1).bit_length())
-        return DecodeConfig("gemv", block_m=block_m, block_n=32, block_k=256, num_warps=4,
-                            num_stages=3)
-    return DecodeConfig("mma", block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    return DecodeConfig("gemv", block_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3,
+                        split_k=4)
+
+
+def decode_config2(pairs_per_expert: float) -> DecodeConfig:
+    """GEMM2's decode config (the same alignment block as GEMM1's)."""
+    if settings.current().interpret:
+        return default_decode_config(pairs_per_expert)
+    return DecodeConfig("gemv", block_m=1, block_n=64, block_k=64, num_warps=4, num_stages=3,
+                        split_k=3)
 
 
 #: Up to this many pairs per expert the decode kernels run (when the weights are in the
 #: GROUP_HALVES layout); above, the general kernel. Measured on the H200: benchmarks/NOTES.md.
-DECODE_MAX_PAIRS_PER_EXPERT = 16
+#: (H200: the GEMV is 16% faster than the general kernel at 20b M = 1, level at 0.25 pairs
+#: per expert, slower above.)
+DECODE_MAX_PAIRS_PER_EXPERT = 0.25
 
 
 def choose_decode_config(problem: MoEProblem) -> DecodeConfig | None:
@@ -91,6 +99,14 @@ def choose_decode_config(problem: MoEProblem) -> DecodeConfig | None:
     if problem.pairs_per_expert > DECODE_MAX_PAIRS_PER_EXPERT:
         return None
     return default_decode_config(problem.pairs_per_expert)
+
+
+def choose_decode_configs(problem: MoEProblem) -> tuple[DecodeConfig, DecodeConfig] | None:
+    """(GEMM1, GEMM2) decode configs for this problem, or None for the general kernel."""
+    first = choose_decode_config(problem)
+    if first is None:
+        return None
+    return first, decode_config2(problem.pairs_per_expert)
 
 
 def _words(weight: MXFP4Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from . import configs
 from ._epilogues import epilogue_of
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 from .align import align
-from .decode import DecodeConfig, DecodeGemm, choose_decode_config
+from .decode import DecodeConfig, DecodeGemm, choose_decode_configs
 from .inner_product import InnerProduct
 from .launch import Launcher, cdiv
 
@@ -157,9 +157,9 @@ def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
         return DecodeGemm, config, config
     if config is None and inner is InnerProduct.DEQUANT and not settings.current().forced_config:
         if call.w13.layout == GROUP_HALVES and call.w2.layout == GROUP_HALVES:
-            decode = choose_decode_config(call.problem)
+            decode = choose_decode_configs(call.problem)
             if decode is not None:
-                return DecodeGemm, decode, decode
+                return DecodeGemm, decode[0], decode[1]
     cfg = config or choose_config(call, backend)
     return _Gemm, cfg, cfg.gemm2()
 
