@@ -90,7 +90,7 @@ class MXFP4Tensor:
     weights ``[E, N, K]``, ``w[e]`` is expert ``e``) and returns views, in the same layout.
     """
 
-    __slots__ = ("blocks", "scales", "layout", "_dense_cache")
+    __slots__ = ("blocks", "scales", "layout")
 
     def __init__(self, blocks: torch.Tensor, scales: torch.Tensor,
                  layout: Layout | str = PLAIN):
@@ -125,7 +125,6 @@ class MXFP4Tensor:
         self.blocks = blocks
         self.scales = scales
         self.layout = get_layout(layout)
-        self._dense_cache: dict = {}
 
     @classmethod
     def from_gpt_oss_blocks(cls, blocks: torch.Tensor, scales: torch.Tensor) -> "MXFP4Tensor":

@@ -1,6 +1,6 @@
 """Launchers of the decode GEMMs (`_decode_gemm`): the memory-bound regime of the fused MoE.
 
-`DecodeGemm.launch` has the contract of `fused_moe._Gemm.launch` (same alignment, same
+`DecodeGemm.step` has the contract of `fused_moe._Gemm.step` (same alignment, same
 epilogues, same split-K planes), with the weights in the GROUP_HALVES layout; `fused_moe` picks
 it when the weights are in that layout and pairs per expert are few (`choose_decode_config`).
 `decode_fused_experts` runs a whole layer on it with given configs (tests, benchmarks).
@@ -19,7 +19,7 @@ from ..format import MXFP4Tensor
 from ..layouts import GROUP_HALVES
 from ..problem import MoEProblem
 from ._decode_gemm import decode_gemv_kernel, decode_mma_kernel
-from .launch import Launcher, cdiv
+from .launch import Launcher, Step, cdiv
 
 __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "decode_fused_experts",
            "choose_decode_config", "default_decode_config"]
@@ -109,30 +109,14 @@ def choose_decode_configs(problem: MoEProblem) -> tuple[DecodeConfig, DecodeConf
     return first, decode_config2(problem.pairs_per_expert)
 
 
-def _words(weight: MXFP4Tensor) -> torch.Tensor:
-    """The blocks ``(E, N, K/2)`` uint8 viewed as ``(E, N, K/8)`` int32. A view (no copy) is
-    kept on the weight object, so a layer's repeated calls make it once; blocks that int32
-    words cannot alias (a strided or odd-offset view) are copied, per call."""
-    words = weight._dense_cache.get("int32 words")
-    if words is None:
-        blocks = weight.blocks
-        if blocks.stride(-1) == 1 and blocks.data_ptr() % 4 == 0 and all(
-                st % 4 == 0 for st in blocks.stride()[:-1]):
-            words = weight._dense_cache["int32 words"] = blocks.view(torch.int32)
-        else:
-            words = blocks.contiguous().view(torch.int32)
-    return words
-
-
 _gemv = Launcher(decode_gemv_kernel)
 _mma = Launcher(decode_mma_kernel)
 
 
 class DecodeGemm:
-    """The decode GEMMs of one call: `fused_moe._Gemm`'s interface, GROUP_HALVES weights."""
+    """The decode GEMMs of one plan: `fused_moe._Gemm`'s interface, GROUP_HALVES weights."""
 
-    def __init__(self, call, aligned, max_blocks: int, topk_weights: torch.Tensor,
-                 dequant_ptx: bool, act_fn):
+    def __init__(self, call, aligned, max_blocks: int, topk_weights, dequant_ptx: bool, act_fn):
         self.call = call
         self.aligned = aligned
         self.max_blocks = max_blocks
@@ -141,15 +125,16 @@ class DecodeGemm:
         self.dequant_ptx = dequant_ptx
         self.act_fn = act_fn
 
-    def launch(self, a, a_row_div, weight, bias, out, *, n, k, gated, router_weight, cfg,
-               splits=1, k_per_split=None):
-        """``a`` [A_rows, K] (row of pair p: ``p // a_row_div``); ``weight`` [E, N, K] MXFP4
-        in the GROUP_HALVES layout; ``bias`` [E, N] or None; ``out`` [num_pairs, N // 2 if
-        gated else N], or with ``splits`` > 1 (ungated) [splits, num_pairs, N] float32 planes
-        that the caller sums. ``router_weight``: 0 none, 1 before the bias, 2 after it."""
-        if weight.layout != GROUP_HALVES:
+    def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
+             router_weight, cfg, splits=1, k_per_split=None) -> Step:
+        """``a`` [A_rows, K] (row of pair p: ``p // a_row_div``); ``blocks`` [E, N, K/2] uint8
+        and ``scales`` [E, N, K/32] of an MXFP4 weight in the GROUP_HALVES ``layout``; ``bias``
+        [E, N] or None; ``out`` [num_pairs, N // 2 if gated else N], or with ``splits`` > 1
+        (ungated) [splits, num_pairs, N] float32 planes that the caller sums. All `Ref`s.
+        ``router_weight``: 0 none, 1 before the bias, 2 after it."""
+        if layout != GROUP_HALVES:
             raise ValueError(f"the decode GEMMs read the {GROUP_HALVES.name!r} layout, got "
-                             f"{weight.layout.name!r}")
+                             f"{layout.name!r}")
         if self.aligned.block_m != cfg.block_m:
             raise ValueError(f"the alignment's block_m {self.aligned.block_m} is not the "
                              f"decode config's {cfg.block_m}")
@@ -159,17 +144,15 @@ class DecodeGemm:
         n_out = n // 2 if gated else n
         cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
         grid = (self.max_blocks * splits * cdiv(n_out, cols_per_tile),)
-        out_rows = out if out.dim() == 2 else out[0]
-        # Strides read once per tensor (each .stride(i) is a call into torch).
+        out_rows = out if out.dim() == 2 else out.plane(0)
         sa, so = a.stride(), out_rows.stride()
         sb = bias.stride() if bias is not None else (0, 0)
-        s = weight.scales  # (E, N, K/32) uint8
         # The GEMV reads the bytes as int32 words (E, N, K/8); the mma kernel as bytes.
-        w = _words(weight) if cfg.variant == "gemv" else weight.blocks
-        sw, ss = w.stride(), s.stride()
+        w = blocks.viewed_as(torch.int32) if cfg.variant == "gemv" else blocks
+        sw, ss = w.stride(), scales.stride()
         aligned = self.aligned
         common = dict(
-            a_ptr=a, w_ptr=w, w_scale_ptr=s, bias_ptr=bias if bias is not None else out,
+            a_ptr=a, w_ptr=w, w_scale_ptr=scales, bias_ptr=bias if bias is not None else out,
             out_ptr=out, topk_weights_ptr=self.topk_weights, sorted_ids_ptr=aligned.sorted_ids,
             expert_ids_ptr=aligned.expert_ids,
             num_post_padded_ptr=aligned.num_tokens_post_padded,
@@ -187,12 +170,12 @@ class DecodeGemm:
         )
         if cfg.variant == "gemv":
             per_slice = k_per_split or k
-            _gemv(grid, **common, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0)
-        else:
-            dot_dtype = a.dtype
-            _mma(grid, **common, DEQUANT_PTX=self.dequant_ptx,
-                 DOT_DTYPE=_DOT_DTYPES[dot_dtype],
-                 DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None)
+            return Step(_gemv, grid, dict(
+                common, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0))
+        dot_dtype = a.dtype
+        return Step(_mma, grid, dict(
+            common, DEQUANT_PTX=self.dequant_ptx, DOT_DTYPE=_DOT_DTYPES[dot_dtype],
+            DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None))
 
 
 def decode_fused_experts(

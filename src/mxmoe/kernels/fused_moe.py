@@ -1,7 +1,13 @@
 """Launcher of the fused MoE: align -> GEMM1 + activation -> GEMM2 + weight -> top-k sum.
 
 No host synchronisation anywhere: sizes come from shapes only, so a forward can be captured in
-a CUDA graph. Every launch goes through `Launcher` (compiled kernels launched directly).
+a CUDA graph.
+
+`FusedMoEPlan` is the launch sequence of one call signature (shapes, strides, dtypes, pointer
+alignment, parameters), worked out once: configs, grids, scalars, the scratch buffers' places in
+one workspace, the compiled kernels (`launch.LaunchPlan`). Running it on a call's tensors costs
+one output allocation, the workspace (kept per CUDA stream when small) and the driver calls.
+`fused_moe` builds a plan and runs it once; `mxmoe.plans` keeps plans across calls.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from ..routing import max_aligned_blocks
 from . import configs
 from ._epilogues import epilogue_of
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
-from .align import align
+from .align import plan_align
 from .decode import DecodeConfig, DecodeGemm, choose_decode_configs
 from .inner_product import InnerProduct
-from .launch import Launcher, cdiv
+from .launch import LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
 
-__all__ = ["fused_moe", "choose_config", "use_dequant_ptx"]
+__all__ = ["fused_moe", "FusedMoEPlan", "choose_config", "use_dequant_ptx"]
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 #: The tuned tables still name the inner product of each backend by its old kernel-mode key.
@@ -32,13 +38,6 @@ _TABLE_MODES = {"triton_dequant": "dequant", "triton_scaled": "scaled", "bf16": 
 _gemm = Launcher(moe_gemm_kernel)
 _split_activation = Launcher(split_activation_kernel)
 _topk_sum = Launcher(topk_sum_kernel)
-
-
-def _new_buffer(shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-filled under MXMOE_POISON=1 so that an unwritten element shows."""
-    if settings.current().poison:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def use_dequant_ptx(device: torch.device, dot_dtype: torch.dtype) -> bool:
@@ -86,10 +85,10 @@ def _k_slices(k: int, cfg) -> tuple[int, int]:
 
 
 class _Gemm:
-    """What both GEMMs of one call share: the alignment, the inner product, the dtypes."""
+    """The general kernel's GEMMs of one plan: the alignment, the inner product, the dtypes."""
 
     def __init__(self, call: MoECall, inner: InnerProduct, aligned, max_blocks: int,
-                 topk_weights: torch.Tensor, dequant_ptx: bool, act_fn):
+                 topk_weights: Ref, dequant_ptx: bool, act_fn):
         self.call = call
         self.inner = inner
         self.aligned = aligned
@@ -100,9 +99,11 @@ class _Gemm:
         self.dequant_ptx = dequant_ptx
         self.act_fn = act_fn
 
-    def launch(self, a, a_row_div, weight, bias, out, *, n, k, gated, router_weight, cfg,
-               splits=1, k_per_split=None):
-        """One grouped GEMM: ``out[pair] = epilogue(a[pair // a_row_div] @ weight[e]^T)``.
+    def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
+             router_weight, cfg, splits=1, k_per_split=None) -> Step:
+        """One grouped GEMM: ``out[pair] = epilogue(a[pair // a_row_div] @ weight[e]^T)``, the
+        weight as ``blocks`` [E, N, K/2] uint8 + ``scales`` [E, N, K/32] in ``layout`` (or, for
+        the dense inner product, ``blocks`` [E, N, K] and ``scales`` unused). All `Ref`s.
         With ``splits`` > 1, ``out`` is (splits, num_pairs, N) float32 and ``gated`` must be
         False: the caller sums the planes."""
         if splits > 1 and (gated or out.dim() != 3 or out.shape[0] != splits):
@@ -110,18 +111,14 @@ class _Gemm:
         n_out = n // 2 if gated else n
         cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
         grid = (self.max_blocks * splits * cdiv(n_out, cols_per_tile),)
-        out_rows = out if out.dim() == 2 else out[0]
-        # Strides read once per tensor (each .stride(i) is a call into torch).
+        out_rows = out if out.dim() == 2 else out.plane(0)
         sa, so = a.stride(), out_rows.stride()
         sb = bias.stride() if bias is not None else (0, 0)
-        dense = self.inner is InnerProduct.DENSE
-        w = weight if dense else weight.blocks  # (E, N, K/2) uint8, or (E, N, K) dense
-        s = weight if dense else weight.scales  # (E, N, K/32) uint8; unused when dense
-        halves = not dense and weight.layout == GROUP_HALVES
-        sw, ss = w.stride(), s.stride()
-        _gemm(
-            grid,
-            a_ptr=a, b_ptr=w, b_scale_ptr=s, bias_ptr=bias if bias is not None else out,
+        halves = self.inner is not InnerProduct.DENSE and layout == GROUP_HALVES
+        sw, ss = blocks.stride(), scales.stride()
+        return Step(_gemm, grid, dict(
+            a_ptr=a, b_ptr=blocks, b_scale_ptr=scales,
+            bias_ptr=bias if bias is not None else out,
             out_ptr=out, topk_weights_ptr=self.topk_weights,
             sorted_ids_ptr=self.aligned.sorted_ids, expert_ids_ptr=self.aligned.expert_ids,
             num_post_padded_ptr=self.aligned.num_tokens_post_padded,
@@ -141,7 +138,7 @@ class _Gemm:
             DOT_FORMAT="fp16" if self.dot_dtype == torch.float16 else "bf16",
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        ))
 
 
 # ROUTER_WEIGHT of moe_gemm_kernel: where the routing weight multiplies the accumulator.
@@ -164,86 +161,209 @@ def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
     return _Gemm, cfg, cfg.gemm2()
 
 
-def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
-              dense: tuple[torch.Tensor, torch.Tensor] | None = None,
-              config=None) -> torch.Tensor:
-    """``[M, H]`` in the activation dtype.
+# Positions of the tensors of a call in the tuple a plan runs on (`Ref.source`).
+(_X, _TOPK_WEIGHTS, _TOPK_IDS, _W13, _W13_SCALES, _W2, _W2_SCALES, _W13_BIAS, _W2_BIAS,
+ _EXPERT_MAP, _OUT, _WORKSPACE) = range(12)
+
+#: Plans keep their workspace (one per CUDA stream) up to this size; larger ones (prefill) are
+#: allocated per call, so that a model run at many sizes does not hold a buffer for each.
+KEPT_WORKSPACE_BYTES = 16 << 20
+
+
+def _word_viewable(blocks: torch.Tensor) -> bool:
+    """Whether the GEMV can read these bytes as int32 words in place."""
+    return (blocks.stride(-1) == 1 and blocks.data_ptr() % 4 == 0
+            and all(st % 4 == 0 for st in blocks.stride()[:-1]))
+
+
+def _flat_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).contiguous()
+
+
+def _flat_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).to(torch.float32).contiguous()
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+class FusedMoEPlan:
+    """The launches of every call with the signature of ``call`` (see the module).
 
     Args:
-        call: the validated call (M > 0, E_local > 0).
+        call: a validated call (M > 0, E_local > 0) of the signature; its tensors' metadata is
+            what the plan is built on, their contents are not read.
         inner: the GEMMs' inner product.
         backend: the backend's name, which its tuned configs are keyed on.
-        dense: ``(w13 [E, 2I, H], w2 [E, H, I])`` in the dot dtype, for `InnerProduct.DENSE`.
+        dense: ``(w13 [E, 2I, H], w2 [E, H, I])`` in the dot dtype, for `InnerProduct.DENSE`
+            (passed again, as ``w13`` and ``w2``, to every `run`).
         config: instead of the lookup (tuning, tests): a `MoEConfig` for the general kernel,
             or a `DecodeConfig` (or one per GEMM, as a pair) for the decode GEMMs.
     """
-    p = call.problem
-    x = call.hidden_states
-    dtype = x.dtype
-    gemm_class, cfg, cfg2 = _configs(call, inner, backend, config)
-    num_pairs = p.num_pairs
-    max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
-    out = _new_buffer((p.num_tokens, p.hidden), dtype, x.device)
-    if max_blocks == 0:
-        return out.zero_()
 
-    # The kernels index topk_ids and expert_map as flat unit-stride arrays. reshape(-1) alone
-    # can return a strided view (a [M, 1] column sliced from a wider tensor), so copy if needed.
-    topk_ids = call.topk_ids.reshape(-1).contiguous()
-    expert_map = call.expert_map.contiguous() if call.expert_map is not None else None
-    aligned = align(topk_ids, cfg.block_m, p.num_local_experts, p.num_global_experts, expert_map)
-    topk_weights = call.topk_weights.reshape(-1)
-    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
-        topk_weights = topk_weights.to(torch.float32).contiguous()
-    on_input = call.apply_router_weight_on_input
-    w13, w2 = dense if inner is InnerProduct.DENSE else (call.w13, call.w2)
-    dequant_ptx = (inner is InnerProduct.DEQUANT
-                   and use_dequant_ptx(call.device, _dot_dtype(dtype, inner)))
-    act_fn = epilogue_of(call.activation)
-    if gemm_class is DecodeGemm:
-        gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
+    def __init__(self, call: MoECall, inner: InnerProduct, backend: str, *,
+                 dense: tuple[torch.Tensor, torch.Tensor] | None = None, config=None):
+        p = call.problem
+        x = call.hidden_states
+        self.out_shape = (p.num_tokens, p.hidden)
+        self.dtype = x.dtype
+        self.poison = settings.current().poison
+        #: (position, function) applied to the call's tensors before the launches: the rare
+        #: inputs the kernels cannot take as they are.
+        self.conversions: list = []
+        gemm_class, cfg, cfg2 = _configs(call, inner, backend, config)
+        self.config = (cfg, cfg2)
+        num_pairs = p.num_pairs
+        max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
+        self.empty = max_blocks == 0
+        self.launches = LaunchPlan([])
+        workspace = Workspace(_WORKSPACE)
+        self.workspace_bytes = 0
+        self._workspaces: dict = {}
+        if self.empty:
+            return
+        steps = self.launches.steps
+
+        # The kernels index topk_ids, topk_weights and expert_map as flat unit-stride arrays.
+        topk_ids = self._flat_input(_TOPK_IDS, call.topk_ids, call.topk_ids.dtype)
+        topk_weights = self._flat_input(_TOPK_WEIGHTS, call.topk_weights, torch.float32)
+        expert_map = (None if call.expert_map is None else
+                      self._flat_input(_EXPERT_MAP, call.expert_map, call.expert_map.dtype))
+        aligned = plan_align(steps, workspace, topk_ids, expert_map, num_pairs, cfg.block_m,
+                             p.num_local_experts, p.num_global_experts)
+        on_input = call.apply_router_weight_on_input
+        if inner is InnerProduct.DENSE:
+            w13 = Ref.of(_W13, dense[0])
+            w2 = Ref.of(_W2, dense[1])
+            w13_parts, w2_parts = (w13, w13, None), (w2, w2, None)
+        else:
+            w13_parts = self._weight(_W13, _W13_SCALES, call.w13, gemm_class)
+            w2_parts = self._weight(_W2, _W2_SCALES, call.w2, gemm_class)
+        w13_bias = None if call.w13_bias is None else Ref.of(_W13_BIAS, call.w13_bias)
+        w2_bias = None if call.w2_bias is None else Ref.of(_W2_BIAS, call.w2_bias)
+        x_ref = Ref.of(_X, x)
+        dequant_ptx = (inner is InnerProduct.DEQUANT
+                       and use_dequant_ptx(call.device, _dot_dtype(self.dtype, inner)))
+        act_fn = epilogue_of(call.activation)
+        if gemm_class is DecodeGemm:
+            gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
+        else:
+            gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
+        interpret = settings.current().interpret
+
+        act = workspace.take((num_pairs, p.intermediate), self.dtype)
+        weight1 = _WEIGHT_BEFORE_BIAS if on_input else _WEIGHT_NONE
+        splits1, k_per_split1 = _k_slices(p.hidden, cfg)
+        if splits1 == 1:
+            steps.append(gemm.step(x_ref, p.top_k, *w13_parts, w13_bias, act,
+                                   n=2 * p.intermediate, k=p.hidden, gated=True,
+                                   router_weight=weight1, cfg=cfg))
+        else:
+            partial = workspace.take((splits1, num_pairs, 2 * p.intermediate), torch.float32)
+            steps.append(gemm.step(x_ref, p.top_k, *w13_parts, w13_bias, partial,
+                                   n=2 * p.intermediate, k=p.hidden, gated=False,
+                                   router_weight=weight1, cfg=cfg, splits=splits1,
+                                   k_per_split=k_per_split1))
+            block_i = 64 if interpret else 1024
+            steps.append(Step(_split_activation, (num_pairs, cdiv(p.intermediate, block_i)), dict(
+                partial_ptr=partial, out_ptr=act, inter_size=p.intermediate,
+                stride_ps=partial.stride(0), stride_pm=partial.stride(1),
+                stride_pn=partial.stride(2), stride_om=act.stride(0), stride_on=act.stride(1),
+                alpha=call.alpha, limit=call.limit, INTERLEAVED=call.activation.interleaved,
+                ACT_FN=act_fn, NUM_SPLITS=splits1, BLOCK_I=block_i,
+            )))
+
+        splits2, k_per_split2 = _k_slices(p.intermediate, cfg2)
+        # GEMM2's per-pair rows; with split-K one float32 plane per K slice, summed by topk_sum.
+        inter = (workspace.take((num_pairs, p.hidden), self.dtype) if splits2 == 1 else
+                 workspace.take((splits2, num_pairs, p.hidden), torch.float32))
+        steps.append(gemm.step(act, 1, *w2_parts, w2_bias, inter, n=p.hidden,
+                               k=p.intermediate, gated=False,
+                               router_weight=_WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS,
+                               cfg=cfg2, splits=splits2, k_per_split=k_per_split2))
+        inter_rows = inter if splits2 == 1 else inter.plane(0)
+        out = Ref(_OUT, self.dtype, self.out_shape, (p.hidden, 1), reinterpret=False)
+        has_map = expert_map is not None
+        block_h = 64 if interpret else 1024
+        steps.append(Step(_topk_sum, (p.num_tokens, cdiv(p.hidden, block_h)), dict(
+            inter_ptr=inter, topk_ids_ptr=topk_ids,
+            expert_map_ptr=expert_map if has_map else topk_ids, out_ptr=out, H=p.hidden,
+            num_global_experts=p.num_global_experts, num_local_experts=p.num_local_experts,
+            stride_im=inter_rows.stride(0), stride_ih=inter_rows.stride(1),
+            stride_om=out.stride(0), stride_oh=out.stride(1),
+            stride_is=inter.stride(0) if splits2 > 1 else 0,
+            TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits2,
+        )))
+        self.workspace_bytes = workspace.nbytes
+
+    def _flat_input(self, position: int, t: torch.Tensor, dtype: torch.dtype) -> Ref:
+        """A `Ref` to ``t`` as a flat unit-stride ``dtype`` array, converted per call if needed
+        (``reshape(-1)`` alone can return a strided view: a [M, 1] column of a wider tensor)."""
+        if t.dtype != dtype:
+            self.conversions.append((position, _flat_float32))
+        elif not t.is_contiguous():
+            self.conversions.append((position, _flat_contiguous))
+        return Ref(position, dtype, (t.numel(),), (1,), reinterpret=False)
+
+    def _weight(self, blocks_at: int, scales_at: int, weight, gemm_class) -> tuple:
+        """(blocks, scales, layout) of an MXFP4 weight as the GEMM reads it."""
+        blocks, scales = weight.blocks, weight.scales
+        if gemm_class is DecodeGemm and not _word_viewable(blocks):
+            # The GEMV reads the bytes as int32 words: an odd view is copied, per call.
+            self.conversions.append((blocks_at, _own_copy))
+            blocks = blocks.contiguous()
+        return Ref.of(blocks_at, blocks), Ref.of(scales_at, scales), weight.layout
+
+    def _workspace(self, device: torch.device) -> torch.Tensor | None:
+        nbytes = self.workspace_bytes
+        if nbytes == 0:
+            return None
+        if nbytes > KEPT_WORKSPACE_BYTES or device.type != "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        # One per stream: kernels of one stream run in order, so consecutive calls (and every
+        # layer sharing this plan) reuse it safely; two streams never share one.
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        buffer = self._workspaces.get(stream)
+        if buffer is None:
+            buffer = self._workspaces[stream] = torch.empty(nbytes, dtype=torch.uint8,
+                                                            device=device)
+        return buffer
+
+    def run(self, hidden_states, topk_weights, topk_ids, w13, w13_scales, w2, w2_scales,
+            w13_bias, w2_bias, expert_map) -> torch.Tensor:
+        """``[M, H]`` for a call of the plan's signature (weights as blocks and scales, or the
+        dense copies and anything as scales for the dense inner product)."""
+        device = hidden_states.device
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        if self.empty:
+            return out.zero_()
+        workspace = self._workspace(device)
+        if self.poison:
+            # NaN in every float buffer (and -1 in the int ones) until a kernel writes it.
+            out.fill_(float("nan"))
+            if workspace is not None:
+                workspace.fill_(255)
+        tensors = [hidden_states, topk_weights, topk_ids, w13, w13_scales, w2, w2_scales,
+                   w13_bias, w2_bias, expert_map, out, workspace]
+        for position, convert in self.conversions:
+            tensors[position] = convert(tensors[position])
+        self.launches.run(tensors)
+        return out
+
+
+def fused_moe(call: MoECall, inner: InnerProduct, backend: str, *,
+              dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+              config=None) -> torch.Tensor:
+    """``[M, H]`` in the activation dtype: a `FusedMoEPlan` of ``call`` built and run once.
+
+    Arguments as `FusedMoEPlan`'s.
+    """
+    plan = FusedMoEPlan(call, inner, backend, dense=dense, config=config)
+    if dense is not None:
+        w13, w13_scales, w2, w2_scales = dense[0], dense[0], dense[1], dense[1]
     else:
-        gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
-
-    act = _new_buffer((num_pairs, p.intermediate), dtype, x.device)
-    weight1 = _WEIGHT_BEFORE_BIAS if on_input else _WEIGHT_NONE
-    splits1, k_per_split1 = _k_slices(p.hidden, cfg)
-    if splits1 == 1:
-        gemm.launch(x, p.top_k, w13, call.w13_bias, act, n=2 * p.intermediate, k=p.hidden,
-                    gated=True, router_weight=weight1, cfg=cfg)
-    else:
-        partial = _new_buffer((splits1, num_pairs, 2 * p.intermediate), torch.float32, x.device)
-        gemm.launch(x, p.top_k, w13, call.w13_bias, partial, n=2 * p.intermediate, k=p.hidden,
-                    gated=False, router_weight=weight1, cfg=cfg, splits=splits1,
-                    k_per_split=k_per_split1)
-        block_i = 64 if settings.current().interpret else 1024
-        _split_activation(
-            (num_pairs, cdiv(p.intermediate, block_i)),
-            partial_ptr=partial, out_ptr=act, inter_size=p.intermediate,
-            stride_ps=partial.stride(0), stride_pm=partial.stride(1),
-            stride_pn=partial.stride(2), stride_om=act.stride(0), stride_on=act.stride(1),
-            alpha=call.alpha, limit=call.limit, INTERLEAVED=call.activation.interleaved,
-            ACT_FN=gemm.act_fn, NUM_SPLITS=splits1, BLOCK_I=block_i,
-        )
-
-    splits2, k_per_split2 = _k_slices(p.intermediate, cfg2)
-    # GEMM2's per-pair rows; with split-K one float32 plane per K slice, summed by topk_sum.
-    inter = (_new_buffer((num_pairs, p.hidden), dtype, x.device) if splits2 == 1 else
-             _new_buffer((splits2, num_pairs, p.hidden), torch.float32, x.device))
-    gemm.launch(act, 1, w2, call.w2_bias, inter, n=p.hidden, k=p.intermediate, gated=False,
-                router_weight=_WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS, cfg=cfg2,
-                splits=splits2, k_per_split=k_per_split2)
-    inter_rows = inter if splits2 == 1 else inter[0]
-    has_map = expert_map is not None
-    block_h = 64 if settings.current().interpret else 1024
-    _topk_sum(
-        (p.num_tokens, cdiv(p.hidden, block_h)),
-        inter_ptr=inter, topk_ids_ptr=topk_ids,
-        expert_map_ptr=expert_map if has_map else topk_ids, out_ptr=out, H=p.hidden,
-        num_global_experts=p.num_global_experts, num_local_experts=p.num_local_experts,
-        stride_im=inter_rows.stride(0), stride_ih=inter_rows.stride(1),
-        stride_om=out.stride(0), stride_oh=out.stride(1),
-        stride_is=inter.stride(0) if splits2 > 1 else 0,
-        TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits2,
-    )
-    return out
+        w13, w13_scales = call.w13.blocks, call.w13.scales
+        w2, w2_scales = call.w2.blocks, call.w2.scales
+    return plan.run(call.hidden_states, call.topk_weights, call.topk_ids, w13, w13_scales,
+                    w2, w2_scales, call.w13_bias, call.w2_bias, call.expert_map)

@@ -23,7 +23,7 @@ import torch
 
 from .. import settings
 
-__all__ = ["Launcher"]
+__all__ = ["Launcher", "LaunchPlan", "Ref", "Step", "Workspace", "cdiv", "next_power_of_2"]
 
 #: Launch options that change the compiled kernel; part of the key when given.
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -72,9 +72,14 @@ class Launcher:
                 tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
 
     def __call__(self, grid: tuple, **arguments):
+        self.launch_and_return_compiled(grid, arguments)
+
+    def launch_and_return_compiled(self, grid: tuple, arguments: dict):
+        """Launch; return the compiled kernel when it can be launched directly (else None)."""
         runtime = None if settings.current().interpret else self._direct()
         if not runtime:
-            return self.kernel[grid](**arguments)
+            self.kernel[grid](**arguments)
+            return None
         active, hooks = runtime
         values = self._values(arguments)
         try:
@@ -88,7 +93,7 @@ class Launcher:
                 if len(self._compiled) >= _MAX_ENTRIES:
                     self._compiled.clear()
                 self._compiled[key] = compiled
-            return
+            return compiled
         device = active.get_current_device()
         stream = active.get_current_stream(device)
         grid = (*grid, 1, 1)
@@ -97,6 +102,7 @@ class Launcher:
                     if getattr(enter, "calls", enter) else None)
         compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
                      compiled.packed_metadata, metadata, enter, leave, *values)
+        return compiled
 
 
 #: Specializations remembered per kernel (the ints in the key vary with M): past this many,
@@ -122,3 +128,185 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# --- Planned launches -------------------------------------------------------------------------
+#
+# A fused-experts call of a given signature (shapes, strides, dtypes, alignment, parameters)
+# always launches the same kernels with the same grids, scalars and specialisations; only the
+# tensors' addresses change. A `LaunchPlan` is that sequence, worked out once: each `Step` keeps
+# its compiled kernel and its argument list in the kernel's order with the pointer slots marked,
+# so a later call fills in the addresses (ints: Triton's launcher takes a pointer as an int
+# without calling back into Python or validating it) and calls the driver. What remains per
+# launch is a list copy and the driver call.
+
+
+class Ref:
+    """A tensor argument of a planned launch: the tensor at position ``source`` of the call's
+    tensors, at ``offset`` bytes from its address, seen with ``dtype``, ``shape`` and
+    ``strides`` (elements). The launch-building code reads it like a tensor's metadata
+    (``.shape``, ``.dtype``, ``.stride()``, ``.dim()``, ``plane(i)``)."""
+
+    __slots__ = ("source", "dtype", "shape", "strides", "offset", "reinterpret")
+
+    def __init__(self, source: int, dtype: torch.dtype, shape, strides, offset: int = 0,
+                 reinterpret: bool = True):
+        self.source = source
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.strides = tuple(strides)
+        self.offset = offset
+        # False: the source tensor itself (no view to make when launching with tensors).
+        self.reinterpret = reinterpret
+
+    @classmethod
+    def of(cls, source: int, tensor: torch.Tensor) -> "Ref":
+        """The source tensor itself, with its metadata."""
+        return cls(source, tensor.dtype, tensor.shape, tensor.stride(), 0, reinterpret=False)
+
+    def viewed_as(self, dtype: torch.dtype) -> "Ref":
+        """The same bytes as ``dtype`` (the last dimension unit-stride; sizes and strides of the
+        other dimensions scale by the element sizes)."""
+        ratio_num, ratio_den = self.dtype.itemsize, dtype.itemsize
+        if self.strides[-1] != 1 or (self.shape[-1] * ratio_num) % ratio_den or any(
+                (s * ratio_num) % ratio_den for s in self.strides[:-1]):
+            raise ValueError(f"cannot view {self.dtype} {self.shape} {self.strides} as {dtype}")
+        shape = (*self.shape[:-1], self.shape[-1] * ratio_num // ratio_den)
+        strides = (*(s * ratio_num // ratio_den for s in self.strides[:-1]), 1)
+        return Ref(self.source, dtype, shape, strides, self.offset)
+
+    def plane(self, index: int) -> "Ref":
+        """``tensor[index]`` of a tensor of two or more dimensions."""
+        offset = self.offset + index * self.strides[0] * self.dtype.itemsize
+        return Ref(self.source, self.dtype, self.shape[1:], self.strides[1:], offset)
+
+    def stride(self, dim: int | None = None):
+        return self.strides if dim is None else self.strides[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self, tensors) -> torch.Tensor:
+        """The tensor this names among the call's ``tensors`` (a view when it reinterprets)."""
+        base = tensors[self.source]
+        if not self.reinterpret:
+            return base
+        start = base.storage_offset() * base.element_size() + self.offset
+        if start % self.dtype.itemsize:
+            raise ValueError(f"offset {start} is not a multiple of {self.dtype}'s size")
+        view = torch.empty(0, dtype=self.dtype, device=base.device)
+        return view.set_(base.untyped_storage(), start // self.dtype.itemsize, self.shape,
+                         self.strides)
+
+    def __repr__(self) -> str:
+        return (f"Ref({self.source}, {self.dtype}, {self.shape}, {self.strides}, "
+                f"offset={self.offset})")
+
+
+#: Byte alignment of each buffer in a workspace: more than any kernel's vector accesses want.
+WORKSPACE_ALIGN = 256
+
+
+class Workspace:
+    """Carves the scratch buffers of a plan out of one byte tensor (one allocation a call, or
+    none when the plan keeps it): `take` hands out `Ref`s into the tensor at ``source``."""
+
+    def __init__(self, source: int):
+        self.source = source
+        self.nbytes = 0
+
+    def take(self, shape, dtype: torch.dtype) -> Ref:
+        shape = tuple(int(s) for s in shape)
+        strides, step = [], 1
+        for size in reversed(shape):
+            strides.append(step)
+            step *= max(size, 1)
+        offset = self.nbytes
+        self.nbytes += cdiv(max(step, 1) * dtype.itemsize, WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+        return Ref(self.source, dtype, shape, tuple(reversed(strides)), offset)
+
+
+class Step:
+    """One kernel launch of a plan: a `Launcher`, its grid and its arguments by name (`Ref`s
+    for tensors, plain values for the rest)."""
+
+    __slots__ = ("launcher", "grid", "arguments", "compiled", "values", "fills")
+
+    def __init__(self, launcher: Launcher, grid: tuple, arguments: dict):
+        self.launcher = launcher
+        self.grid = (*grid, 1, 1)[:3]
+        self.arguments = arguments
+        self.compiled = None
+        self.values = None  # the kernel's arguments in order, pointer slots None
+        self.fills = None  # (position, source, byte offset) of each pointer slot
+
+    def launch_with_tensors(self, tensors) -> None:
+        """Launch through the `Launcher` with real tensors (compiling on first use); remember
+        the compiled kernel for `launch_with_addresses` when direct launches are possible."""
+        named = {k: v.materialize(tensors) if isinstance(v, Ref) else v
+                 for k, v in self.arguments.items()}
+        compiled = self.launcher.launch_and_return_compiled(self.grid, named)
+        if compiled is None or self.compiled is not None:
+            return
+        names = self.launcher._names
+        values, fills = [], []
+        for position, name in enumerate(names):
+            value = self.arguments.get(name)
+            if isinstance(value, Ref):
+                fills.append((position, value.source, value.offset))
+                value = None
+            values.append(value)
+        self.values, self.fills = values, tuple(fills)
+        self.compiled = compiled
+
+
+class LaunchPlan:
+    """A fixed sequence of `Step`s run on the call's tensors (a tuple whose positions the
+    `Ref`s name). The first run of each step goes through Triton (compiling as needed); later
+    runs launch the compiled kernels directly with the tensors' addresses."""
+
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
+
+    def run(self, tensors) -> None:
+        runtime = None if settings.current().interpret else _direct_runtime()
+        if not runtime or runtime[1].launch_enter_hook is not None or (
+                runtime[1].launch_exit_hook is not None):
+            for step in self.steps:
+                step.launch_with_tensors(tensors)
+            return
+        active, hooks = runtime
+        stream = None
+        addresses = None
+        for step in self.steps:
+            compiled = step.compiled
+            if compiled is None:
+                step.launch_with_tensors(tensors)
+                continue
+            if addresses is None:
+                addresses = [0 if t is None else t.data_ptr() for t in tensors]
+                stream = active.get_current_stream(active.get_current_device())
+            values = step.values.copy()
+            for position, source, offset in step.fills:
+                values[position] = addresses[source] + offset
+            grid = step.grid
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
+                         compiled.packed_metadata, None, None, None, *values)
+
+
+_RUNTIME = None
+
+
+def _direct_runtime():
+    """(active driver, launch hooks) when compiled kernels can be launched directly, else
+    False."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        try:
+            from triton import knobs
+            from triton.runtime.driver import driver
+
+            _RUNTIME = (driver.active, knobs.runtime)
+        except (ImportError, AttributeError):
+            _RUNTIME = False
+    return _RUNTIME
