@@ -149,7 +149,7 @@ def test_fused_experts_hands_its_problem_to_resolve_backend(monkeypatch):
         seen.append(problem)
         return resolve_backend(name, device, problem)
 
-    monkeypatch.setattr(mxmoe.ops, "resolve_backend", spy)
+    monkeypatch.setattr(mxmoe.plans, "resolve_backend", spy)
     mxmoe.fused_experts(**make_moe(3, 64, 32, 4, 2))
     assert (seen[0].num_tokens, seen[0].hidden, seen[0].intermediate, seen[0].top_k) == \
         (3, 64, 32, 2)

@@ -7,7 +7,8 @@ import torch
 from .activations import Activation
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor
-from .ops import run_call
+from . import plans
+from .ops import fused_experts_op, must_dispatch
 from .validation import check_fused_experts_args
 
 __all__ = ["fused_experts"]
@@ -64,12 +65,17 @@ def fused_experts(
     ``torch.compile(fullgraph=True)``. Gradients reach hidden_states, topk_weights and the
     biases through a slow pure-torch backward; the MXFP4 weights are constants.
     """
+    if not must_dispatch(hidden_states, topk_weights, w13_bias, w2_bias):
+        # Eager: the signature's plan (validated when it was made; `mxmoe.plans`).
+        return plans.run(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
+                         activation, alpha, limit, expert_map, apply_router_weight_on_input,
+                         backend)
     call = check_fused_experts_args(
         hidden_states, w13, w2, topk_weights, topk_ids,
         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
         alpha=alpha, limit=limit, expert_map=expert_map,
         apply_router_weight_on_input=apply_router_weight_on_input, backend=backend,
     )
-    # The operator does the rest (data checks, backend choice, the run); to torch.compile it
-    # is one opaque node, so a compiled caller keeps one graph.
-    return run_call(call)
+    # Traced or differentiated: the operator does the rest (data checks, backend choice, the
+    # run); to torch.compile it is one opaque node, so a compiled caller keeps one graph.
+    return fused_experts_op(*call.op_args())

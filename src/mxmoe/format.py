@@ -90,7 +90,9 @@ class MXFP4Tensor:
     weights ``[E, N, K]``, ``w[e]`` is expert ``e``) and returns views, in the same layout.
     """
 
-    __slots__ = ("blocks", "scales", "layout")
+    # _signature: what `mxmoe.plans` keys this weight on, computed on first use. The object is
+    # treated as immutable: its tensors are not replaced, nor their shapes changed in place.
+    __slots__ = ("blocks", "scales", "layout", "_signature")
 
     def __init__(self, blocks: torch.Tensor, scales: torch.Tensor,
                  layout: Layout | str = PLAIN):
@@ -125,6 +127,15 @@ class MXFP4Tensor:
         self.blocks = blocks
         self.scales = scales
         self.layout = get_layout(layout)
+        self._signature = None
+
+    def __getstate__(self):
+        # A copy (copy, deepcopy, pickle) has new tensors: it computes its own signature.
+        return self.blocks, self.scales, self.layout
+
+    def __setstate__(self, state):
+        self.blocks, self.scales, self.layout = state
+        self._signature = None
 
     @classmethod
     def from_gpt_oss_blocks(cls, blocks: torch.Tensor, scales: torch.Tensor) -> "MXFP4Tensor":

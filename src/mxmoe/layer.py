@@ -9,8 +9,7 @@ from .activations import Activation
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
 from .layouts import Layout, get_layout
-from .ops import run_call
-from .problem import MoECall, MoEProblem
+from .api import fused_experts
 from .routing import route
 from .validation import check_layer_args, check_layer_input
 
@@ -234,20 +233,12 @@ class MXFP4MoE(nn.Module):
         return out.reshape(*leading, self.hidden_size), logits, topk_weights
 
     def _experts(self, x, topk_weights, topk_ids):
-        # The weights were validated when the layer was built and the routing comes from
-        # `route`: the call is built here directly, not through `fused_experts`' checks.
         w13, w2 = self._weight_objects()
-        problem = MoEProblem(
-            num_tokens=x.shape[0], hidden=self.hidden_size, intermediate=self.intermediate_size,
-            num_local_experts=w13.blocks.shape[0], num_global_experts=self.num_experts,
-            top_k=self.top_k, activation=self.activation,
+        return fused_experts(
+            x, w13, w2, topk_weights, topk_ids, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
+            activation=self.activation, alpha=self.alpha, limit=self.limit,
+            expert_map=self.expert_map, backend=self.backend,
         )
-        return run_call(MoECall(
-            hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
-            w13_bias=self.w13_bias, w2_bias=self.w2_bias, expert_map=self.expert_map,
-            alpha=self.alpha, limit=self.limit, apply_router_weight_on_input=False,
-            backend=self.backend, problem=problem,
-        ))
 
     def _sum_partial_outputs(self, out: torch.Tensor) -> torch.Tensor:
         groups = [g for g in (self.tp_group, self.ep_group) if g is not None]

@@ -27,13 +27,12 @@ excluded there, so the derivatives are written out.)
 
 import torch
 
+from . import plans
 from .activations import Activation
-from .backends import resolve_backend
 from .problem import OP_ARG_NAMES, MoECall, op_schema
 from .reference import local_expert_ids
-from .validation import check_routing_values, routing_values_checked
 
-__all__ = ["run_call", "fused_experts_op", "fused_experts_backward_op"]
+__all__ = ["run_call", "must_dispatch", "fused_experts_op", "fused_experts_backward_op"]
 
 
 def run_call(call: MoECall) -> torch.Tensor:
@@ -41,43 +40,33 @@ def run_call(call: MoECall) -> torch.Tensor:
 
     Through the dispatcher (the operator) whenever PyTorch must see it, else directly. The
     dispatcher round trip of a Python custom operator costs tens of microseconds a call (as much
-    as a decode step's GPU work), so plain eager inference skips it and computes the same thing;
-    the operator is dispatched while `torch.compile` or ``torch.export`` traces (dynamo, fake or
-    meta tensors, any dispatch mode), and when a gradient is wanted.
+    as a decode step's GPU work), so plain eager inference skips it and computes the same thing
+    through the signature's plan (`mxmoe.plans`); the operator is dispatched while
+    `torch.compile` or ``torch.export`` traces (dynamo, fake or meta tensors, any dispatch
+    mode), and when a gradient is wanted.
     """
-    if _must_dispatch(call):
+    if must_dispatch(call.hidden_states, call.topk_weights, call.w13_bias, call.w2_bias):
         return fused_experts_op(*call.op_args())
-    return _run(call)
+    return plans.run_call(call)
 
 
-def _run(call: MoECall) -> torch.Tensor:
-    problem = call.problem
-    if routing_values_checked(call.device):
-        check_routing_values(call.topk_ids, call.expert_map, problem)
-    if problem.num_tokens == 0 or problem.num_local_experts == 0:
-        # No tokens, or (expert parallelism over more ranks than experts) no local experts:
-        # nothing to compute, and backends need not handle an empty weight tensor.
-        return call.hidden_states.new_zeros((problem.num_tokens, problem.hidden))
-    return resolve_backend(call.backend, call.device, problem).run(call)
-
-
-def _must_dispatch(call: MoECall) -> bool:
+def must_dispatch(hidden_states, topk_weights, w13_bias, w2_bias) -> bool:
+    """Whether a call must go through the operator: traced, or a gradient wanted."""
     if torch.compiler.is_compiling():
         return True
-    hidden_states = call.hidden_states
     # A subclass (FakeTensor, functional tensors) or an active dispatch mode means a tracer.
     if type(hidden_states) is not torch.Tensor or hidden_states.is_meta:
         return True
     if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
         return True
     if torch.is_grad_enabled():
-        return any(t is not None and t.requires_grad
-                   for t in (hidden_states, call.topk_weights, call.w13_bias, call.w2_bias))
+        return any(isinstance(t, torch.Tensor) and t.requires_grad
+                   for t in (hidden_states, topk_weights, w13_bias, w2_bias))
     return False
 
 
 def _fused_experts_impl(*args) -> torch.Tensor:
-    return _run(MoECall.from_op_args(*args))
+    return plans.run_call(MoECall.from_op_args(*args))
 
 
 fused_experts_op = torch.library.custom_op(

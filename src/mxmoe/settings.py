@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Settings", "DeviceFacts", "current", "device_facts", "refresh"]
+__all__ = ["Settings", "DeviceFacts", "current", "device_facts", "generation", "refresh"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class Settings:
 
 
 _current: Settings | None = None
+_generation = 0
 
 
 def current() -> Settings:
@@ -94,8 +95,15 @@ def device_facts(device: torch.device | str) -> DeviceFacts:
     return _facts(device)
 
 
+def generation() -> int:
+    """A number that changes with every `refresh`: what caches of decisions made from the
+    switches (`mxmoe.plans`) key on."""
+    return _generation
+
+
 def refresh() -> None:
     """Forget the switches and the device facts: the next use reads them again."""
-    global _current
+    global _current, _generation
     _current = None
+    _generation += 1
     _facts.cache_clear()

@@ -29,3 +29,11 @@ class Backend:
     def run(self, call: MoECall) -> torch.Tensor:
         """``[M, H]`` in ``call.hidden_states.dtype``; M > 0, weights in one of `layouts`."""
         raise NotImplementedError
+
+    def plan(self, call: MoECall):
+        """A runner for every call of ``call``'s signature (`mxmoe.plans`), or None to have each
+        call handed to `run`. The runner is called as ``runner(hidden_states, topk_weights,
+        topk_ids, w13, w2, w13_bias, w2_bias, expert_map)`` with tensors of the same metadata
+        as ``call``'s and must compute what `run` computes; it must keep no tensor of ``call``.
+        """
+        return None

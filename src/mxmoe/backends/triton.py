@@ -68,6 +68,30 @@ class TritonBackend(Backend):
         return fused_moe(call, self.inner_product, self.name)
 
 
+    def plan(self, call: MoECall):
+        from ..kernels.fused_moe import FusedMoEPlan
+
+        if self.inner_product is InnerProduct.DENSE:
+            dtype = call.hidden_states.dtype
+            plan = FusedMoEPlan(call, self.inner_product, self.name,
+                                dense=(dense_weights(call.w13, dtype),
+                                       dense_weights(call.w2, dtype)))
+
+            def run_dense(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, expert_map):
+                dense13, dense2 = dense_weights(w13, dtype), dense_weights(w2, dtype)
+                return plan.run(x, topk_weights, topk_ids, dense13, dense13, dense2, dense2,
+                                w13_bias, w2_bias, expert_map)
+
+            return run_dense
+        plan = FusedMoEPlan(call, self.inner_product, self.name)
+
+        def run_packed(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, expert_map):
+            return plan.run(x, topk_weights, topk_ids, w13.blocks, w13.scales, w2.blocks,
+                            w2.scales, w13_bias, w2_bias, expert_map)
+
+        return run_packed
+
+
 def triton_dequant() -> TritonBackend:
     return TritonBackend("triton_dequant", InnerProduct.DEQUANT,
                          "Triton fused MoE, MXFP4 tiles dequantized to bf16/fp16 inside the GEMM loop")

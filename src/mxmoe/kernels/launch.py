@@ -55,7 +55,7 @@ class Launcher:
 
                 usable = isinstance(self.kernel, JITFunction) and self._values is not None
                 self._runtime = (driver.active, knobs.runtime) if usable else False
-            except (ImportError, AttributeError):
+            except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no GPU driver
                 self._runtime = False
         return self._runtime
 
@@ -262,36 +262,76 @@ class Step:
 
 class LaunchPlan:
     """A fixed sequence of `Step`s run on the call's tensors (a tuple whose positions the
-    `Ref`s name). The first run of each step goes through Triton (compiling as needed); later
-    runs launch the compiled kernels directly with the tensors' addresses."""
+    `Ref`s name). The first run goes through Triton (compiling as needed); once every step has
+    its compiled kernel, runs launch them directly: the tensors' addresses and the steps'
+    scalars go into one list, and a C-speed itemgetter per step picks its arguments from it."""
 
     def __init__(self, steps: list[Step]):
         self.steps = steps
+        self._direct = None  # ((source, offset) per pointer, scalars, per-step launch tuples)
 
-    def run(self, tensors) -> None:
+    def run(self, tensors, stream: int | None = None) -> None:
+        """Launch every step on ``tensors``; ``stream``: the current CUDA stream's handle when
+        the caller has it at hand."""
         runtime = None if settings.current().interpret else _direct_runtime()
         if not runtime or runtime[1].launch_enter_hook is not None or (
                 runtime[1].launch_exit_hook is not None):
             for step in self.steps:
                 step.launch_with_tensors(tensors)
             return
-        active, hooks = runtime
-        stream = None
-        addresses = None
-        for step in self.steps:
-            compiled = step.compiled
-            if compiled is None:
+        direct = self._direct
+        if direct is None:
+            for step in self.steps:
                 step.launch_with_tensors(tensors)
-                continue
-            if addresses is None:
-                addresses = [0 if t is None else t.data_ptr() for t in tensors]
-                stream = active.get_current_stream(active.get_current_device())
-            values = step.values.copy()
-            for position, source, offset in step.fills:
-                values[position] = addresses[source] + offset
-            grid = step.grid
-            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function,
-                         compiled.packed_metadata, None, None, None, *values)
+            if all(step.compiled is not None for step in self.steps):
+                self._direct = self._direct_launches()
+            return
+        pointers, scalars, launches = direct
+        if stream is None:
+            active = runtime[0]
+            stream = active.get_current_stream(active.get_current_device())
+        sources, pointers = pointers
+        addresses = [tensors[source].data_ptr() for source in sources]
+        pool = [addresses[index] + offset for index, offset in pointers]
+        pool += scalars
+        for run, grid_x, grid_y, grid_z, function, metadata, arguments in launches:
+            run(grid_x, grid_y, grid_z, stream, function, metadata, None, None, None,
+                *arguments(pool))
+
+    def _direct_launches(self):
+        pointers: dict = {}
+        scalars: list = []
+        slots = []
+        for step in self.steps:
+            fills = {position: (source, offset) for position, source, offset in step.fills}
+            indices = []
+            for position, value in enumerate(step.values):
+                if position in fills:
+                    indices.append(pointers.setdefault(fills[position], len(pointers)))
+                else:
+                    indices.append(-1 - len(scalars))
+                    scalars.append(value)
+            slots.append(indices)
+        # The pool is [pointers..., scalars...]: scalar i sits at len(pointers) + i.
+        base = len(pointers)
+        launches = []
+        for step, indices in zip(self.steps, slots):
+            indices = [i if i >= 0 else base - 1 - i for i in indices]
+            compiled = step.compiled
+            launches.append((compiled.run, *step.grid, compiled.function,
+                             compiled.packed_metadata, _getter(indices)))
+        # Each source tensor's address is read once a run; its pointers add their offsets.
+        sources = sorted({source for source, _ in pointers})
+        by_index = tuple((sources.index(source), offset) for source, offset in pointers)
+        return (tuple(sources), by_index), scalars, tuple(launches)
+
+
+def _getter(indices: list[int]):
+    """``pool -> tuple(pool[i] for i in indices)`` at C speed (always a tuple)."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda pool: (pool[index],)
+    return operator.itemgetter(*indices)
 
 
 _RUNTIME = None
@@ -307,6 +347,6 @@ def _direct_runtime():
             from triton.runtime.driver import driver
 
             _RUNTIME = (driver.active, knobs.runtime)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no GPU driver
             _RUNTIME = False
     return _RUNTIME
