@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gpu
     (3000, 8, 1000, 16, False),  # 1024 bins: 32 pairs a step, 32 chunks of 768
 ])
 def test_alignment_on_gpu_equals_reference(m, k, e, block_m, mapped):
-    from mxmoe.kernels.fused_moe import align
+    from mxmoe.kernels.align import align
 
     g = torch.Generator().manual_seed(m)
     ids = torch.randint(0, e, (m, k), generator=g, dtype=torch.int32)
