@@ -131,7 +131,10 @@ def _plan(key, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias
     plan = CallPlan(call)
     if len(_PLANS) >= MAX_PLANS:
         _PLANS.clear()
-    _PLANS[key] = plan
+    try:
+        _PLANS[key] = plan
+    except TypeError:  # validated, yet unhashable (e.g. a float subclass): not kept
+        pass
     return plan
 
 
@@ -141,7 +144,10 @@ def run(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activ
     made on first use, run on these tensors."""
     key = signature(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                     activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)
-    plan = _PLANS.get(key)
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable argument: validation says what is wrong with it
+        plan = None
     if plan is None:
         plan = _plan(key, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                      activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)

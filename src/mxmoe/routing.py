@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import settings
+
 __all__ = ["route", "Alignment", "align_by_expert", "align_by_expert_reference", "max_aligned_blocks"]
 
 
@@ -30,11 +32,28 @@ def route(
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight first.
     """
+    if not torch.compiler.is_compiling() and type(router_logits) is torch.Tensor:
+        # Eager: the signature's plan (validated when made).
+        key = (router_logits.shape, router_logits.stride(), router_logits.dtype,
+               router_logits.device, router_logits.data_ptr() & 15, type(top_k), top_k,
+               type(renormalize), renormalize, settings.generation())
+        try:
+            plan = _ROUTE_PLANS.get(key)
+        except TypeError:  # an unhashable argument: validation says what is wrong with it
+            plan = None
+        if plan is None:
+            plan = _route_plan(router_logits, top_k, renormalize)
+            if len(_ROUTE_PLANS) >= 256:
+                _ROUTE_PLANS.clear()
+            _ROUTE_PLANS[key] = plan
+        return plan(router_logits)
     from .validation import check_route_args
 
     check_route_args(router_logits, top_k, renormalize)
-    if _use_triton_router(router_logits):
-        return _route_triton(router_logits, top_k, renormalize)
+    return _route_torch(router_logits, top_k, renormalize)
+
+
+def _route_torch(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     logits = router_logits.to(torch.float32)
     # Rank by the logits, not by softmax probabilities: probabilities far below the top one
     # underflow to equal zeros and would be ranked arbitrarily.
@@ -46,12 +65,28 @@ def route(
     return weights, ids.to(torch.int32)
 
 
+#: Eager routers by signature (logits metadata, top_k, renormalize, switches' generation).
+_ROUTE_PLANS: dict = {}
+
+
+def _route_plan(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """The router of one signature, its arguments checked: the fused Triton router's plan, or
+    the torch one."""
+    from .validation import check_route_args
+
+    check_route_args(router_logits, top_k, renormalize)
+    if _use_triton_router(router_logits):
+        from .kernels.route import RoutePlan
+
+        return RoutePlan(router_logits, top_k, renormalize)
+    return lambda logits: _route_torch(logits, top_k, renormalize)
+
+
 #: Above this many experts the fused router would hold too wide a row in registers.
 _TRITON_ROUTER_MAX_EXPERTS = 1024
 
 
 def _use_triton_router(router_logits: torch.Tensor) -> bool:
-    from . import settings
 
     # Under torch.compile the torch path is traced (inductor fuses it); the Triton router is for
     # eager and CUDA-graph decode steps.
@@ -60,12 +95,6 @@ def _use_triton_router(router_logits: torch.Tensor) -> bool:
     switches = settings.current()
     return (not switches.interpret and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
             and not switches.torch_router)
-
-
-def _route_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool):
-    from .kernels.route import route_topk
-
-    return route_topk(router_logits, top_k, renormalize)
 
 
 @dataclass

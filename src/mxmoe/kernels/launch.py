@@ -274,8 +274,7 @@ class LaunchPlan:
         """Launch every step on ``tensors``; ``stream``: the current CUDA stream's handle when
         the caller has it at hand."""
         runtime = None if settings.current().interpret else _direct_runtime()
-        if not runtime or runtime[1].launch_enter_hook is not None or (
-                runtime[1].launch_exit_hook is not None):
+        if not runtime or _hooked(runtime[1]):
             for step in self.steps:
                 step.launch_with_tensors(tensors)
             return
@@ -324,6 +323,14 @@ class LaunchPlan:
         sources = sorted({source for source, _ in pointers})
         by_index = tuple((sources.index(source), offset) for source, offset in pointers)
         return (tuple(sources), by_index), scalars, tuple(launches)
+
+
+def _hooked(hooks) -> bool:
+    """Whether a launch hook is installed (a profiler): then launches take Triton's path, which
+    builds the launch metadata the hooks read. Triton 3.6 keeps hook chains (``.calls``) that
+    are present but empty when nothing is installed."""
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(leave, "calls", leave))
 
 
 def _getter(indices: list[int]):
