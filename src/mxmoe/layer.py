@@ -10,6 +10,8 @@ from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
 from .layouts import Layout, get_layout
 from .api import fused_experts
+from .ops import fused_experts_op
+from .problem import OP_ARG_NAMES
 from .routing import route
 from .validation import check_layer_args, check_layer_input
 
@@ -233,6 +235,20 @@ class MXFP4MoE(nn.Module):
         return out.reshape(*leading, self.hidden_size), logits, topk_weights
 
     def _experts(self, x, topk_weights, topk_ids):
+        if torch.compiler.is_compiling():
+            # Traced: to the operator with the weights as their buffers. (A weight object made
+            # inside the graph holds a layout object that some dynamo versions cannot wrap.)
+            layout = self.weight_layout.name
+            named = dict(
+                hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
+                w13_blocks=self.w13_blocks, w13_scales=self.w13_scales,
+                w2_blocks=self.w2_blocks, w2_scales=self.w2_scales, w13_bias=self.w13_bias,
+                w2_bias=self.w2_bias, expert_map=self.expert_map, w13_layout=layout,
+                w2_layout=layout, activation=self.activation.value, alpha=float(self.alpha),
+                limit=float(self.limit), apply_router_weight_on_input=False,
+                backend=self.backend,
+            )
+            return fused_experts_op(*(named[name] for name in OP_ARG_NAMES))
         w13, w2 = self._weight_objects()
         return fused_experts(
             x, w13, w2, topk_weights, topk_ids, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
