@@ -18,6 +18,7 @@ import torch
 import mxmoe
 from mxmoe import settings
 from mxmoe.backends import probe, resolve_backend
+from mxmoe.kernels import configs as kernel_configs
 from mxmoe.validation import MoEProblem
 
 from helpers import make_moe
@@ -79,7 +80,7 @@ def fake_gpu(monkeypatch):
         return state.preference
 
     monkeypatch.setattr(probe, "probe", fake_probe)
-    monkeypatch.setattr(registry, "_preferred_backend_hook", lambda: fake_hook)
+    monkeypatch.setattr(kernel_configs, "fastest_backend", fake_hook)
     fake_facts = settings.DeviceFacts("cuda", "Fake GPU 80GB", (9, 0), 132, False)
     monkeypatch.setattr(settings, "device_facts", lambda device: fake_facts)
     return state
@@ -268,7 +269,8 @@ def test_auto_never_picks_bf16(fake_gpu, recwarn):
 def test_auto_follows_the_tuned_table(fake_gpu):
     fake_gpu.preference = "triton_scaled"
     assert resolve_backend("auto", GPU, PROBLEM).name == "triton_scaled"
-    assert fake_gpu.asked == [("Fake GPU 80GB", 64, 2880, 2880, 32, 4)]
+    assert fake_gpu.asked == [(settings.DeviceFacts("cuda", "Fake GPU 80GB", (9, 0), 132, False),
+                               64, 2880, 2880, 32, 4)]
 
 
 def test_auto_falls_back_when_the_tables_choice_is_unusable(fake_gpu):
@@ -302,30 +304,6 @@ def test_static_failure_on_a_gpu_skips_the_probe(fake_gpu, interpret):
     interpret(True)  # Triton then runs on the CPU only
     assert not mxmoe.backends(GPU)["triton_dequant"][0]
     assert fake_gpu.probed == []
-
-
-# --------------------------------------------------------------------------- the tuned-table hook
-
-
-@pytest.fixture
-def fresh_hook():
-    registry._preferred_backend_hook.cache_clear()
-    yield
-    registry._preferred_backend_hook.cache_clear()
-
-
-def test_hook_is_found_in_kernels_configs(monkeypatch, fresh_hook):
-    configs = types.ModuleType("mxmoe.kernels.configs")
-    configs.preferred_backend = lambda *args: "triton_scaled"
-    monkeypatch.setitem(sys.modules, "mxmoe.kernels.configs", configs)
-    assert registry._preferred_backend_hook() is configs.preferred_backend
-
-
-@pytest.mark.parametrize("module", [None, types.ModuleType("mxmoe.kernels.configs")],
-                         ids=["module absent", "function absent"])
-def test_missing_hook_means_no_preference(monkeypatch, fresh_hook, module):
-    monkeypatch.setitem(sys.modules, "mxmoe.kernels.configs", module)  # None: import fails
-    assert registry._preferred_backend_hook() is None
 
 
 # --------------------------------------------------------------------------- mxmoe info
@@ -378,7 +356,9 @@ def test_simulated_gpu_through_the_real_probe_machinery(tmp_path, monkeypatch):
     set_interpret(monkeypatch, False)
     monkeypatch.setattr(probe, "probe_key", lambda device: ("sim", {"device": "Simulated"}))
     monkeypatch.setattr(probe, "child_command", child_command)
-    monkeypatch.setattr(registry, "_preferred_backend_hook", lambda: None)
+    monkeypatch.setattr(kernel_configs, "fastest_backend", lambda *args: None)
+    monkeypatch.setattr(settings, "device_facts", lambda device: settings.DeviceFacts(
+        "cuda", "Simulated", (9, 0), 132, False))
     probe.forget(cache_file=False)
     try:
         assert resolve_backend("auto", GPU, PROBLEM).name == "triton_dequant"

@@ -210,3 +210,35 @@ def test_ref_views_read_the_bytes_they_name():
     assert torch.equal(plane, blocks[1])
     with pytest.raises(ValueError, match="cannot view"):
         Ref.of(0, blocks[:, :, :6]).viewed_as(torch.int32)
+
+
+@pytest.mark.gpu
+def test_first_use_tuning_times_candidates_once_and_the_plan_uses_the_winner(monkeypatch,
+                                                                            tmp_path):
+    from mxmoe import autotune, cache
+    from mxmoe.kernels import configs
+
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "user-cache"))
+    monkeypatch.setenv(autotune.ENV, "1")
+    autotune.refresh()
+    configs.clear_memo()
+    plans.clear()
+    timed = []
+    real = autotune.maybe_tune
+
+    def counting(key, candidates, time_candidate):
+        timed.append(key)
+        return real(key, candidates, time_candidate)
+
+    monkeypatch.setattr(autotune, "maybe_tune", counting)
+    try:
+        kw = make_moe(48, 256, 192, 8, 2, dtype=torch.bfloat16, device="cuda", seed=3)
+        out = mxmoe.fused_experts(**kw, backend="triton_dequant")
+        again = mxmoe.fused_experts(**kw, backend="triton_dequant")
+        assert len(timed) == 1 and autotune.is_tuned(timed[0])
+        assert rel_err(out.float(), _reference(kw)) < 2e-2
+        assert torch.equal(out, again)
+    finally:
+        autotune.refresh()
+        configs.clear_memo()
+        plans.clear()

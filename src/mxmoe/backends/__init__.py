@@ -8,7 +8,6 @@ on a CUDA device, by running it (`mxmoe.backends.probe`) — never by a list of 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 from dataclasses import dataclass
@@ -237,26 +236,11 @@ def _warn_reference_on_gpu(device: torch.device, reasons: list[str]) -> None:
 
 
 def _tuned_preference(device: torch.device, problem: "MoEProblem | None") -> str | None:
-    """What the tuned tables call fastest for this device and size class, if they say."""
-    hook = _preferred_backend_hook()
-    if hook is None or problem is None:
+    """What the tuned data (user cache, this device's table, its family's) calls fastest for
+    this device and size class, if it says."""
+    if problem is None:
         return None
-    return hook(
-        settings.device_facts(device).name, problem.num_tokens, problem.hidden, problem.intermediate,
-        problem.num_local_experts, problem.top_k,
-    )
+    from ..kernels.configs import fastest_backend
 
-
-@functools.lru_cache(maxsize=None)
-def _preferred_backend_hook():
-    """``mxmoe.kernels.configs.preferred_backend``, or None until the tuned tables exist.
-
-    Its contract: ``preferred_backend(device_name, num_tokens, hidden, intermediate,
-    num_experts, top_k) -> str | None``, a backend name or None for "no opinion". It must be
-    a pure function of its arguments: `auto` remembers its answer for each size.
-    """
-    try:
-        from ..kernels.configs import preferred_backend
-    except ImportError:
-        return None
-    return preferred_backend
+    return fastest_backend(settings.device_facts(device), problem.num_tokens, problem.hidden,
+                           problem.intermediate, problem.num_local_experts, problem.top_k)

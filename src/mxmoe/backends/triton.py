@@ -71,25 +71,68 @@ class TritonBackend(Backend):
     def plan(self, call: MoECall):
         from ..kernels.fused_moe import FusedMoEPlan
 
+        dense = None
         if self.inner_product is InnerProduct.DENSE:
             dtype = call.hidden_states.dtype
-            plan = FusedMoEPlan(call, self.inner_product, self.name,
-                                dense=(dense_weights(call.w13, dtype),
-                                       dense_weights(call.w2, dtype)))
-
+            dense = (dense_weights(call.w13, dtype), dense_weights(call.w2, dtype))
+        config = self._tuned_config(call, dense)
+        plan = FusedMoEPlan(call, self.inner_product, self.name, dense=dense, config=config)
+        if dense is not None:
             def run_dense(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, expert_map):
                 dense13, dense2 = dense_weights(w13, dtype), dense_weights(w2, dtype)
                 return plan.run(x, topk_weights, topk_ids, dense13, dense13, dense2, dense2,
                                 w13_bias, w2_bias, expert_map)
 
             return run_dense
-        plan = FusedMoEPlan(call, self.inner_product, self.name)
 
         def run_packed(x, topk_weights, topk_ids, w13, w2, w13_bias, w2_bias, expert_map):
             return plan.run(x, topk_weights, topk_ids, w13.blocks, w13.scales, w2.blocks,
                             w2.scales, w13_bias, w2_bias, expert_map)
 
         return run_packed
+
+    def _tuned_config(self, call: MoECall, dense):
+        """First-use tuning (``MXMOE_AUTOTUNE=1``, `mxmoe.autotune`): the general kernel's
+        fastest config for this size class, timed now on the call's own tensors and kept in the
+        user cache; None (the lookup decides) when tuning is off, already done, impossible now
+        (capturing, compiling) or when the decode kernels run."""
+        from .. import autotune
+        from ..kernels.fused_moe import FusedMoEPlan, uses_decode_kernels
+
+        switches = settings.current()
+        if (not autotune.enabled() or call.device.type != "cuda" or switches.interpret
+                or switches.forced_config or uses_decode_kernels(call, self.inner_product)):
+            return None
+        p = call.problem
+        key = autotune.TuneKey.of(self.name, settings.device_facts(call.device), p.num_tokens,
+                                  p.hidden, p.intermediate, p.num_local_experts, p.top_k)
+        if dense is not None:
+            weights = (dense[0], dense[0], dense[1], dense[1])
+        else:
+            weights = (call.w13.blocks, call.w13.scales, call.w2.blocks, call.w2.scales)
+
+        def time_candidate(cfg) -> float:
+            plan = FusedMoEPlan(call, self.inner_product, self.name, dense=dense, config=cfg)
+            return _seconds(lambda: plan.run(call.hidden_states, call.topk_weights,
+                                             call.topk_ids, *weights, call.w13_bias,
+                                             call.w2_bias, call.expert_map))
+
+        return autotune.maybe_tune(key, autotune.candidates(key), time_candidate)
+
+
+def _seconds(fn, warmup: int = 2, reps: int = 5) -> float:
+    """The median seconds of ``fn()`` on the current CUDA stream (events; synchronises)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def triton_dequant() -> TritonBackend:

@@ -32,8 +32,6 @@ from .launch import LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
 __all__ = ["fused_moe", "FusedMoEPlan", "choose_config", "use_dequant_ptx"]
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-#: The tuned tables still name the inner product of each backend by its old kernel-mode key.
-_TABLE_MODES = {"triton_dequant": "dequant", "triton_scaled": "scaled", "bf16": "dense"}
 
 _gemm = Launcher(moe_gemm_kernel)
 _split_activation = Launcher(split_activation_kernel)
@@ -62,19 +60,16 @@ def _dot_dtype(activation_dtype: torch.dtype, inner: InnerProduct) -> torch.dtyp
 
 
 def choose_config(call: MoECall, backend: str) -> configs.MoEConfig:
-    """``MXMOE_CONFIG`` if set, else the tuned table's entry, else the heuristics."""
+    """``MXMOE_CONFIG`` if set, else `configs.select`: the user cache, this device's table, its
+    family's, configs derived from the tuned data, the heuristics (in that order)."""
     switches = settings.current()
     if switches.forced_config:
         return configs.MoEConfig(**json.loads(switches.forced_config))
     p = call.problem
-    if call.device.type == "cuda" and not switches.interpret:
-        tuned = configs.lookup(settings.device_facts(call.device).name, _TABLE_MODES[backend],
-                               p.num_tokens, p.hidden, p.intermediate, p.num_local_experts,
-                               p.top_k)
-        if tuned is not None:
-            return tuned
-    return configs.heuristic_config(p.num_tokens, p.top_k, p.num_local_experts,
-                                    switches.interpret)
+    facts = (settings.device_facts(call.device)
+             if call.device.type == "cuda" and not switches.interpret else None)
+    return configs.select(backend, facts, p.num_tokens, p.hidden, p.intermediate,
+                          p.num_local_experts, p.top_k, interpret=switches.interpret)
 
 
 def _k_slices(k: int, cfg) -> tuple[int, int]:
@@ -145,6 +140,13 @@ class _Gemm:
 _WEIGHT_NONE, _WEIGHT_BEFORE_BIAS, _WEIGHT_AFTER_BIAS = 0, 1, 2
 
 
+def uses_decode_kernels(call: MoECall, inner: InnerProduct) -> bool:
+    """Whether a call without a given config runs the decode GEMMs (their own configs)."""
+    return (inner is InnerProduct.DEQUANT and not settings.current().forced_config
+            and call.w13.layout == GROUP_HALVES and call.w2.layout == GROUP_HALVES
+            and choose_decode_configs(call.problem) is not None)
+
+
 def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
     """(GEMM class, config of GEMM1, config of GEMM2): the decode GEMMs when the weights are in
     their layout and pairs per expert are few, else the general kernel's tuned config."""
@@ -152,11 +154,9 @@ def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
         return DecodeGemm, config[0], config[1]
     if isinstance(config, DecodeConfig):
         return DecodeGemm, config, config
-    if config is None and inner is InnerProduct.DEQUANT and not settings.current().forced_config:
-        if call.w13.layout == GROUP_HALVES and call.w2.layout == GROUP_HALVES:
-            decode = choose_decode_configs(call.problem)
-            if decode is not None:
-                return DecodeGemm, decode[0], decode[1]
+    if config is None and uses_decode_kernels(call, inner):
+        decode = choose_decode_configs(call.problem)
+        return DecodeGemm, decode[0], decode[1]
     cfg = config or choose_config(call, backend)
     return _Gemm, cfg, cfg.gemm2()
 
