@@ -30,7 +30,10 @@ import mxmoe  # noqa: E402
 from mxmoe.format import MXFP4Tensor  # noqa: E402
 from mxmoe import settings  # noqa: E402
 from mxmoe.kernels._epilogues import epilogue_of  # noqa: E402
+import types  # noqa: E402
+
 from mxmoe.kernels.align import align  # noqa: E402
+from mxmoe.kernels.launch import LaunchPlan, Ref  # noqa: E402
 from mxmoe.kernels.decode import DecodeConfig, DecodeGemm, decode_fused_experts  # noqa: E402
 from mxmoe.kernels.fused_moe import _k_slices as k_slices, use_dequant_ptx  # noqa: E402
 from mxmoe.kernels.fused_moe import choose_config, fused_moe  # noqa: E402
@@ -159,15 +162,23 @@ def gemms_fn(inputs, halves, biases, configs, e, inter):
         call = check_fused_experts_args(x, w13h, w2h, w, ids, w13_bias=b13, w2_bias=b2,
                                         activation="swigluoai", alpha=1.702, limit=7.0,
                                         expert_map=None)
-        gemm = DecodeGemm(call, aligned, max_blocks, wf, ptx, epilogue_of(call.activation))
-        calls.append((x, gemm, act, out1, out2, s1, p1, s2, p2))
+        tensors = [x, act, out1, out2, w13h.blocks, w13h.scales, w2h.blocks, w2h.scales, b13, b2,
+                   wf, aligned.sorted_ids, aligned.expert_ids, aligned.num_tokens_post_padded]
+        r = [None if t is None else Ref.of(i, t) for i, t in enumerate(tensors)]
+        refs = types.SimpleNamespace(sorted_ids=r[11], expert_ids=r[12],
+                                     num_tokens_post_padded=r[13], block_m=c1.block_m)
+        gemm = DecodeGemm(call, refs, max_blocks, r[10], ptx, epilogue_of(call.activation))
+        steps = [
+            gemm.step(r[0], TOP_K, r[4], r[5], w13h.layout, r[8], r[2], n=2 * inter, k=HIDDEN,
+                      gated=s1 == 1, router_weight=0, cfg=c1, splits=s1, k_per_split=p1),
+            gemm.step(r[1], 1, r[6], r[7], w2h.layout, r[9], r[3], n=HIDDEN, k=inter,
+                      gated=False, router_weight=2, cfg=c2, splits=s2, k_per_split=p2),
+        ]
+        calls.append((LaunchPlan(steps), tensors))
 
     def run():
-        for x, gemm, act, out1, out2, s1, p1, s2, p2 in calls:
-            gemm.launch(x, TOP_K, w13h, b13, out1, n=2 * inter, k=HIDDEN, gated=s1 == 1,
-                        router_weight=0, cfg=c1, splits=s1, k_per_split=p1)
-            gemm.launch(act, 1, w2h, b2, out2, n=HIDDEN, k=inter, gated=False,
-                        router_weight=2, cfg=c2, splits=s2, k_per_split=p2)
+        for plan, tensors in calls:
+            plan.run(tensors)
     return run
 
 
