@@ -35,7 +35,7 @@ import types  # noqa: E402
 from mxmoe.kernels.align import align  # noqa: E402
 from mxmoe.kernels.launch import LaunchPlan, Ref  # noqa: E402
 from mxmoe.kernels.decode import DecodeConfig, DecodeGemm, decode_fused_experts  # noqa: E402
-from mxmoe.kernels.fused_moe import _k_slices as k_slices, use_dequant_ptx  # noqa: E402
+from mxmoe.kernels.fused_moe import _k_slices as k_slices  # noqa: E402
 from mxmoe.kernels.fused_moe import choose_config, fused_moe  # noqa: E402
 from mxmoe.kernels.inner_product import InnerProduct  # noqa: E402
 from mxmoe.validation import check_fused_experts_args  # noqa: E402
@@ -57,11 +57,6 @@ def gemv(m, n, k, warps, split=1):
                         split_k=split)
 
 
-def mma(n, k, warps, stages, split=1):
-    return DecodeConfig("mma", block_m=16, block_n=n, block_k=k, num_warps=warps,
-                        num_stages=stages, split_k=split)
-
-
 def sweep(pairs_per_expert):
     """(config1, config2) candidates of each variant for this many pairs per expert."""
     out = {}
@@ -75,7 +70,6 @@ def sweep(pairs_per_expert):
         if bm > 1:
             out["gemv1"] = [(gemv(1, 256, 64, 4), gemv(1, 256, 64, 4)),
                             (gemv(1, 128, 64, 4, split=2), gemv(1, 128, 64, 4, split=2))]
-    out["mma"] = [(mma(64, 128, 4, 3), mma(64, 128, 4, 3))]
     return out
 
 
@@ -146,7 +140,6 @@ def gemms_fn(inputs, halves, biases, configs, e, inter):
     b13, b2 = biases
     c1, c2 = configs
     calls = []
-    ptx = use_dequant_ptx(torch.device("cuda"), torch.bfloat16)
     for x, w, ids in inputs:
         num_pairs = ids.numel()
         flat = ids.reshape(-1).contiguous()
@@ -167,7 +160,7 @@ def gemms_fn(inputs, halves, biases, configs, e, inter):
         r = [None if t is None else Ref.of(i, t) for i, t in enumerate(tensors)]
         refs = types.SimpleNamespace(sorted_ids=r[11], expert_ids=r[12],
                                      num_tokens_post_padded=r[13], block_m=c1.block_m)
-        gemm = DecodeGemm(call, refs, max_blocks, r[10], ptx, epilogue_of(call.activation))
+        gemm = DecodeGemm(call, refs, max_blocks, r[10], epilogue_of(call.activation))
         steps = [
             gemm.step(r[0], TOP_K, r[4], r[5], w13h.layout, r[8], r[2], n=2 * inter, k=HIDDEN,
                       gated=s1 == 1, router_weight=0, cfg=c1, splits=s1, k_per_split=p1),

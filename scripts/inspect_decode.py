@@ -26,19 +26,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mxmoe.kernels._decode_gemm import decode_gemv_kernel, decode_mma_kernel  # noqa: E402
+from mxmoe.kernels._decode_gemm import decode_gemv_kernel  # noqa: E402
 from mxmoe.kernels._epilogues import swiglu_oai  # noqa: E402
 
-POINTERS = {"a_ptr": "*bf16", "w_ptr": "*u8", "w_scale_ptr": "*u8", "bias_ptr": "*bf16",
+POINTERS = {"a_ptr": "*bf16", "b_ptr": "*u8", "b_scale_ptr": "*u8", "bias_ptr": "*bf16",
             "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
             "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32"}
-SCALARS = ["N", "K", "num_pairs", "max_blocks", "stride_am", "stride_ak", "stride_we",
-           "stride_wn", "stride_wk", "stride_se", "stride_sn", "stride_sk", "stride_bias_e",
+SCALARS = ["N", "K", "num_pairs", "max_blocks", "stride_am", "stride_ak", "stride_be",
+           "stride_bn", "stride_bk", "stride_se", "stride_sn", "stride_sk", "stride_bias_e",
            "stride_bias_n", "stride_om", "stride_on", "stride_os", "k_per_split"]
 #: Scalars that are 1 at the real shapes (Triton specialises them the same way at launch).
-UNIT = {"stride_ak", "stride_wk", "stride_sk", "stride_bias_n", "stride_on"}
+UNIT = {"stride_ak", "stride_bk", "stride_sk", "stride_bias_n", "stride_on"}
 #: Scalars divisible by 16 at gpt-oss shapes (specialised at launch).
-DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_bias_e", "stride_om",
+DIV16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_bias_e", "stride_om",
          "stride_os", "k_per_split"}
 
 # (name, kernel, constexprs, options)
@@ -61,14 +61,6 @@ VARIANTS = [
     _gemv("", 2, 128, 64, 4, even=True),
     _gemv("", 2, 64, 128, 4),
     _gemv("", 4, 64, 128, 4),
-    ("mma M16 N64 K128 GEMM1 ptx", decode_mma_kernel,
-     dict(A_ROW_DIV=4, GATED=True, INTERLEAVED=True, ACT_FN=swiglu_oai, ROUTER_WEIGHT=0, HAS_BIAS=True, DEQUANT_PTX=True,
-          DOT_DTYPE="bf16", DOT_PRECISION=None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-          SPLIT_K=1), dict(num_warps=4, num_stages=3)),
-    ("mma M16 N64 K128 GEMM2 ptx", decode_mma_kernel,
-     dict(A_ROW_DIV=1, GATED=False, INTERLEAVED=True, ACT_FN=swiglu_oai, ROUTER_WEIGHT=2, HAS_BIAS=True, DEQUANT_PTX=True,
-          DOT_DTYPE="bf16", DOT_PRECISION=None, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
-          SPLIT_K=1), dict(num_warps=4, num_stages=3)),
 ]
 
 
@@ -81,7 +73,7 @@ def compile_variant(kernel, constexprs, options):
 
     signature = dict(POINTERS)
     if kernel is decode_gemv_kernel:
-        signature["w_ptr"] = "*i32"  # the GEMV reads the bytes as int32 words
+        signature["b_ptr"] = "*i32"  # the GEMV reads the bytes as int32 words
     for name in SCALARS:
         signature[name] = "constexpr" if name in UNIT else "i32"
     signature["alpha"] = "fp32"

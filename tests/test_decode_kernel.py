@@ -24,9 +24,8 @@ CONFIGS = {
     "gemv, 1 pair a program": GEMV,
     "gemv, 4 pairs a program, split-K": DecodeConfig("gemv", block_m=4, block_n=64,
                                                       block_k=32, split_k=2, num_stages=1),
-    "mma swap-AB": DecodeConfig("mma", block_m=16, block_n=64, block_k=64, num_stages=1),
-    "mma swap-AB, split-K": DecodeConfig("mma", block_m=16, block_n=32, block_k=32, split_k=3,
-                                         num_stages=1),
+    "gemv, 2 pairs, split 3": DecodeConfig("gemv", block_m=2, block_n=32, block_k=32,
+                                           split_k=3, num_stages=1),
 }
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -61,7 +60,7 @@ def test_layer_matches_reference(name, m, h, i, e, k):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("activation", ["swigluoai", "silu"])
-@pytest.mark.parametrize("name", ["gemv, 4 pairs a program, split-K", "mma swap-AB"])
+@pytest.mark.parametrize("name", ["gemv, 4 pairs a program, split-K", "gemv, 2 pairs, split 3"])
 def test_activations_and_dtypes(name, activation, dtype):
     kw = make_moe(2, 64, 96, 3, 2, dtype=dtype, seed=3)
     out, ref = run_both(kw, CONFIGS[name], activation=activation)
@@ -70,14 +69,14 @@ def test_activations_and_dtypes(name, activation, dtype):
 
 @pytest.mark.parametrize("on_input", [False, True], ids=["weight on output", "weight on input"])
 @pytest.mark.parametrize("bias", [True, False], ids=["biases", "no biases"])
-@pytest.mark.parametrize("name", ["gemv, 1 pair a program", "mma swap-AB, split-K"])
+@pytest.mark.parametrize("name", ["gemv, 1 pair a program", "gemv, 2 pairs, split 3"])
 def test_router_weight_and_biases(name, bias, on_input):
     kw = make_moe(2, 64, 64, 3, 2, dtype=torch.float32, seed=4, bias=bias)
     out, ref = run_both(kw, CONFIGS[name], apply_router_weight_on_input=on_input)
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("name", ["gemv, 4 pairs a program, split-K", "mma swap-AB"])
+@pytest.mark.parametrize("name", ["gemv, 4 pairs a program, split-K", "gemv, 2 pairs, split 3"])
 def test_expert_map_with_remote_experts(name):
     generator = torch.Generator().manual_seed(5)
     kw = make_moe(3, 64, 32, 3, 2, dtype=torch.float32, seed=5, e_global=7)
@@ -95,7 +94,7 @@ def _set_group(weight, expert, row, group, scale, codes):
 
 @pytest.mark.parametrize("scale", [0, 1, 126, 127, 128, 192, 193, 254],
                          ids=lambda s: f"scale byte {s}")
-@pytest.mark.parametrize("name", ["gemv, 1 pair a program", "mma swap-AB"])
+@pytest.mark.parametrize("name", ["gemv, 1 pair a program", "gemv, 2 pairs, split 3"])
 def test_every_scale_range_is_exact(name, scale):
     """One group of w2 with an edge scale byte and every code at once (one nonzero code at the
     largest scales, so that no product overflows): the result equals the reference."""
@@ -116,7 +115,7 @@ def test_every_scale_range_is_exact(name, scale):
 
 
 @pytest.mark.parametrize("gemm", ["w13", "w2"])
-@pytest.mark.parametrize("name", ["gemv, 4 pairs a program, split-K", "mma swap-AB"])
+@pytest.mark.parametrize("name", ["gemv, 4 pairs a program, split-K", "gemv, 2 pairs, split 3"])
 def test_nan_scale_propagates(name, gemm):
     kw = make_moe(2, 64, 64, 2, 2, dtype=torch.float32, seed=7)
     kw[gemm].scales[:, 2, 0] = 255  # every expert, weight row 2, first group
@@ -134,6 +133,8 @@ def test_plain_layout_is_rejected():
         decode_fused_experts(**kw, config1=GEMV)
 
 
-def test_mma_config_needs_16_wide_tiles():
+def test_config_rejects_what_the_gemv_cannot_run():
+    with pytest.raises(ValueError, match="variant"):
+        DecodeConfig("mma", block_m=16)
     with pytest.raises(ValueError, match="block_m"):
-        DecodeConfig("mma", block_m=4)
+        DecodeConfig("gemv", block_m=8)

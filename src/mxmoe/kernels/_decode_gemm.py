@@ -1,18 +1,19 @@
-"""Grouped GEMMs of the fused MoE for the memory-bound regime (decode: few pairs per expert).
+"""The grouped GEMM of the fused MoE for the memory-bound regime (decode: few pairs per expert).
 
-Both kernels read the weights in the GROUP_HALVES layout (`mxmoe.layouts`): in every 32-element
-scale group, byte ``j`` holds element ``j`` (low nibble) and ``j + 16`` (high nibble). A byte
-tile of ``BLOCK_K // 2`` columns therefore decodes into two tiles whose activations are two runs
-of 16 consecutive K elements per group (column ``c`` = group ``c // 16``, element ``c % 16`` of
-the low half or of the high half): no stride-2 gather, no re-interleave.
+`decode_gemv_kernel` reads the weights in the GROUP_HALVES layout (`mxmoe.layouts`): in every
+32-element scale group, byte ``j`` holds element ``j`` (low nibble) and ``j + 16`` (high
+nibble). A byte tile of ``BLOCK_K // 2`` columns therefore decodes into two tiles whose
+activations are two runs of 16 consecutive K elements per group (column ``c`` = group
+``c // 16``, element ``c % 16`` of the low half or of the high half): no stride-2 gather, no
+re-interleave.
 
-- `decode_gemv_kernel`: CUDA cores, fp32 FMA, for 1 to a few pairs per expert. A nibble becomes
-  an fp32 bit pattern worth ``E2M1 * 2**-126`` by shift and mask (the 0.5 code lands as a
-  subnormal), the activations are pre-scaled by ``2**64`` so the products stay normal, and each
-  32-group's partial sum is multiplied once by ``2**62`` and once by its E8M0 scale.
-- `decode_mma_kernel`: tensor cores, swap-AB (``C^T = W X^T``: the decoded weight tile is the
-  dot's left operand, the ``BLOCK_M`` tokens the narrow side), two dots per K step (low and
-  high halves), for a few to a few dozen pairs per expert.
+It runs on CUDA cores, fp32 FMA, for 1 to a few pairs per expert. A nibble becomes an fp32 bit
+pattern worth ``E2M1 * 2**-126`` by shift and mask (the 0.5 code lands as a subnormal), the
+activations are pre-scaled by ``2**64`` so the products stay normal, and each 32-group's
+partial sum is multiplied once by ``2**62`` and once by its E8M0 scale. (A tensor-core swap-AB
+variant, ``C^T = W X^T`` with the decoded tile as the dot's left operand, was measured 1.6-2x
+slower than this GEMV and than the general kernel on the H200 and removed: benchmarks/NOTES.md
+section 14.)
 
 The contract is `moe_gemm_kernel`'s (same arguments, same alignment, same epilogues and split-K
 planes). Grid: ``(max_blocks * SPLIT_K * num_n_tiles,)``; program ``pid`` takes M block
@@ -30,16 +31,10 @@ are fp32 subnormals after the ``2**-62`` offset and keep fewer bits; they are be
 import triton
 import triton.language as tl
 
-from ._moe_gemm import (
-    WEIGHT_AFTER_BIAS,
-    WEIGHT_BEFORE_BIAS,
-    WEIGHT_NONE,
-    _e2m1_to_f32,
-    _e8m0_to_f32,
-    _mxfp4_to_bf16_ptx,
-)
+from ._grouped import _block_rows, _epilogue, _k_range, _tile_rows
+from ._moe_gemm import _e8m0_to_f32
 
-__all__ = ["decode_gemv_kernel", "decode_mma_kernel"]
+__all__ = ["decode_gemv_kernel"]
 
 #: Activations times 2**64 keep the products of the 2**-126-offset weights in the fp32 normals.
 X_PRESCALE = tl.constexpr(18446744073709551616.0)  # 2**64
@@ -49,101 +44,6 @@ GROUP_UNDO = tl.constexpr(4611686018427387904.0)  # 2**62
 
 #: Bits 31 and 24..22 of an int32: 0x81C00000 written as the signed value Triton takes.
 SIGN_AND_MAGNITUDE = tl.constexpr(-0x7E400000)
-
-
-@triton.jit
-def _block_rows(pid, max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
-                num_pairs, A_ROW_DIV: tl.constexpr, SPLIT_K: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """The program's M block: (in use, expert (int64), pair ids, mask, A rows (int64), K slice,
-    N tile). A block is in use when it lies below num_tokens_post_padded and has an expert."""
-    pid_m = pid % max_blocks
-    pid_kn = pid // max_blocks
-    pid_k = pid_kn % SPLIT_K
-    pid_n = pid_kn // SPLIT_K
-    num_post_padded = tl.load(num_post_padded_ptr)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    in_use = (pid_m * BLOCK_M < num_post_padded) & (expert >= 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    # A negative id is out of range as well as one past the end.
-    mask_m = (pair >= 0) & (pair < num_pairs)
-    pair = tl.where(mask_m, pair, 0)
-    # int64: pair * stride passes 2**31 at large M.
-    a_row = (pair // A_ROW_DIV).to(tl.int64)
-    return in_use, expert, pair, mask_m, a_row, pid_k, pid_n
-
-
-@triton.jit
-def _tile_rows(pid_n, N, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The tile's weight rows (int64) and their mask. Gated: BLOCK_N // 2 output columns, each
-    a (gate, up) pair of rows, so that the tile's rows alternate gate, up."""
-    offs_j = tl.arange(0, BLOCK_N)
-    if not GATED:
-        rows = pid_n * BLOCK_N + offs_j
-        mask_n = rows < N
-    else:
-        half = N // 2
-        out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
-        if INTERLEAVED:
-            rows = 2 * out_col + offs_j % 2
-        else:
-            rows = out_col + (offs_j % 2) * half
-        mask_n = out_col < half
-    return rows.to(tl.int64), mask_n
-
-
-@triton.jit
-def _k_range(pid_k, K, k_per_split, SPLIT_K: tl.constexpr):
-    if SPLIT_K == 1:
-        k_begin = 0
-        k_end = K
-    else:
-        k_begin = pid_k * k_per_split
-        k_end = tl.minimum(K, k_begin + k_per_split)
-    return k_begin, k_end
-
-
-@triton.jit
-def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
-              bias_ptr, out_ptr, topk_weights_ptr,
-              stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os, alpha, limit,
-              GATED: tl.constexpr, ACT_FN: tl.constexpr, ROUTER_WEIGHT: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) fp32 -> weight / bias / activation -> the output rows of the
-    pairs (or their split-K plane)."""
-    if ROUTER_WEIGHT != WEIGHT_NONE:
-        routing_weight = tl.load(topk_weights_ptr + pair, mask=mask_m, other=0.0)
-    if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:
-        acc = acc * routing_weight[:, None]
-    if HAS_BIAS:
-        # Only K slice 0 adds the bias (a block mask: a scalar & block mask trips the
-        # interpreter).
-        first_slice = (tl.zeros((BLOCK_N,), tl.int32) + pid_k) == 0
-        bias = tl.load(bias_ptr + expert * stride_bias_e + rows64 * stride_bias_n,
-                       mask=mask_n & first_slice, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    if ROUTER_WEIGHT == WEIGHT_AFTER_BIAS:
-        acc = acc * routing_weight[:, None]
-
-    out_row = pair.to(tl.int64)
-    if not GATED:
-        out_cols = rows64
-        result = acc
-        mask_out = mask_n
-    else:
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        result = ACT_FN(gate, up, alpha, limit)
-        out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
-        mask_out = out_cols < N // 2
-    if SPLIT_K > 1:
-        out_ptr += pid_k.to(tl.int64) * stride_os
-    tl.store(
-        out_ptr + out_row[:, None] * stride_om + out_cols[None, :] * stride_on,
-        result.to(out_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_out[None, :],
-    )
 
 
 @triton.jit
@@ -212,8 +112,8 @@ def _load_words(w_rows, s_rows, k0, k_end, mask_n, offs_w, offs_g, stride_wk, st
 @triton.jit
 def decode_gemv_kernel(
     a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
-    w_ptr,  # (E, N, K // 8) int32: the GROUP_HALVES bytes read as little-endian words
-    w_scale_ptr,  # (E, N, K // 32) uint8 E8M0
+    b_ptr,  # (E, N, K // 8) int32: the GROUP_HALVES bytes read as little-endian words
+    b_scale_ptr,  # (E, N, K // 32) uint8 E8M0
     bias_ptr,  # (E, N) float (unused without HAS_BIAS)
     out_ptr,  # (num_pairs, N_OUT) activation dtype, N_OUT = N // 2 when gated, else N;
     #           with SPLIT_K > 1: (SPLIT_K, num_pairs, N) float32 planes
@@ -226,7 +126,7 @@ def decode_gemv_kernel(
     num_pairs,
     max_blocks,
     stride_am, stride_ak,
-    stride_we, stride_wn, stride_wk,  # in words
+    stride_be, stride_bn, stride_bk,  # in words
     stride_se, stride_sn, stride_sk,
     stride_bias_e, stride_bias_n,
     stride_om, stride_on,
@@ -268,8 +168,8 @@ def decode_gemv_kernel(
     GROUPS: tl.constexpr = BLOCK_K // 32
     offs_w = tl.arange(0, WORDS)  # word column of the step: group w // 4, word w % 4
     offs_g = tl.arange(0, GROUPS)
-    w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn  # (BLOCK_N, 1)
-    s_rows = w_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
+    w_rows = b_ptr + expert * stride_be + rows64[:, None] * stride_bn  # (BLOCK_N, 1)
+    s_rows = b_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
     first_slot = (tl.program_id(0) % max_blocks) * BLOCK_M
 
     acc0 = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
@@ -280,10 +180,10 @@ def decode_gemv_kernel(
     # computed, so a program keeps two steps of weights in flight (plain loads into registers
     # are not pipelined by num_stages).
     words, scale = _load_words(w_rows, s_rows, k_begin, k_end, mask_n, offs_w, offs_g,
-                               stride_wk, stride_sk, EVEN_K)
+                               stride_bk, stride_sk, EVEN_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         words_next, scale_next = _load_words(w_rows, s_rows, k0 + BLOCK_K, k_end, mask_n,
-                                             offs_w, offs_g, stride_wk, stride_sk, EVEN_K)
+                                             offs_w, offs_g, stride_bk, stride_sk, EVEN_K)
         scale_f = _e8m0_to_f32(scale.to(tl.int32))
         acc0 = _gemv_words_row(acc0, words, scale_f, a_ptr, sorted_ids_ptr, first_slot,
                                num_pairs, k0, k_end, offs_w, stride_am, stride_ak, A_ROW_DIV,
@@ -309,90 +209,3 @@ def decode_gemv_kernel(
     _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
               topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
               alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def decode_mma_kernel(
-    a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
-    w_ptr,  # (E, N, K // 2) uint8 MXFP4, GROUP_HALVES layout
-    w_scale_ptr,  # (E, N, K // 32) uint8 E8M0
-    bias_ptr,  # (E, N) float (unused without HAS_BIAS)
-    out_ptr,  # (num_pairs, N_OUT) activation dtype, N_OUT = N // 2 when gated, else N;
-    #           with SPLIT_K > 1: (SPLIT_K, num_pairs, N) float32 planes
-    topk_weights_ptr,  # (num_pairs,) float32
-    sorted_ids_ptr,  # (max_blocks * BLOCK_M,) int32 pair ids, sentinel = num_pairs
-    expert_ids_ptr,  # (max_blocks,) int32 local expert of each block, -1 unused
-    num_post_padded_ptr,  # (1,) int32 rows in use
-    N,  # weight rows (2I for GEMM1, H for GEMM2), a multiple of 32
-    K,  # reduction size (H for GEMM1, I for GEMM2), a multiple of 32
-    num_pairs,
-    max_blocks,
-    stride_am, stride_ak,
-    stride_we, stride_wn, stride_wk,
-    stride_se, stride_sn, stride_sk,
-    stride_bias_e, stride_bias_n,
-    stride_om, stride_on,
-    stride_os,  # between the SPLIT_K planes of the output (unused when SPLIT_K == 1)
-    k_per_split,  # K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
-    alpha,
-    limit,
-    A_ROW_DIV: tl.constexpr,
-    GATED: tl.constexpr,  # GEMM1's gated epilogue: the output has N // 2 columns
-    INTERLEAVED: tl.constexpr,  # gated: gate/up rows interleave (else [gate | up] halves)
-    ACT_FN: tl.constexpr,  # gated: the activation's epilogue (`_epilogues`)
-    ROUTER_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DEQUANT_PTX: tl.constexpr,  # bf16 on NVIDIA sm_80+: `_mxfp4_to_bf16_ptx`, scale folded in
-    DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (exact), None otherwise
-    BLOCK_M: tl.constexpr,  # pairs per program (the alignment's block), >= 16
-    BLOCK_N: tl.constexpr,  # weight rows per program: the dot's M side (64 for wgmma)
-    BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
-    SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
-):
-    """Tensor-core swap-AB GEMM: acc^T (BLOCK_N, BLOCK_M) += W_lo X_lo^T + W_hi X_hi^T.
-
-    Grid: ``(max_blocks * SPLIT_K * cdiv(N_OUT, cols per tile),)`` (see the module)."""
-    in_use, expert, pair, mask_m, a_row, pid_k, pid_n = _block_rows(
-        tl.program_id(0), max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
-        num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
-    if in_use == 0:
-        return
-    rows64, mask_n = _tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N)
-    k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
-
-    GROUPS: tl.constexpr = BLOCK_K // 32
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    offs_c = tl.arange(0, HALF_K)
-    offs_lo = (offs_c // 16) * 32 + offs_c % 16
-    w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn  # (BLOCK_N, 1)
-    s_rows = w_scale_ptr + expert * stride_se + rows64[:, None] * stride_sn
-    a_cols = a_ptr + a_row[None, :] * stride_am  # (1, BLOCK_M)
-
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        mask_c = (k0 // 2 + offs_c) < k_end // 2
-        packed = tl.load(w_rows + (k0 // 2 + offs_c)[None, :] * stride_wk,
-                         mask=mask_n[:, None] & mask_c[None, :], other=0)  # (BLOCK_N, HALF_K)
-        # The scale of each byte column, loaded per column (the 16 columns of a group hit one
-        # byte; L1 serves the repeats).
-        scale = tl.load(s_rows + (k0 // 32 + offs_c // 16)[None, :] * stride_sk,
-                        mask=mask_n[:, None] & mask_c[None, :], other=0)  # (BLOCK_N, HALF_K)
-        mask_x = mask_c[:, None] & mask_m[None, :]
-        x_lo = tl.load(a_cols + (k0 + offs_lo)[:, None] * stride_ak, mask=mask_x, other=0.0)
-        x_hi = tl.load(a_cols + (k0 + offs_lo + 16)[:, None] * stride_ak, mask=mask_x,
-                       other=0.0)  # (HALF_K, BLOCK_M)
-        scale_f = _e8m0_to_f32(scale.to(tl.int32))
-        if DEQUANT_PTX:
-            w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_f.to(tl.bfloat16))
-        else:
-            codes = packed.to(tl.int32)
-            w_lo = (_e2m1_to_f32(codes & 0xF) * scale_f).to(DOT_DTYPE)
-            w_hi = (_e2m1_to_f32(codes >> 4) * scale_f).to(DOT_DTYPE)
-        acc = tl.dot(w_lo, x_lo.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(w_hi, x_hi.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-
-    _epilogue(tl.trans(acc), expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr,
-              out_ptr, topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on,
-              stride_os, alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M,
-              BLOCK_N)

@@ -21,6 +21,9 @@ needs the full sum, so GEMM1 with split-K runs without it and `split_activation_
 import triton
 import triton.language as tl
 
+# The block/rows/K-slice selection and the epilogue (ROUTER_WEIGHT's constants too).
+from ._grouped import _block_rows, _epilogue, _k_range, _tile_rows
+
 # WEIGHT_MODE: the values of `mxmoe.kernels.inner_product.InnerProduct`
 MODE_DEQUANT = tl.constexpr(0)  # MXFP4, dequantized to the dot dtype in registers
 MODE_SCALED = tl.constexpr(1)  # MXFP4, through tl.dot_scaled
@@ -30,10 +33,6 @@ MODE_DENSE = tl.constexpr(2)  # dense weights in the dot dtype
 LAYOUT_PLAIN = tl.constexpr(0)  # byte j = elements 2j (low nibble), 2j+1 (high)
 LAYOUT_GROUP_HALVES = tl.constexpr(1)  # in each 32-group byte j = elements j (low), j+16 (high)
 
-# ROUTER_WEIGHT: where the routing weight multiplies the fp32 accumulator
-WEIGHT_NONE = tl.constexpr(0)
-WEIGHT_BEFORE_BIAS = tl.constexpr(1)  # GEMM1 with apply_router_weight_on_input: (w x) W^T + b
-WEIGHT_AFTER_BIAS = tl.constexpr(2)  # GEMM2 by default: w (a W^T + b)
 
 
 @triton.jit
@@ -112,6 +111,13 @@ def _e8m0_to_f32(scales):
 
 
 @triton.jit
+def _per_byte(group_scales, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """(BLOCK_N, GROUPS) scales -> (BLOCK_N, GROUPS * 16): each over its group's 16 bytes."""
+    return tl.reshape(tl.broadcast_to(group_scales[:, :, None], (BLOCK_N, GROUPS, 16)),
+                      (BLOCK_N, GROUPS * 16))
+
+
+@triton.jit
 def moe_gemm_kernel(
     a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
     b_ptr,  # (E, N, K // 2) uint8 packed MXFP4, or (E, N, K) dense in DOT_DTYPE
@@ -154,40 +160,14 @@ def moe_gemm_kernel(
     BLOCK_K: tl.constexpr,  # a multiple of 32
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % max_blocks
-    pid_kn = pid // max_blocks
-    pid_k = pid_kn % SPLIT_K
-    pid_n = pid_kn // SPLIT_K
-
-    num_post_padded = tl.load(num_post_padded_ptr)
-    if pid_m * BLOCK_M >= num_post_padded:
+    in_use, expert, pair, mask_m, a_row, pid_k, pid_n = _block_rows(
+        tl.program_id(0), max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids_ptr,
+        num_pairs, A_ROW_DIV, SPLIT_K, BLOCK_M)
+    if in_use == 0:
         return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert < 0:
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    mask_m = pair < num_pairs
-    # int64: pair * stride passes 2**31 at large M.
-    a_row = (pair // A_ROW_DIV).to(tl.int64)
-
-    # The tile's weight rows. Gated: BLOCK_N // 2 output columns, each a (gate, up) pair of rows,
-    # arranged so that the accumulator's columns alternate gate, up.
-    offs_j = tl.arange(0, BLOCK_N)
-    if not GATED:
-        rows = pid_n * BLOCK_N + offs_j
-        mask_n = rows < N
-    else:
-        half = N // 2
-        out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
-        if INTERLEAVED:
-            rows = 2 * out_col + offs_j % 2
-        else:
-            rows = out_col + (offs_j % 2) * half
-        mask_n = out_col < half
-    rows64 = rows.to(tl.int64)
+    # The tile's weight rows (gated: alternating gate, up) and the K slice.
+    rows64, mask_n = _tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N)
+    k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
 
     # With SWAP_AB the weights (dequantized in registers) are the left operand, which Hopper's
     # wgmma may take from registers, and the few tokens of a decode step the narrow side.
@@ -199,12 +179,6 @@ def moe_gemm_kernel(
     s_expert_ptr = b_scale_ptr + expert * stride_se
     GROUPS: tl.constexpr = BLOCK_K // 32
 
-    if SPLIT_K == 1:
-        k_begin = 0
-        k_end = K
-    else:
-        k_begin = pid_k * k_per_split
-        k_end = tl.minimum(K, k_begin + k_per_split)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_g = k0 // 32 + tl.arange(0, GROUPS)
         if WEIGHT_MODE == MODE_DENSE:
@@ -265,17 +239,10 @@ def moe_gemm_kernel(
                                     other=0.0).to(DOT_DTYPE)
                     if DEQUANT_PTX:
                         # The conversion yields the low and high nibbles apart: no re-interleave.
-                        scale_b = tl.reshape(
-                            tl.broadcast_to(scale_f.to(tl.bfloat16)[:, :, None],
-                                            (BLOCK_N, GROUPS, 16)),
-                            (BLOCK_N, BLOCK_K // 2),
-                        )
+                        scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
                         w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
                     else:
-                        scale_h = tl.reshape(
-                            tl.broadcast_to(scale_f[:, :, None], (BLOCK_N, GROUPS, 16)),
-                            (BLOCK_N, BLOCK_K // 2),
-                        )
+                        scale_h = _per_byte(scale_f, BLOCK_N, GROUPS)
                         w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
                         w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
                     if SWAP_AB:
@@ -292,11 +259,7 @@ def moe_gemm_kernel(
                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
                     ).to(DOT_DTYPE)
                     if DEQUANT_PTX:
-                        scale_b = tl.reshape(
-                            tl.broadcast_to(scale_f.to(tl.bfloat16)[:, :, None],
-                                            (BLOCK_N, GROUPS, 16)),
-                            (BLOCK_N, BLOCK_K // 2),
-                        )
+                        scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
                         w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
                         w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))
                     else:
@@ -311,37 +274,9 @@ def moe_gemm_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    if ROUTER_WEIGHT != WEIGHT_NONE:
-        routing_weight = tl.load(topk_weights_ptr + pair, mask=mask_m, other=0.0)
-    if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:
-        acc = acc * routing_weight[:, None]
-    if HAS_BIAS:
-        # Only K slice 0 adds the bias (a block mask: a scalar & block mask trips the
-        # interpreter).
-        first_slice = (tl.zeros((BLOCK_N,), tl.int32) + pid_k) == 0
-        bias = tl.load(bias_ptr + expert * stride_bias_e + rows64 * stride_bias_n,
-                       mask=mask_n & first_slice, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    if ROUTER_WEIGHT == WEIGHT_AFTER_BIAS:
-        acc = acc * routing_weight[:, None]
-
-    out_row = pair.to(tl.int64)
-    if not GATED:
-        out_cols = rows64
-        result = acc
-        mask_out = mask_n
-    else:
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        result = ACT_FN(gate, up, alpha, limit)
-        out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
-        mask_out = out_cols < N // 2
-    if SPLIT_K > 1:
-        out_ptr += pid_k.to(tl.int64) * stride_os
-    tl.store(
-        out_ptr + out_row[:, None] * stride_om + out_cols[None, :] * stride_on,
-        result.to(out_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_out[None, :],
-    )
+    _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
+              topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
+              alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

@@ -11,31 +11,30 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import triton.language as tl
 
 from .. import settings
-from ..activations import Activation
 from ..format import MXFP4Tensor
 from ..layouts import GROUP_HALVES
 from ..problem import MoEProblem
-from ._decode_gemm import decode_gemv_kernel, decode_mma_kernel
-from .launch import Launcher, Step, cdiv
+from ._decode_gemm import decode_gemv_kernel
+from .grouped_gemm import GroupedGemm
+from .launch import Launcher, Step
 
 __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "decode_fused_experts",
            "choose_decode_config", "default_decode_config"]
 
-#: "gemv": CUDA-core fp32 FMA (1..4 pairs per expert); "mma": tensor-core swap-AB (16 and up).
-VARIANTS = ("gemv", "mma")
-_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+#: "gemv": CUDA-core fp32 FMA (1..4 pairs per expert), the one variant since the tensor-core
+#: swap-AB one was measured slower (benchmarks/NOTES.md section 14).
+VARIANTS = ("gemv",)
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tiles and launch parameters of one decode GEMM.
 
-    ``block_m`` is the alignment's block (pairs per program): any power of two for "gemv",
-    at least 16 for "mma" (the dot's narrow side). ``split_k`` K slices each run as their own
-    program and write fp32 planes that a follow-up kernel sums in a fixed order.
+    ``block_m`` is the alignment's block (pairs per program): 1, 2 or 4. ``split_k`` K slices
+    each run as their own program and write fp32 planes that a follow-up kernel sums in a
+    fixed order.
     """
 
     variant: str = "gemv"
@@ -60,9 +59,8 @@ class DecodeConfig:
         if self.block_n < 2:
             raise ValueError(f"DecodeConfig.block_n must be at least 2 (a gate/up pair), got "
                              f"{self.block_n}")
-        if self.variant == "mma" and (self.block_m < 16 or self.block_n < 16):
-            raise ValueError(f"DecodeConfig: the mma variant needs block_m and block_n >= 16 "
-                             f"(tl.dot), got {self.block_m} and {self.block_n}")
+        if self.block_m > 4:
+            raise ValueError(f"DecodeConfig.block_m must be 1, 2 or 4, got {self.block_m}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"DecodeConfig.split_k must be a positive int, got {self.split_k!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -110,97 +108,44 @@ def choose_decode_configs(problem: MoEProblem) -> tuple[DecodeConfig, DecodeConf
 
 
 _gemv = Launcher(decode_gemv_kernel)
-_mma = Launcher(decode_mma_kernel)
 
 
-class DecodeGemm:
+class DecodeGemm(GroupedGemm):
     """The decode GEMMs of one plan: `fused_moe._Gemm`'s interface, GROUP_HALVES weights."""
-
-    def __init__(self, call, aligned, max_blocks: int, topk_weights, dequant_ptx: bool, act_fn):
-        self.call = call
-        self.aligned = aligned
-        self.max_blocks = max_blocks
-        self.num_pairs = call.problem.num_pairs
-        self.topk_weights = topk_weights
-        self.dequant_ptx = dequant_ptx
-        self.act_fn = act_fn
 
     def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
              router_weight, cfg, splits=1, k_per_split=None) -> Step:
         """``a`` [A_rows, K] (row of pair p: ``p // a_row_div``); ``blocks`` [E, N, K/2] uint8
-        and ``scales`` [E, N, K/32] of an MXFP4 weight in the GROUP_HALVES ``layout``; ``bias``
-        [E, N] or None; ``out`` [num_pairs, N // 2 if gated else N], or with ``splits`` > 1
-        (ungated) [splits, num_pairs, N] float32 planes that the caller sums. All `Ref`s.
-        ``router_weight``: 0 none, 1 before the bias, 2 after it."""
+        and ``scales`` [E, N, K/32] of an MXFP4 weight in the GROUP_HALVES ``layout``; the rest
+        as `GroupedGemm.contract_arguments`. All `Ref`s. ``router_weight``: 0 none, 1 before
+        the bias, 2 after it."""
         if layout != GROUP_HALVES:
             raise ValueError(f"the decode GEMMs read the {GROUP_HALVES.name!r} layout, got "
                              f"{layout.name!r}")
         if self.aligned.block_m != cfg.block_m:
             raise ValueError(f"the alignment's block_m {self.aligned.block_m} is not the "
                              f"decode config's {cfg.block_m}")
-        if splits > 1 and (gated or out.dim() != 3 or out.shape[0] != splits
-                           or out.dtype != torch.float32):
-            raise ValueError("split-K GEMMs write (splits, pairs, N) float32 planes, ungated")
-        n_out = n // 2 if gated else n
-        cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
-        grid = (self.max_blocks * splits * cdiv(n_out, cols_per_tile),)
-        out_rows = out if out.dim() == 2 else out.plane(0)
-        sa, so = a.stride(), out_rows.stride()
-        sb = bias.stride() if bias is not None else (0, 0)
-        # The GEMV reads the bytes as int32 words (E, N, K/8); the mma kernel as bytes.
-        w = blocks.viewed_as(torch.int32) if cfg.variant == "gemv" else blocks
-        sw, ss = w.stride(), scales.stride()
-        aligned = self.aligned
-        common = dict(
-            a_ptr=a, w_ptr=w, w_scale_ptr=scales, bias_ptr=bias if bias is not None else out,
-            out_ptr=out, topk_weights_ptr=self.topk_weights, sorted_ids_ptr=aligned.sorted_ids,
-            expert_ids_ptr=aligned.expert_ids,
-            num_post_padded_ptr=aligned.num_tokens_post_padded,
-            N=n, K=k, num_pairs=self.num_pairs, max_blocks=self.max_blocks,
-            stride_am=sa[0], stride_ak=sa[1],
-            stride_we=sw[0], stride_wn=sw[1], stride_wk=sw[2],
-            stride_se=ss[0], stride_sn=ss[1], stride_sk=ss[2],
-            stride_bias_e=sb[0], stride_bias_n=sb[1], stride_om=so[0], stride_on=so[1],
-            stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
-            alpha=self.call.alpha, limit=self.call.limit,
-            A_ROW_DIV=a_row_div, GATED=gated, INTERLEAVED=self.call.activation.interleaved,
-            ACT_FN=self.act_fn, ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if cfg.variant == "gemv":
-            per_slice = k_per_split or k
-            return Step(_gemv, grid, dict(
-                common, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0))
-        dot_dtype = a.dtype
-        return Step(_mma, grid, dict(
-            common, DEQUANT_PTX=self.dequant_ptx, DOT_DTYPE=_DOT_DTYPES[dot_dtype],
-            DOT_PRECISION="ieee" if dot_dtype == torch.float32 else None))
+        # The GEMV reads the bytes as int32 words (E, N, K/8).
+        grid, arguments = self.contract_arguments(
+            a, a_row_div, blocks.viewed_as(torch.int32), scales, bias, out, n=n, k=k,
+            gated=gated, router_weight=router_weight, cfg=cfg, splits=splits,
+            k_per_split=k_per_split)
+        per_slice = k_per_split or k
+        return Step(_gemv, grid, dict(
+            arguments, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0))
 
 
-def decode_fused_experts(
-    hidden_states: torch.Tensor,
-    w13: MXFP4Tensor,
-    w2: MXFP4Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    w13_bias: torch.Tensor | None = None,
-    w2_bias: torch.Tensor | None = None,
-    activation: Activation | str = Activation.SWIGLUOAI,
-    alpha: float = 1.702,
-    limit: float = 7.0,
-    expert_map: torch.Tensor | None = None,
-    apply_router_weight_on_input: bool = False,
-    config1: DecodeConfig | None = None,
-    config2: DecodeConfig | None = None,
-) -> torch.Tensor:
+def decode_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *,
+                         config1: DecodeConfig | None = None,
+                         config2: DecodeConfig | None = None, **options) -> torch.Tensor:
     """The whole MoE layer on the decode GEMMs with the given configs: ``[M, H]``.
 
-    Arguments as `mxmoe.fused_experts` (validated there), with ``w13`` and ``w2`` in the
-    GROUP_HALVES layout. ``config1`` / ``config2``: the two GEMMs' configs (one ``block_m``:
-    they share the alignment); defaults from `default_decode_config`.
+    Arguments and ``options`` as `mxmoe.fused_experts`'s (validated as there, with its
+    defaults), with ``w13`` and ``w2`` in the GROUP_HALVES layout. ``config1`` / ``config2``:
+    the two GEMMs' configs (one ``block_m``: they share the alignment); defaults from
+    `default_decode_config`.
     """
+    from ..constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
     from ..validation import check_fused_experts_args
     from .fused_moe import fused_moe
     from .inner_product import InnerProduct
@@ -209,11 +154,10 @@ def decode_fused_experts(
         if not isinstance(w, MXFP4Tensor) or w.layout != GROUP_HALVES:
             raise ValueError(f"decode_fused_experts: {name} must be an MXFP4Tensor in the "
                              f"{GROUP_HALVES.name!r} layout, got {w!r}")
-    call = check_fused_experts_args(
-        hidden_states, w13, w2, topk_weights, topk_ids, w13_bias=w13_bias, w2_bias=w2_bias,
-        activation=activation, alpha=alpha, limit=limit, expert_map=expert_map,
-        apply_router_weight_on_input=apply_router_weight_on_input,
-    )
+    # `fused_experts`' defaults for what is not given.
+    options = {"w13_bias": None, "w2_bias": None, "expert_map": None, "activation": "swigluoai",
+               "alpha": GPT_OSS_SWIGLU_ALPHA, "limit": GPT_OSS_SWIGLU_LIMIT, **options}
+    call = check_fused_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, **options)
     cfg1 = config1 or default_decode_config(call.problem.pairs_per_expert)
     cfg2 = config2 or cfg1
     if cfg1.block_m != cfg2.block_m:

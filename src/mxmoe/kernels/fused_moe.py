@@ -26,6 +26,7 @@ from ._epilogues import epilogue_of
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 from .align import plan_align
 from .decode import DecodeConfig, DecodeGemm, choose_decode_configs
+from .grouped_gemm import GroupedGemm
 from .inner_product import InnerProduct
 from .launch import LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
 
@@ -79,60 +80,31 @@ def _k_slices(k: int, cfg) -> tuple[int, int]:
     return cdiv(k_tiles, per_split), per_split * cfg.block_k
 
 
-class _Gemm:
-    """The general kernel's GEMMs of one plan: the alignment, the inner product, the dtypes."""
+class _Gemm(GroupedGemm):
+    """The general kernel's GEMMs of one plan, with one inner product."""
 
     def __init__(self, call: MoECall, inner: InnerProduct, aligned, max_blocks: int,
                  topk_weights: Ref, dequant_ptx: bool, act_fn):
-        self.call = call
+        super().__init__(call, aligned, max_blocks, topk_weights, act_fn)
         self.inner = inner
-        self.aligned = aligned
-        self.max_blocks = max_blocks
-        self.num_pairs = call.problem.num_pairs
-        self.topk_weights = topk_weights
         self.dot_dtype = _dot_dtype(call.hidden_states.dtype, inner)
         self.dequant_ptx = dequant_ptx
-        self.act_fn = act_fn
 
     def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
              router_weight, cfg, splits=1, k_per_split=None) -> Step:
-        """One grouped GEMM: ``out[pair] = epilogue(a[pair // a_row_div] @ weight[e]^T)``, the
-        weight as ``blocks`` [E, N, K/2] uint8 + ``scales`` [E, N, K/32] in ``layout`` (or, for
-        the dense inner product, ``blocks`` [E, N, K] and ``scales`` unused). All `Ref`s.
-        With ``splits`` > 1, ``out`` is (splits, num_pairs, N) float32 and ``gated`` must be
-        False: the caller sums the planes."""
-        if splits > 1 and (gated or out.dim() != 3 or out.shape[0] != splits):
-            raise ValueError("split-K GEMMs write (splits, pairs, N) float32 planes, ungated")
-        n_out = n // 2 if gated else n
-        cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
-        grid = (self.max_blocks * splits * cdiv(n_out, cols_per_tile),)
-        out_rows = out if out.dim() == 2 else out.plane(0)
-        sa, so = a.stride(), out_rows.stride()
-        sb = bias.stride() if bias is not None else (0, 0)
+        """One grouped GEMM, the weight as ``blocks`` [E, N, K/2] uint8 + ``scales``
+        [E, N, K/32] in ``layout`` (or, for the dense inner product, ``blocks`` [E, N, K] and
+        ``scales`` unused); the rest as `GroupedGemm.contract_arguments`. All `Ref`s."""
+        grid, arguments = self.contract_arguments(
+            a, a_row_div, blocks, scales, bias, out, n=n, k=k, gated=gated,
+            router_weight=router_weight, cfg=cfg, splits=splits, k_per_split=k_per_split)
         halves = self.inner is not InnerProduct.DENSE and layout == GROUP_HALVES
-        sw, ss = blocks.stride(), scales.stride()
         return Step(_gemm, grid, dict(
-            a_ptr=a, b_ptr=blocks, b_scale_ptr=scales,
-            bias_ptr=bias if bias is not None else out,
-            out_ptr=out, topk_weights_ptr=self.topk_weights,
-            sorted_ids_ptr=self.aligned.sorted_ids, expert_ids_ptr=self.aligned.expert_ids,
-            num_post_padded_ptr=self.aligned.num_tokens_post_padded,
-            N=n, K=k, num_pairs=self.num_pairs, max_blocks=self.max_blocks,
-            stride_am=sa[0], stride_ak=sa[1],
-            stride_be=sw[0], stride_bn=sw[1], stride_bk=sw[2],
-            stride_se=ss[0], stride_sn=ss[1], stride_sk=ss[2],
-            stride_bias_e=sb[0], stride_bias_n=sb[1], stride_om=so[0], stride_on=so[1],
-            stride_os=out.stride(0) if splits > 1 else 0, k_per_split=k_per_split or k,
-            alpha=self.call.alpha, limit=self.call.limit,
-            A_ROW_DIV=a_row_div, WEIGHT_MODE=int(self.inner), W_LAYOUT=int(halves),
-            GATED=gated, INTERLEAVED=self.call.activation.interleaved, ACT_FN=self.act_fn,
-            ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None,
+            arguments, WEIGHT_MODE=int(self.inner), W_LAYOUT=int(halves),
             SPLIT_DOT=cfg.split_dot, DEQUANT_PTX=self.dequant_ptx, SWAP_AB=cfg.swap_ab,
             DOT_DTYPE=_DOT_DTYPES[self.dot_dtype],
             DOT_PRECISION="ieee" if self.dot_dtype == torch.float32 else None,
             DOT_FORMAT="fp16" if self.dot_dtype == torch.float16 else "bf16",
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         ))
 
 
@@ -247,7 +219,7 @@ class FusedMoEPlan:
                        and use_dequant_ptx(call.device, _dot_dtype(self.dtype, inner)))
         act_fn = epilogue_of(call.activation)
         if gemm_class is DecodeGemm:
-            gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
+            gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, act_fn)
         else:
             gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
         interpret = settings.current().interpret
