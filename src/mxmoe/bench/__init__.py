@@ -11,6 +11,8 @@
 - `runner`: the loop over models, M and paths; checks each path against the fp32 reference.
 - `report`: the JSON file, the printed tables and the markdown of BENCHMARKS.md.
 - `plot`: the PNG (needs matplotlib, the ``bench`` extra).
+- `e2e`: a whole gpt-oss in transformers, bf16 experts against `use_mxmoe` (``--model-e2e``);
+  `e2e_report`: its JSON layout and table.
 
 Nothing here imports Triton at import time: the backends, `host.BareLaunch` and the peer do,
 when they are first used.

@@ -69,6 +69,24 @@ def add_arguments(parser) -> None:
                         help="do not measure the host cost of eager calls (measured by default "
                              "on a GPU: host µs per call, its launches, the bare cost of as "
                              "many Triton launches)")
+    e2e = parser.add_argument_group(
+        "whole model (--model-e2e)", "a gpt-oss model generating in transformers, bf16 experts "
+        "against use_mxmoe (mxmoe.bench.e2e); also reads --out/--committed, --tag, --dtype and "
+        "--time-limit (default 300 s on a GPU)")
+    e2e.add_argument("--model-e2e", action="store_true",
+                     help="measure a whole model instead of one layer")
+    e2e.add_argument("--e2e-config", choices=["20b", "tiny"], default=None,
+                     help="gpt-oss-20b (default on a GPU) or a 2-layer tiny model (the CPU's)")
+    e2e.add_argument("--e2e-quick", action="store_true",
+                     help="batches 1 and 64, 64 new tokens, prefill 2048 only")
+    e2e.add_argument("--e2e-batches", nargs="+", type=int, default=None,
+                     help="decode batch sizes (default 1 8 64)")
+    e2e.add_argument("--e2e-prompt-tokens", type=int, default=None, help="default 128")
+    e2e.add_argument("--e2e-new-tokens", type=int, default=None, help="default 128")
+    e2e.add_argument("--e2e-prefill-tokens", nargs="+", type=int, default=None,
+                     help="prefill prompt lengths (default 2048 8192)")
+    e2e.add_argument("--e2e-no-compile", action="store_true",
+                     help="skip the static-cache (compiled) decode")
 
 
 def _set_up_interpreter(notes: list[str]) -> None:
@@ -121,6 +139,11 @@ def _paths(requested, device, known, log) -> list[str]:
 
 
 def run(args) -> int:
+    if args.model_e2e:
+        from ..bench import e2e
+        from ._common import environment
+
+        return e2e.run_from_args(args, environment(), DTYPES.get(args.dtype), _out_dir(args))
     if torch.cuda.is_available():
         return _run(args)
     # On the CPU the shapes are tiny, and intra-op threads only wait on each other (on a
@@ -131,6 +154,16 @@ def run(args) -> int:
         return _run(args)
     finally:
         torch.set_num_threads(threads)
+
+
+def _out_dir(args) -> Path:
+    from ..bench import report
+
+    try:
+        return (report.committed_results_dir() if args.committed
+                else args.out or report.default_results_dir())
+    except ValueError as exc:
+        raise SystemExit(f"mxmoe bench: {exc}") from None
 
 
 def _run(args) -> int:
@@ -152,11 +185,7 @@ def _run(args) -> int:
         print(text, flush=True)
 
     device = torch.device("cuda" if cuda else "cpu")
-    try:
-        out_dir = (report.committed_results_dir() if args.committed
-                   else args.out or report.default_results_dir())
-    except ValueError as exc:
-        raise SystemExit(f"mxmoe bench: {exc}") from None
+    out_dir = _out_dir(args)
     env = environment()
     log(report.header_line({"device": env["device"], "versions": env, "git_sha": env["git_sha"],
                             "date": env["date"]}))
