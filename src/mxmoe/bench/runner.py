@@ -40,7 +40,9 @@ BASELINE = "baseline"
 LAYER = "layer"
 LAYER_LABEL = "MXFP4MoE"
 #: Paths that are not mxmoe backend names.
-EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER)
+#: `MXFP4MoE` with its weights converted at load to the decode kernels' layout.
+LAYER_HALVES = "layer@group_halves"
+EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER, LAYER_HALVES)
 
 
 @dataclass
@@ -127,13 +129,14 @@ class MoELayerPath:
 
     label = LAYER_LABEL
 
-    def __init__(self, weights: Weights):
+    def __init__(self, weights: Weights, layout: str = "plain"):
         from ..layer import MXFP4MoE
 
         self.weights = weights
+        self.label = LAYER_LABEL if layout == "plain" else f"{LAYER_LABEL}@{layout}"
         self.module = MXFP4MoE(weights.w13, weights.w2, weights.router_weight,
                                weights.router_bias, weights.w13_bias, weights.w2_bias,
-                               top_k=weights.model.top_k)
+                               top_k=weights.model.top_k).to_layout(layout)
 
     def __call__(self, inputs: Inputs) -> torch.Tensor:
         return self.module(inputs.hidden_states)
@@ -291,7 +294,8 @@ class Runner:
         that need none, or the exception that making it raised."""
         makers = {BASELINE: lambda: DenseBaseline(weights, self.s.dtype),
                   TRITON_KERNELS: lambda: TritonKernelsLayer(weights, self.s.dtype),
-                  LAYER: lambda: MoELayerPath(weights)}
+                  LAYER: lambda: MoELayerPath(weights),
+                  LAYER_HALVES: lambda: MoELayerPath(weights, "group_halves")}
         if path not in makers:
             return None
         if path not in built:
@@ -306,6 +310,9 @@ class Runner:
         if path == BASELINE:
             return made.label if made is not None and not isinstance(made, BaseException) \
                 else "baseline"
+        if path in (LAYER, LAYER_HALVES) and made is not None and not isinstance(
+                made, BaseException):
+            return made.label
         return {LAYER: LAYER_LABEL}.get(path, path)
 
     def _add(self, row: dict) -> None:
@@ -371,7 +378,7 @@ class Runner:
             elif path == TRITON_KERNELS:
                 row["detail"] = made.detail
                 fn = made
-            elif path == LAYER:
+            elif path in (LAYER, LAYER_HALVES):
                 reference = made.reference(inputs[0])
                 row["detail"] = f"router included; {_auto_detail(device)}"
                 if rotations.disjoint_experts:
