@@ -1,9 +1,19 @@
 """`mxmoe quantize`: convert the MoE expert weights of a safetensors checkpoint to MXFP4.
 
-The expert weights (by default gpt-oss's bf16 ``*.mlp.experts.gate_up_proj [E, H, 2I]`` and
-``*.mlp.experts.down_proj [E, I, H]``, stored transposed: the reduction dim K comes before N)
-become ``{name}_blocks`` uint8 ``[..., N, K/32, 16]`` and ``{name}_scales`` uint8
-``[..., N, K/32]``, the HF gpt-oss MXFP4 naming; every other tensor is copied byte for byte.
+Two output formats, the same bytes (`MXFP4Tensor`'s: the even element in the low nibble, E8M0
+scales as uint8) under different names; every other tensor is copied byte for byte:
+
+- ``gpt-oss`` (the default): the expert weights (by default gpt-oss's bf16
+  ``*.mlp.experts.gate_up_proj [E, H, 2I]`` and ``*.mlp.experts.down_proj [E, I, H]``, stored
+  transposed: the reduction dim K comes before N) become ``{name}_blocks`` uint8
+  ``[..., N, K/32, 16]`` and ``{name}_scales`` uint8 ``[..., N, K/32]``, the HF gpt-oss MXFP4
+  naming, with transformers' ``quant_method: mxfp4`` config.
+- ``compressed-tensors``: per-expert Linear weights (by default Qwen3-MoE's and Mixtral's
+  ``*.experts.{j}.{gate_proj,up_proj,down_proj,w1,w3,w2}.weight [N, K]``) become
+  ``{module}.weight_packed`` uint8 ``[N, K/2]`` and ``{module}.weight_scale`` uint8
+  ``[N, K/32]``, llm-compressor's scheme ``MXFP4A16`` in format ``mxfp4-pack-quantized``, with
+  the ``quantization_config`` that vLLM, transformers and llm-compressor read (targets
+  ``Linear``; every Linear left in float listed in ``ignore``, as llm-compressor lists them).
 
 How it stays safe on a large model:
 - streaming: the output files are written by hand (the safetensors format is an 8-byte header
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,13 +42,17 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints.compressed_tensors import quantization_config as ct_quantization_config
 from .constants import BYTES_PER_BLOCK, MXFP4_BLOCK_SIZE
 from .format import ScaleRounding, quantize_mxfp4
 
-__all__ = ["quantize_checkpoint", "GPT_OSS_PATTERN", "QuantizeResult"]
+__all__ = ["quantize_checkpoint", "GPT_OSS_PATTERN", "CT_PATTERN", "OUTPUT_FORMATS",
+           "QuantizeResult"]
 
 #: gpt-oss's bf16 expert weights, stored [E, K, N] (transposed).
 GPT_OSS_PATTERN = r".*\.mlp\.experts\.(gate_up_proj|down_proj)"
+#: Per-expert Linear weights [N, K]: Qwen3-MoE's names and Mixtral's (w1 gate, w3 up, w2 down).
+CT_PATTERN = r".*\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight"
 #: What gpt-oss's own MXFP4 config.json leaves unconverted (transformers' Mxfp4Config).
 GPT_OSS_MODULES_TO_NOT_CONVERT = [
     "model.layers.*.self_attn",
@@ -125,7 +140,69 @@ def read_header(path: Path) -> tuple[list[_Tensor], dict | None]:
     return tensors, metadata
 
 
-def _plan_file(source: Path, regex: re.Pattern, transposed: bool) -> _FilePlan:
+class _OutputFormat:
+    """How one output format names a quantized tensor and what its config.json says."""
+
+    name: str
+    default_pattern: str
+    default_transposed: bool
+    #: What the default pattern's names look like, for the message when nothing matches.
+    hint: str
+
+    def outputs(self, t: _Tensor, n: int, k: int) -> tuple[tuple[str, list[int]], ...]:
+        """(name, shape) of the packed codes, then of the scales, of ``t`` (``[..., N, K]``)."""
+        raise NotImplementedError
+
+    def quantization_config(self, plans: list[_FilePlan], default_pattern: bool) -> dict:
+        raise NotImplementedError
+
+
+class _GptOssFormat(_OutputFormat):
+    name = "gpt-oss"
+    default_pattern = GPT_OSS_PATTERN
+    default_transposed = True
+    hint = ("gpt-oss bf16 names end in .mlp.experts.gate_up_proj / .down_proj; per-expert "
+            "Linear weights (Qwen3-MoE, Mixtral) are written with --format compressed-tensors")
+
+    def outputs(self, t, n, k):
+        lead = t.shape[:-2]
+        return ((f"{t.name}_blocks", [*lead, n, k // MXFP4_BLOCK_SIZE, BYTES_PER_BLOCK]),
+                (f"{t.name}_scales", [*lead, n, k // MXFP4_BLOCK_SIZE]))
+
+    def quantization_config(self, plans, default_pattern):
+        modules = GPT_OSS_MODULES_TO_NOT_CONVERT if default_pattern else \
+            _modules_to_not_convert(plans)
+        return {"quant_method": "mxfp4", "modules_to_not_convert": modules}
+
+
+class _CompressedTensorsFormat(_OutputFormat):
+    name = "compressed-tensors"
+    default_pattern = CT_PATTERN
+    default_transposed = False
+    hint = ("per-expert Linear weights such as model.layers.0.mlp.experts.0.gate_proj.weight "
+            "(Qwen3-MoE) or ...block_sparse_moe.experts.0.w1.weight (Mixtral)")
+
+    def outputs(self, t, n, k):
+        if len(t.shape) != 2 or not t.name.endswith(".weight"):
+            raise ValueError(
+                f"tensor {t.name!r} (shape {t.shape}) matches the expert pattern, but the "
+                f"compressed-tensors format quantizes Linear weights: 2-D tensors named "
+                f"'<module>.weight' (split fused or 3-D expert tensors per expert first, or "
+                f"write --format gpt-oss)")
+        module = t.name[:-len(".weight")]
+        return ((f"{module}.weight_packed", [n, k // 2]),
+                (f"{module}.weight_scale", [n, k // MXFP4_BLOCK_SIZE]))
+
+    def quantization_config(self, plans, default_pattern):
+        return ct_quantization_config(ignore=_float_linear_modules(plans))
+
+
+OUTPUT_FORMATS: dict[str, _OutputFormat] = {f.name: f for f in (_GptOssFormat(),
+                                                                  _CompressedTensorsFormat())}
+
+
+def _plan_file(source: Path, regex: re.Pattern, transposed: bool,
+               output: _OutputFormat) -> _FilePlan:
     tensors, metadata = read_header(source)
     plan = _FilePlan(source, source.name, metadata)
     for t in tensors:
@@ -138,36 +215,45 @@ def _plan_file(source: Path, regex: re.Pattern, transposed: bool) -> _FilePlan:
         if len(t.shape) < 2:
             raise ValueError(f"tensor {t.name!r} has shape {t.shape}, expected [..., N, K] "
                              f"(or [..., K, N] with --transposed)")
-        *lead, n, k = t.shape
+        n, k = t.shape[-2:]
         if transposed:
             n, k = k, n
         if k % MXFP4_BLOCK_SIZE:
             layout = "[..., K, N] (transposed)" if transposed else "[..., N, K]"
             raise ValueError(f"tensor {t.name!r} has shape {t.shape} read as {layout}: K = {k} "
                              f"is not a multiple of {MXFP4_BLOCK_SIZE}")
-        blocks = [*lead, n, k // MXFP4_BLOCK_SIZE, BYTES_PER_BLOCK]
-        scales = [*lead, n, k // MXFP4_BLOCK_SIZE]
-        for kind, shape in (("blocks", blocks), ("scales", scales)):
-            nbytes = 1
-            for d in shape:
-                nbytes *= d
-            plan.entries.append(_Entry(f"{t.name}_{kind}", "U8", shape, nbytes, 1, t, kind))
+        for kind, (name, shape) in zip(("blocks", "scales"), output.outputs(t, n, k)):
+            plan.entries.append(_Entry(name, "U8", shape, math.prod(shape), 1, t, kind))
     # Largest element first keeps every tensor aligned to its element size (header is padded to 8).
     plan.entries.sort(key=lambda e: -e.alignment)
     return plan
+
+
+def _module(name: str) -> str:
+    return name.rsplit(".", 1)[0]
 
 
 def _modules_to_not_convert(plans: list[_FilePlan]) -> list[str]:
     """Parent modules of the copied tensors, layer indices replaced by ``*``, leaving out any
     module that contains a converted tensor (transformers matches these names as prefixes)."""
 
-    def module(name: str) -> str:
-        return re.sub(r"\.\d+(?=\.|$)", ".*", name.rsplit(".", 1)[0])
+    def pattern(name: str) -> str:
+        return re.sub(r"\.\d+(?=\.|$)", ".*", _module(name))
 
     entries = [e for plan in plans for e in plan.entries if "." in e.name]
-    converted = {module(e.source.name) + "." for e in entries if e.kind == "blocks"}
-    copied = {module(e.name) for e in entries if e.kind == "copy"}
+    converted = {pattern(e.source.name) + "." for e in entries if e.kind == "blocks"}
+    copied = {pattern(e.name) for e in entries if e.kind == "copy"}
     return sorted(m for m in copied if not any(c.startswith(m + ".") for c in converted))
+
+
+def _float_linear_modules(plans: list[_FilePlan]) -> list[str]:
+    """The modules whose 2-D float ``.weight`` is copied: the Linears left unquantized (the
+    router, attention, ``lm_head``), as llm-compressor lists them in ``ignore``. Embeddings are
+    not Linears and are left out (compressed-tensors only targets Linears anyway)."""
+    modules = {_module(e.name) for p in plans for e in p.entries
+               if e.kind == "copy" and e.name.endswith(".weight") and len(e.shape) == 2
+               and e.dtype in _FLOAT_DTYPES}
+    return sorted(m for m in modules if not re.search(r"(^|\.)(\w*embed\w*|wte|wpe)$", m))
 
 
 class _Progress:
@@ -331,6 +417,7 @@ def quantize_checkpoint(
     pattern: str | None = None,
     transposed: bool | None = None,
     scale_rounding: ScaleRounding | str = ScaleRounding.FLOOR,
+    output_format: str = "gpt-oss",
     force: bool = False,
     progress: bool = True,
 ) -> QuantizeResult:
@@ -338,10 +425,13 @@ def quantize_checkpoint(
 
     Args:
         pattern: regular expression a tensor name must match in full to be quantized. Default:
-            gpt-oss's ``*.mlp.experts.gate_up_proj`` / ``down_proj``.
+            the output format's: gpt-oss's ``*.mlp.experts.gate_up_proj`` / ``down_proj``, or
+            for compressed-tensors `CT_PATTERN` (per-expert Linear weights).
         transposed: the matched tensors are stored ``[..., K, N]`` (K, the reduction dim, before
-            N), as gpt-oss's are. Default: True for the gpt-oss pattern, False for a pattern.
+            N), as gpt-oss's are. Default: True for the gpt-oss pattern, False otherwise.
         scale_rounding: ``"floor"`` (OCP) or ``"ceil"`` (triton_kernels), see `quantize_mxfp4`.
+        output_format: ``"gpt-oss"`` (HF gpt-oss MXFP4 names) or ``"compressed-tensors"``
+            (llm-compressor's MXFP4A16, ``mxfp4-pack-quantized``); see the module docstring.
         force: replace a non-empty ``out_dir``.
 
     Raises:
@@ -351,9 +441,15 @@ def quantize_checkpoint(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     src, dst = _check_dirs(in_dir, out_dir, force)
     rounding = ScaleRounding(scale_rounding)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got "
+                         f"{output_format!r}")
+    output = OUTPUT_FORMATS[output_format]
     default = pattern is None
-    regex = re.compile(GPT_OSS_PATTERN if default else pattern)
-    transposed = default if transposed is None else bool(transposed)
+    regex = re.compile(output.default_pattern if default else pattern)
+    if transposed is None:
+        transposed = output.default_transposed and default
+    transposed = bool(transposed)
 
     config = None
     if (src / CONFIG_FILE).is_file():
@@ -363,11 +459,10 @@ def quantize_checkpoint(
                              f"({config['quantization_config'].get('quant_method')!r}): "
                              f"expected a bf16 checkpoint")
     files, index = _input_files(src)
-    plans = [_plan_file(f, regex, transposed) for f in files]
+    plans = [_plan_file(f, regex, transposed, output) for f in files]
     converted = [e.source.name for p in plans for e in p.entries if e.kind == "blocks"]
     if not converted:
-        hint = " (gpt-oss bf16 names end in .mlp.experts.gate_up_proj / .down_proj)" if default \
-            else ""
+        hint = f" ({output.hint})" if default else ""
         raise ValueError(f"no tensor in {in_dir} matches the expert pattern "
                          f"{regex.pattern!r}{hint}")
 
@@ -392,9 +487,7 @@ def quantize_checkpoint(
                          "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(new_index, indent=2) + "\n")
         if config is not None:
-            modules = GPT_OSS_MODULES_TO_NOT_CONVERT if default else _modules_to_not_convert(plans)
-            config["quantization_config"] = {"quant_method": "mxfp4",
-                                              "modules_to_not_convert": modules}
+            config["quantization_config"] = output.quantization_config(plans, default)
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         written = {p.source.name for p in plans} | {INDEX_FILE, CONFIG_FILE}
         for item in sorted(src.iterdir()):

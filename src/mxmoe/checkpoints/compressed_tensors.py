@@ -28,9 +28,14 @@ from .device import resolve_device
 from .families import MoEFamily, family_of
 from .files import SafetensorsCheckpoint
 
-__all__ = ["FORMAT", "CTMoESpec", "check_quantization_config", "read_ct_spec", "load_ct_moe"]
+__all__ = ["FORMAT", "WEIGHT_ARGS", "CTMoESpec", "check_quantization_config",
+           "quantization_config", "read_ct_spec", "load_ct_moe"]
 
 FORMAT = "mxfp4-pack-quantized"
+#: A config group's ``weights`` in scheme MXFP4A16: 4-bit E2M1 in groups of 32, uint8 (E8M0)
+#: scales. What a reader checks; a writer adds compressed-tensors' other fields.
+WEIGHT_ARGS = {"num_bits": 4, "type": "float", "group_size": 32, "strategy": "group",
+               "symmetric": True}
 #: (MoE prefix, (gate, up, down) projection names), tried in this order.
 NAMINGS = (
     ("model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -62,8 +67,7 @@ def check_quantization_config(qc: dict, where: str) -> None:
     for name in mx_groups:
         g = groups[name]
         w = g.get("weights") or {}
-        want = {"num_bits": 4, "type": "float", "group_size": 32, "strategy": "group",
-                "symmetric": True}
+        want = WEIGHT_ARGS
         bad = {k: w.get(k) for k, v in want.items() if w.get(k) != v}
         if bad:
             raise ValueError(f"{where}: config group {name!r} has weights {bad}, expected "
@@ -76,6 +80,28 @@ def check_quantization_config(qc: dict, where: str) -> None:
                 f"({act.get('num_bits')}-bit {act.get('type')}, scheme MXFP4 or MXFP4xFP8): "
                 f"mxmoe runs MXFP4 weights with bf16/fp16/fp32 activations (MXFP4A16)"
             )
+
+
+def quantization_config(ignore: list[str]) -> dict:
+    """config.json's ``quantization_config`` for a checkpoint whose Linears are MXFP4A16
+    except the modules in ``ignore``: what compressed-tensors 0.20 writes for llm-compressor's
+    scheme (targets ``Linear``, ``ignore`` naming each float Linear), so that vLLM,
+    transformers' ``CompressedTensorsConfig`` and llm-compressor read it."""
+    weights = {**WEIGHT_ARGS, "dynamic": False, "scale_dtype": "torch.uint8"}
+    group = {"format": FORMAT, "targets": ["Linear"], "weights": weights,
+             "input_activations": None, "output_activations": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": group},
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "moe_sparsity_config": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
 
 
 @dataclass
