@@ -88,6 +88,30 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"mxmoe {mxmoe.__version__}"
 
 
+def test_help_and_version_import_no_torch():
+    # `mxmoe --help` took ~3 s when it imported torch; it and every subcommand's --help now
+    # import only argparse and mxmoe's CLI modules.
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from mxmoe.cli import main
+for argv in (["--help"], ["--version"], *([c, "--help"] for c in
+             ("info", "check", "bench", "tune", "quantize"))):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        assert exc.code == 0, argv
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "triton", "transformers",
+                                                           "numpy", "safetensors"})
+print("heavy:", heavy, file=sys.stderr)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.strip().splitlines()[-1] == "heavy: []"
+    assert "--format {gpt-oss,compressed-tensors}" in out.stdout  # quantize's help ran
+
+
 def test_check_help_states_the_tolerance_policy(capsys):
     with pytest.raises(SystemExit):
         main(["check", "--help"])

@@ -14,6 +14,7 @@ import torch
 from torch.library import opcheck
 
 import mxmoe
+import mxmoe.ops  # noqa: F401  (registers torch.ops.mxmoe.*, which these tests call directly)
 from mxmoe.reference import fused_experts_reference
 
 from helpers import make_moe, rel_err

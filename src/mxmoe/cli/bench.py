@@ -21,9 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: --dtype choices -> torch dtype names (torch is imported by `run`, not for --help).
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def add_arguments(parser) -> None:
@@ -139,11 +138,14 @@ def _paths(requested, device, known, log) -> list[str]:
 
 
 def run(args) -> int:
+    import torch
+
     if args.model_e2e:
         from ..bench import e2e
         from ._common import environment
 
-        return e2e.run_from_args(args, environment(), DTYPES.get(args.dtype), _out_dir(args))
+        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        return e2e.run_from_args(args, environment(), dtype, _out_dir(args))
     if torch.cuda.is_available():
         return _run(args)
     # On the CPU the shapes are tiny, and intra-op threads only wait on each other (on a
@@ -167,6 +169,8 @@ def _out_dir(args) -> Path:
 
 
 def _run(args) -> int:
+    import torch
+
     cuda = torch.cuda.is_available()
     notes: list[str] = []
     if not cuda:
@@ -190,7 +194,8 @@ def _run(args) -> int:
     log(report.header_line({"device": env["device"], "versions": env, "git_sha": env["git_sha"],
                             "date": env["date"]}))
 
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else \
+        (torch.bfloat16 if cuda else torch.float32)
     try:
         models = [problems.MODELS[name] for name in (args.models or [])]
         models += [problems.custom_model(*shape) for shape in (args.custom or [])]

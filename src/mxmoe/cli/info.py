@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ._common import environment, header
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--reprobe", action="store_true",
@@ -12,6 +10,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ..backends import backend_statuses, get_backend, probe, reprobe
+    from ._common import environment, header
 
     if args.reprobe:
         reprobe()

@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..tune import DEFAULT_TOKENS, MODEL_ALIASES, MODELS, TUNABLE_BACKENDS
+from ..tune_shapes import DEFAULT_TOKENS, MODEL_ALIASES, MODELS, TUNABLE_BACKENDS
 
 
 def _shape(text: str):
-    from ..tune import parse_shape
+    from ..tune_shapes import parse_shape
 
     try:
         return parse_shape(text)
