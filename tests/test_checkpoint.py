@@ -278,6 +278,15 @@ def test_dense_checkpoint_points_to_quantize(tmp_path):
         mxmoe.MXFP4MoE.from_gpt_oss(tmp_path, 0, top_k=1)
 
 
+def test_cuda_device_without_cuda_is_said_in_mxmoe_words(tmp_path, monkeypatch):
+    # torch's own error is a bare "AssertionError: Torch not compiled with CUDA enabled".
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path, _ = _write(tmp_path)
+    for load in (mxmoe.MXFP4MoE.from_pretrained, mxmoe.MXFP4MoE.from_gpt_oss):
+        with pytest.raises(ValueError, match=r"device='cuda'.*pass device='cpu'"):
+            load(path, 0, device="cuda")
+
+
 def test_missing_path_and_missing_shard(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         mxmoe.MXFP4MoE.from_gpt_oss(tmp_path / "nope", 0)

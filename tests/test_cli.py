@@ -112,6 +112,20 @@ print("heavy:", heavy, file=sys.stderr)
     assert "--format {gpt-oss,compressed-tensors}" in out.stdout  # quantize's help ran
 
 
+@pytest.mark.interpreter
+def test_check_passes_every_triton_backend_under_the_interpreter(capsys, monkeypatch):
+    # `TRITON_INTERPRET=1 mxmoe check` once failed triton_scaled at the fp32 tolerance; one
+    # case here keeps it to seconds (`mxmoe check` runs three).
+    from mxmoe.cli import check
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(check, "_CPU_CASES", check._CPU_CASES[:1])
+    out = run_cli(capsys, "check")
+    rows = [line.split() for line in out.splitlines() if line.startswith("triton_")]
+    assert sorted({row[0] for row in rows}) == ["triton_dequant", "triton_scaled"]
+    assert all(row[-1] == "PASS" for row in rows) and "all passed" in out
+
+
 def test_check_help_states_the_tolerance_policy(capsys):
     with pytest.raises(SystemExit):
         main(["check", "--help"])

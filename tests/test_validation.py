@@ -397,3 +397,18 @@ def test_layer_accepts_what_it_should():
     assert layer(torch.randn(2, 5, H)).shape == (2, 5, H)
     assert layer(torch.randn(H)).shape == (H,)
     assert layer(torch.randn(0, H)).shape == (0, H)
+
+
+@pytest.mark.parametrize("entry", ["fused_experts", "MXFP4MoE"])
+def test_a_transposed_w13_is_named_as_w13_not_w2(entry):
+    # gpt-oss's export stores gate_up_proj [E, H, 2I]; quantized as it stands, w2 [E, H, I] is
+    # the one that matches: the message must still point at w13. (H != 2I, else the two
+    # layouts have one shape.)
+    p = make_moe(M, 64, 64, E, K)
+    p["w13"] = quantize_mxfp4(p["w13"].dequantize().transpose(1, 2).contiguous())
+    fragment = "w13 must be [E, 2I, H] = (4, 128, 64) to match w2 (4, 64, 64), got (4, 64, 128)"
+    with pytest.raises(ValueError, match=re.escape(fragment) + ".*looks transposed"):
+        if entry == "fused_experts":
+            fused_experts(**{**p, "backend": "torch"})
+        else:
+            MXFP4MoE(p["w13"], p["w2"], torch.zeros(E, 64), top_k=K, backend="torch")
