@@ -269,6 +269,20 @@ def test_absent_layer_says_which_layers_exist(tmp_path):
     with pytest.raises(ValueError, match=r"layer 7: no MXFP4 MoE tensors.*layers with MXFP4 "
                                          r"experts here: 0\.\.1"):
         mxmoe.MXFP4MoE.from_gpt_oss(path, 7)
+    # The same through format detection (once an AttributeError there).
+    with pytest.raises(ValueError, match=r"layer 7: no MXFP4 MoE tensors.*here: 0\.\.1"):
+        mxmoe.MXFP4MoE.from_pretrained(path, 7)
+
+
+def test_format_can_be_named_and_is_checked(tmp_path):
+    path, moes = _write(tmp_path)
+    layer = mxmoe.MXFP4MoE.from_pretrained(path, 1, format="gpt-oss", dtype=torch.float32)
+    assert torch.equal(layer.w13.dequantize(), moes[1].w13)
+    with pytest.raises(ValueError, match=r"format must be one of \['gpt-oss', "
+                                         r"'compressed-tensors'\] or None"):
+        mxmoe.MXFP4MoE.from_pretrained(path, 1, format="mxfp4")
+    with pytest.raises(ValueError, match="is not .mxfp4-pack-quantized."):
+        mxmoe.MXFP4MoE.from_pretrained(path, 1, format="compressed-tensors")
 
 
 def test_dense_checkpoint_points_to_quantize(tmp_path):

@@ -211,6 +211,15 @@ def test_a_dense_qwen3_layer_is_named(ckpt, tmp_path):
         mxmoe.MXFP4MoE.from_pretrained(path, 1)
 
 
+def test_the_gpt_oss_reader_refuses_it_and_the_activation_is_the_familys(ckpt):
+    with pytest.raises(ValueError, match="no MXFP4 MoE tensors"):
+        mxmoe.MXFP4MoE.from_gpt_oss(ckpt.path, 0)
+    with pytest.raises(ValueError, match="experts are silu with \\[gate \\| up\\] rows, not "
+                                         "swigluoai"):
+        mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 0, activation="swigluoai")
+    assert mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 0, activation="silu").top_k == C.TOP_K
+
+
 def test_cuda_device_without_cuda_is_said_in_mxmoe_words(ckpt, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"device='cuda'.*pass device='cpu'"):

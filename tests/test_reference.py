@@ -331,3 +331,17 @@ def test_expert_map_values_are_checked():
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match=re.escape("activation must be one of")):
         fused_experts(**make_moe(4, 64, 32, 4, 2), activation="gelu", backend="torch")
+
+
+def test_reference_keywords_are_fused_experts_own_with_its_defaults():
+    import inspect
+
+    from mxmoe.reference import FUSED_EXPERTS_OPTIONS, fused_experts_reference
+
+    keywords = {name: p.default for name, p in inspect.signature(fused_experts).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "backend"}
+    keywords["activation"] = Activation.parse(keywords["activation"])
+    assert FUSED_EXPERTS_OPTIONS == keywords
+    kwargs = make_moe(3, 64, 32, 4, 2)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bias'\]"):
+        fused_experts_reference(**kwargs, bias=None)

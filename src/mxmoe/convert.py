@@ -39,6 +39,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -140,6 +141,35 @@ def read_header(path: Path) -> tuple[list[_Tensor], dict | None]:
     return tensors, metadata
 
 
+def _gpt_oss_outputs(t: _Tensor, n: int, k: int):
+    lead = t.shape[:-2]
+    return ((f"{t.name}_blocks", [*lead, n, k // MXFP4_BLOCK_SIZE, BYTES_PER_BLOCK]),
+            (f"{t.name}_scales", [*lead, n, k // MXFP4_BLOCK_SIZE]))
+
+
+def _gpt_oss_config(plans: list[_FilePlan], default_pattern: bool) -> dict:
+    modules = GPT_OSS_MODULES_TO_NOT_CONVERT if default_pattern else \
+        _modules_to_not_convert(plans)
+    return {"quant_method": "mxfp4", "modules_to_not_convert": modules}
+
+
+def _ct_outputs(t: _Tensor, n: int, k: int):
+    if len(t.shape) != 2 or not t.name.endswith(".weight"):
+        raise ValueError(
+            f"tensor {t.name!r} (shape {t.shape}) matches the expert pattern, but the "
+            f"compressed-tensors format quantizes Linear weights: 2-D tensors named "
+            f"'<module>.weight' (split fused or 3-D expert tensors per expert first, or "
+            f"write --format gpt-oss)")
+    module = t.name[:-len(".weight")]
+    return ((f"{module}.weight_packed", [n, k // 2]),
+            (f"{module}.weight_scale", [n, k // MXFP4_BLOCK_SIZE]))
+
+
+def _ct_config(plans: list[_FilePlan], default_pattern: bool) -> dict:
+    return ct_quantization_config(ignore=_float_linear_modules(plans))
+
+
+@dataclass(frozen=True)
 class _OutputFormat:
     """How one output format names a quantized tensor and what its config.json says."""
 
@@ -148,57 +178,22 @@ class _OutputFormat:
     default_transposed: bool
     #: What the default pattern's names look like, for the message when nothing matches.
     hint: str
-
-    def outputs(self, t: _Tensor, n: int, k: int) -> tuple[tuple[str, list[int]], ...]:
-        """(name, shape) of the packed codes, then of the scales, of ``t`` (``[..., N, K]``)."""
-        raise NotImplementedError
-
-    def quantization_config(self, plans: list[_FilePlan], default_pattern: bool) -> dict:
-        raise NotImplementedError
+    #: (tensor, N, K) -> ((name, shape) of the packed codes, (name, shape) of the scales).
+    outputs: Callable[[_Tensor, int, int], tuple]
+    #: (plans, default pattern used) -> config.json's quantization_config.
+    quantization_config: Callable[[list[_FilePlan], bool], dict]
 
 
-class _GptOssFormat(_OutputFormat):
-    name = "gpt-oss"
-    default_pattern = GPT_OSS_PATTERN
-    default_transposed = True
-    hint = ("gpt-oss bf16 names end in .mlp.experts.gate_up_proj / .down_proj; per-expert "
-            "Linear weights (Qwen3-MoE, Mixtral) are written with --format compressed-tensors")
-
-    def outputs(self, t, n, k):
-        lead = t.shape[:-2]
-        return ((f"{t.name}_blocks", [*lead, n, k // MXFP4_BLOCK_SIZE, BYTES_PER_BLOCK]),
-                (f"{t.name}_scales", [*lead, n, k // MXFP4_BLOCK_SIZE]))
-
-    def quantization_config(self, plans, default_pattern):
-        modules = GPT_OSS_MODULES_TO_NOT_CONVERT if default_pattern else \
-            _modules_to_not_convert(plans)
-        return {"quant_method": "mxfp4", "modules_to_not_convert": modules}
-
-
-class _CompressedTensorsFormat(_OutputFormat):
-    name = "compressed-tensors"
-    default_pattern = CT_PATTERN
-    default_transposed = False
-    hint = ("per-expert Linear weights such as model.layers.0.mlp.experts.0.gate_proj.weight "
-            "(Qwen3-MoE) or ...block_sparse_moe.experts.0.w1.weight (Mixtral)")
-
-    def outputs(self, t, n, k):
-        if len(t.shape) != 2 or not t.name.endswith(".weight"):
-            raise ValueError(
-                f"tensor {t.name!r} (shape {t.shape}) matches the expert pattern, but the "
-                f"compressed-tensors format quantizes Linear weights: 2-D tensors named "
-                f"'<module>.weight' (split fused or 3-D expert tensors per expert first, or "
-                f"write --format gpt-oss)")
-        module = t.name[:-len(".weight")]
-        return ((f"{module}.weight_packed", [n, k // 2]),
-                (f"{module}.weight_scale", [n, k // MXFP4_BLOCK_SIZE]))
-
-    def quantization_config(self, plans, default_pattern):
-        return ct_quantization_config(ignore=_float_linear_modules(plans))
-
-
-OUTPUT_FORMATS: dict[str, _OutputFormat] = {f.name: f for f in (_GptOssFormat(),
-                                                                  _CompressedTensorsFormat())}
+OUTPUT_FORMATS: dict[str, _OutputFormat] = {f.name: f for f in (
+    _OutputFormat("gpt-oss", GPT_OSS_PATTERN, True,
+                  "gpt-oss bf16 names end in .mlp.experts.gate_up_proj / .down_proj; per-expert "
+                  "Linear weights (Qwen3-MoE, Mixtral) are written with --format "
+                  "compressed-tensors", _gpt_oss_outputs, _gpt_oss_config),
+    _OutputFormat("compressed-tensors", CT_PATTERN, False,
+                  "per-expert Linear weights such as model.layers.0.mlp.experts.0.gate_proj."
+                  "weight (Qwen3-MoE) or ...block_sparse_moe.experts.0.w1.weight (Mixtral)",
+                  _ct_outputs, _ct_config),
+)}
 
 
 def _plan_file(source: Path, regex: re.Pattern, transposed: bool,

@@ -83,10 +83,10 @@ def w13_row_ranges(intermediate: int, inter: range, activation) -> list[range]:
 class ParallelLayout:
     """This rank's place in the ``ep_world x tp_world`` mesh. The default is one process."""
 
-    ep_rank: int = 0
-    ep_world: int = 1
-    tp_rank: int = 0
-    tp_world: int = 1
+    ep_rank: int = 0  # which experts: this rank's index in its expert-parallel group ...
+    ep_world: int = 1  # ... of this many ranks
+    tp_rank: int = 0  # which slice of I: its index in its tensor-parallel group ...
+    tp_world: int = 1  # ... of this many ranks
 
     def __post_init__(self):
         _check_rank(self.ep_world, self.ep_rank)

@@ -144,14 +144,12 @@ class MXFP4MoE(nn.Module):
         w13_bias: torch.Tensor | None = None,
         w2_bias: torch.Tensor | None = None,
         *,
-        top_k: int,
-        activation: Activation | str = Activation.SWIGLUOAI,
-        alpha: float = GPT_OSS_SWIGLU_ALPHA,
-        limit: float = GPT_OSS_SWIGLU_LIMIT,
         scale_rounding: ScaleRounding | str = ScaleRounding.FLOOR,
-        **kwargs,
+        **options,
     ) -> "MXFP4MoE":
-        """Quantize dense expert weights ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` to MXFP4."""
+        """Quantize dense expert weights ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` to MXFP4
+        (``scale_rounding``: see `quantize_mxfp4`); ``options`` are the constructor's keywords
+        (``top_k`` required; activation, alpha, limit, renormalize, backend, ...)."""
         return cls(
             quantize_mxfp4(w13, scale_rounding=scale_rounding),
             quantize_mxfp4(w2, scale_rounding=scale_rounding),
@@ -159,11 +157,7 @@ class MXFP4MoE(nn.Module):
             router_bias,
             w13_bias,
             w2_bias,
-            top_k=top_k,
-            activation=activation,
-            alpha=alpha,
-            limit=limit,
-            **kwargs,
+            **options,
         )
 
     def shard(self, ep_group=None, tp_group=None) -> "MXFP4MoE":
@@ -276,45 +270,6 @@ class MXFP4MoE(nn.Module):
         )
 
     @classmethod
-    def from_gpt_oss(
-        cls,
-        path,
-        layer: int,
-        *,
-        top_k: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.bfloat16,
-        backend: str = "auto",
-        ep_group=None,
-        tp_group=None,
-        activation: Activation | str = Activation.SWIGLUOAI,
-    ) -> "MXFP4MoE":
-        """Read layer ``layer``'s MoE from a gpt-oss safetensors checkpoint (lazily, only its
-        tensors), in the HF transformers or the original OpenAI naming, detected automatically.
-
-        Args:
-            path: a checkpoint directory (``model.safetensors`` or sharded through
-                ``model.safetensors.index.json``) or one ``.safetensors`` file. ``config.json``
-                beside it gives ``top_k`` and the swiglu limit when present.
-            top_k: experts per token; required when config.json does not give it.
-            device: where the weights go; MXFP4 bytes are moved as uint8, never widened.
-            dtype: of the router and the biases.
-            ep_group / tp_group: read only this rank's experts / slice of I (see
-                `mxmoe.distributed`); the partial outputs are summed over the groups.
-            activation: the layout of the w13 rows (gpt-oss: ``"swigluoai"``, interleaved).
-
-        Raises:
-            ValueError: a missing tensor, a shape or dtype that does not fit (naming the tensor
-                and both shapes), no top_k, or a group larger than the layer can be split over.
-        """
-        from .checkpoint import layer_from_gpt_oss
-
-        return layer_from_gpt_oss(
-            cls, path, layer, top_k=top_k, device=device, dtype=dtype, backend=backend,
-            ep_group=ep_group, tp_group=tp_group, activation=activation,
-        )
-
-    @classmethod
     def from_pretrained(
         cls,
         path,
@@ -326,6 +281,8 @@ class MXFP4MoE(nn.Module):
         backend: str = "auto",
         ep_group=None,
         tp_group=None,
+        format: str | None = None,
+        activation: Activation | str | None = None,
     ) -> "MXFP4MoE":
         """Read layer ``layer``'s MoE from an MXFP4 safetensors checkpoint of any format mxmoe
         knows, detected from config.json and the tensor names (`mxmoe.checkpoints`): gpt-oss
@@ -335,14 +292,42 @@ class MXFP4MoE(nn.Module):
         packed bytes are the file's, never requantized; only this layer's tensors (and with
         ``ep_group``/``tp_group`` only this rank's part) are read.
 
+        Args:
+            path: a checkpoint directory (``model.safetensors`` or sharded through
+                ``model.safetensors.index.json``) or one ``.safetensors`` file, with
+                ``config.json`` beside it (top_k, family, swiglu limit, quantization_config).
+            top_k: experts per token; required when config.json does not give it.
+            device: where the weights go; MXFP4 bytes are moved as uint8, never widened.
+            dtype: of the router and the biases.
+            backend: the layer's backend (see `mxmoe.backends`).
+            ep_group / tp_group: read only this rank's experts / slice of I (see
+                `mxmoe.distributed`); the partial outputs are summed over the groups.
+            format: ``"gpt-oss"`` or ``"compressed-tensors"`` to insist on one; None detects.
+            activation: the layout of the w13 rows when the format's own is not meant: a
+                gpt-oss-named checkpoint of a silu model (``mxmoe quantize --pattern``) is
+                ``"silu"``. None: the format's (gpt-oss ``"swigluoai"``, interleaved rows).
+
         Raises:
             ValueError: an unsupported format, family or scheme (NVFP4, MXFP4 activations), a
-                missing tensor, a shape or dtype that does not fit (naming the tensor), no
-                top_k, or a CUDA device this torch cannot use.
+                missing tensor, a shape or dtype that does not fit (naming the tensor and both
+                shapes), no top_k, a group larger than the layer can be split over, or a CUDA
+                device this torch cannot use.
         """
-        from .checkpoints import layer_from_pretrained
+        from .checkpoints import read_pretrained
 
-        return layer_from_pretrained(
-            cls, path, layer, top_k=top_k, device=device, dtype=dtype, backend=backend,
-            ep_group=ep_group, tp_group=tp_group,
-        )
+        moe = read_pretrained(path, layer, format=format, activation=activation, top_k=top_k,
+                              device=device, dtype=dtype, ep_group=ep_group, tp_group=tp_group)
+        return cls(**moe.layer_arguments(), backend=backend, ep_group=ep_group,
+                   tp_group=tp_group)
+
+    @classmethod
+    def from_gpt_oss(cls, path, layer: int, *,
+                     activation: Activation | str = Activation.SWIGLUOAI,
+                     **options) -> "MXFP4MoE":
+        """`from_pretrained` restricted to gpt-oss's format (HF transformers or original OpenAI
+        names, detected): ``options`` are its keywords (top_k, device, dtype, backend, ep_group,
+        tp_group); ``activation`` is the layout of the w13 rows (gpt-oss: ``"swigluoai"``,
+        interleaved). A checkpoint of another format is refused, naming what was looked for.
+        """
+        return cls.from_pretrained(path, layer, format="gpt-oss", activation=activation,
+                                   **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..problem import MoECall
-from ..reference import fused_experts_reference
+from ..reference import reference_experts
 from .base import Backend
 
 
@@ -15,18 +15,4 @@ class TorchBackend(Backend):
     keeps_weights_packed = True  # dequantizes one expert at a time, keeps nothing
 
     def run(self, call: MoECall) -> torch.Tensor:
-        out = fused_experts_reference(
-            call.hidden_states,
-            call.w13,
-            call.w2,
-            call.topk_weights,
-            call.topk_ids,
-            w13_bias=call.w13_bias,
-            w2_bias=call.w2_bias,
-            activation=call.activation,
-            alpha=call.alpha,
-            limit=call.limit,
-            expert_map=call.expert_map,
-            apply_router_weight_on_input=call.apply_router_weight_on_input,
-        )
-        return out.to(call.hidden_states.dtype)
+        return reference_experts(call).to(call.hidden_states.dtype)

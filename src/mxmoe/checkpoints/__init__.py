@@ -8,8 +8,10 @@ slice, in whichever MXFP4 format wrote it.
 | compressed-tensors ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16; Qwen3-MoE, Mixtral) | ``quant_method: compressed-tensors`` | `compressed_tensors` |
 
 AMD Quark checkpoints (``quant_method: quark``) are recognised and refused with a message:
-their reader is not written yet. `detect_format` says which applies; `layer_from_pretrained`
-builds the layer (``MXFP4MoE.from_pretrained``).
+their reader is not written yet. `detect_format` says which applies; `read_pretrained` reads
+one layer's MoE for this rank (`PretrainedMoE`, the arguments ``MXFP4MoE.from_pretrained``
+builds the layer from): each format gives a spec (names and sizes, checked from the headers
+and config.json, nothing read) and a ``read_layer`` of this rank's part.
 """
 
 from __future__ import annotations
@@ -18,19 +20,28 @@ from pathlib import Path
 
 import torch
 
+from ..activations import Activation
+
+from . import compressed_tensors, gpt_oss
 from .device import resolve_device
 from .files import SafetensorsCheckpoint
 from .gpt_oss import (CONFIG_KEYS, NAMINGS, GptOssCheckpoint, GptOssMoEWeights,
-                      layer_from_gpt_oss, load_gpt_oss_moe, read_spec)
+                      load_gpt_oss_moe, read_spec)
+from .pretrained import PretrainedMoE
+from .ranks import rank_part
 
 __all__ = [
     "SafetensorsCheckpoint", "GptOssCheckpoint", "GptOssMoEWeights", "load_gpt_oss_moe",
-    "layer_from_gpt_oss", "layer_from_pretrained", "detect_format", "FORMATS",
-    "NAMINGS", "CONFIG_KEYS", "read_spec",
+    "read_pretrained", "PretrainedMoE", "detect_format", "FORMATS", "NAMINGS", "CONFIG_KEYS",
+    "read_spec",
 ]
 
-#: What `detect_format` returns.
-FORMATS = ("gpt-oss", "compressed-tensors")
+#: What `detect_format` returns -> (the format's spec reader, its layer reader).
+_READERS = {
+    "gpt-oss": (gpt_oss.read_spec, gpt_oss.read_layer),
+    "compressed-tensors": (compressed_tensors.read_ct_spec, compressed_tensors.read_layer),
+}
+FORMATS = tuple(_READERS)
 
 
 def detect_format(ckpt: SafetensorsCheckpoint, layer: int) -> str:
@@ -56,55 +67,32 @@ def detect_format(ckpt: SafetensorsCheckpoint, layer: int) -> str:
         )
     # gpt-oss's own MXFP4 (or no config at all): its names decide, with a message that lists
     # what was looked for when they are absent.
-    GptOssCheckpoint.detect_naming(ckpt, layer)
+    gpt_oss.detect_naming(ckpt, layer)
     return "gpt-oss"
 
 
-def layer_from_pretrained(
-    cls,
+def read_pretrained(
     path: str | Path,
     layer: int,
     *,
+    format: str | None = None,
+    activation: Activation | str | None = None,
     top_k: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.bfloat16,
-    backend: str = "auto",
     ep_group=None,
     tp_group=None,
-):
-    """`MXFP4MoE.from_pretrained`: detect the format and family, read this rank's part."""
+) -> PretrainedMoE:
+    """One layer's MoE as this rank holds it (`MXFP4MoE.from_pretrained`'s arguments, but
+    ``backend``): the format detected (or ``format``), its spec checked, this rank's part of the
+    experts (``ep_group``) and of I (``tp_group``) read, and nothing else."""
     resolve_device(device)
+    if format is not None and format not in _READERS:
+        raise ValueError(f"format must be one of {list(_READERS)} or None (detected), got "
+                         f"{format!r}")
     with SafetensorsCheckpoint(path) as ckpt:
-        fmt = detect_format(ckpt, layer)
-    if fmt == "gpt-oss":
-        return layer_from_gpt_oss(cls, path, layer, top_k=top_k, device=device, dtype=dtype,
-                                  backend=backend, ep_group=ep_group, tp_group=tp_group)
-    from .compressed_tensors import load_ct_moe, read_ct_spec
-    from .ranks import check_top_k, rank_part
-
-    with SafetensorsCheckpoint(path) as ckpt:
-        spec = read_ct_spec(ckpt, layer)
-        family = spec.family
-        top_k = check_top_k(top_k if top_k is not None else family.top_k, spec.num_experts,
-                            source=f"{ckpt.path} has no config.json with "
-                                   f"{family.key('top_k')!r}",
-                            hint=f"{family.name}'s config.json gives num_experts_per_tok")
+        read_spec_of, read_layer = _READERS[format or detect_format(ckpt, layer)]
+        spec = read_spec_of(ckpt, layer)
         part = rank_part(spec.num_experts, spec.intermediate, ep_group, tp_group)
-        weights = load_ct_moe(ckpt, spec, part.experts, part.intermediate, device=device,
-                              dtype=dtype)
-    expert_map = part.expert_map
-    if expert_map is not None:
-        expert_map = expert_map.to(weights.w13.device)
-    return cls(
-        weights.w13,
-        weights.w2,
-        weights.router_weight,
-        weights.router_bias,
-        top_k=top_k,
-        activation=family.activation,
-        renormalize=family.renormalize,
-        backend=backend,
-        expert_map=expert_map,
-        ep_group=ep_group,
-        tp_group=tp_group,
-    )
+        return read_layer(ckpt, spec, part, top_k=top_k, activation=activation, device=device,
+                          dtype=dtype)

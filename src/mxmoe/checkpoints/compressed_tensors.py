@@ -27,9 +27,11 @@ from ..format import MXFP4Tensor
 from .device import resolve_device
 from .families import MoEFamily, family_of
 from .files import SafetensorsCheckpoint
+from .pretrained import PretrainedMoE
+from .ranks import RankPart, check_top_k
 
 __all__ = ["FORMAT", "WEIGHT_ARGS", "CTMoESpec", "check_quantization_config",
-           "quantization_config", "read_ct_spec", "load_ct_moe"]
+           "quantization_config", "read_ct_spec", "load_ct_moe", "read_layer"]
 
 FORMAT = "mxfp4-pack-quantized"
 #: A config group's ``weights`` in scheme MXFP4A16: 4-bit E2M1 in groups of 32, uint8 (E8M0)
@@ -269,3 +271,23 @@ def load_ct_moe(ckpt: SafetensorsCheckpoint, spec: CTMoESpec, experts: range | N
         router_bias = read(spec.router_bias).to(device).to(dtype)
     return CTMoEWeights(w13, w2, read(spec.router).to(device).to(dtype), router_bias, spec,
                         experts, inter)
+
+
+def read_layer(ckpt: SafetensorsCheckpoint, spec: CTMoESpec, part: RankPart, *,
+               top_k: int | None = None, activation: Activation | str | None = None,
+               device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> PretrainedMoE:
+    """This rank's ``part`` of the layer ``spec`` describes, for `MXFP4MoE.from_pretrained`:
+    router and activation as the family's (``activation`` may only repeat it)."""
+    family = spec.family
+    if activation is not None and Activation.parse(activation) is not family.activation:
+        raise ValueError(f"{ckpt.path}: a {family.name} checkpoint's experts are "
+                         f"{family.activation.value} with [gate | up] rows, not "
+                         f"{Activation.parse(activation).value}")
+    top_k = check_top_k(top_k if top_k is not None else family.top_k, spec.num_experts,
+                        source=f"{ckpt.path} has no config.json with {family.key('top_k')!r}",
+                        hint=f"{family.name}'s config.json gives num_experts_per_tok")
+    w = load_ct_moe(ckpt, spec, part.experts, part.intermediate, device=device, dtype=dtype)
+    return PretrainedMoE(w.w13, w.w2, w.router_weight, w.router_bias, None, None, top_k=top_k,
+                         activation=family.activation, renormalize=family.renormalize,
+                         expert_map=part.expert_map_on(w.w13.device))

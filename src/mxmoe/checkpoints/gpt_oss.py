@@ -29,9 +29,11 @@ from ..distributed import w13_row_ranges
 from ..format import MXFP4Tensor
 from .device import resolve_device
 from .files import SafetensorsCheckpoint
-from .ranks import check_top_k, rank_part
+from .pretrained import PretrainedMoE
+from .ranks import RankPart, check_top_k
 
-__all__ = ["GptOssCheckpoint", "GptOssMoEWeights", "load_gpt_oss_moe", "layer_from_gpt_oss"]
+__all__ = ["GptOssCheckpoint", "GptOssMoEWeights", "detect_naming", "read_spec",
+           "load_gpt_oss_moe", "read_layer"]
 
 #: role -> tensor name, per naming.
 NAMINGS: dict[str, dict[str, str]] = {
@@ -70,38 +72,45 @@ CONFIG_KEYS = {
 _FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
+def detect_naming(ckpt: SafetensorsCheckpoint, layer: int) -> str:
+    """``"transformers"`` or ``"openai"``: whose names ``ckpt`` uses for ``layer``; ValueError
+    saying what was looked for (and which layers it has, or that it is dense) otherwise."""
+    for naming, names in NAMINGS.items():
+        if names["w13_blocks"].format(i=layer) in ckpt:
+            return naming
+    tried = [names["w13_blocks"].format(i=layer) for names in NAMINGS.values()]
+    hint = ""
+    dense = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+    if dense in ckpt:
+        hint = (f"; it holds the dense {dense!r}: convert it with `mxmoe quantize`, or build "
+                f"the layer with MXFP4MoE.from_dense")
+    else:
+        layers = _layers_present(ckpt)
+        if layers:
+            hint = f"; layers with MXFP4 experts here: {layers[0]}..{layers[-1]}"
+    raise ValueError(
+        f"layer {layer}: no MXFP4 MoE tensors in {ckpt.path} (looked for {tried}){hint}"
+    )
+
+
+def _layers_present(ckpt: SafetensorsCheckpoint) -> list[int]:
+    found = set()
+    for names in NAMINGS.values():
+        prefix, suffix = names["w13_blocks"].split("{i}")
+        for name in ckpt.names():
+            if name.startswith(prefix) and name.endswith(suffix):
+                middle = name[len(prefix):len(name) - len(suffix)]
+                if middle.isdigit():
+                    found.add(int(middle))
+    return sorted(found)
+
+
 class GptOssCheckpoint(SafetensorsCheckpoint):
     """A safetensors checkpoint (see `SafetensorsCheckpoint`) read as gpt-oss's."""
 
     def detect_naming(self, layer: int) -> str:
         """``"transformers"`` or ``"openai"``: whose names this checkpoint uses for ``layer``."""
-        for naming, names in NAMINGS.items():
-            if names["w13_blocks"].format(i=layer) in self:
-                return naming
-        tried = [names["w13_blocks"].format(i=layer) for names in NAMINGS.values()]
-        hint = ""
-        dense = f"model.layers.{layer}.mlp.experts.gate_up_proj"
-        if dense in self:
-            hint = (f"; it holds the dense {dense!r}: convert it with `mxmoe quantize`, or build "
-                    f"the layer with MXFP4MoE.from_dense")
-        else:
-            layers = self._layers_present()
-            if layers:
-                hint = f"; layers with MXFP4 experts here: {layers[0]}..{layers[-1]}"
-        raise ValueError(
-            f"layer {layer}: no MXFP4 MoE tensors in {self.path} (looked for {tried}){hint}"
-        )
-
-    def _layers_present(self) -> list[int]:
-        found = set()
-        for naming, names in NAMINGS.items():
-            prefix, suffix = names["w13_blocks"].split("{i}")
-            for name in self._file_of:
-                if name.startswith(prefix) and name.endswith(suffix):
-                    middle = name[len(prefix):len(name) - len(suffix)]
-                    if middle.isdigit():
-                        found.add(int(middle))
-        return sorted(found)
+        return detect_naming(self, layer)
 
 
 @dataclass
@@ -139,11 +148,11 @@ class GptOssMoEWeights:
     activation: Activation
 
 
-def read_spec(ckpt: GptOssCheckpoint, layer: int) -> GptOssMoESpec:
+def read_spec(ckpt: SafetensorsCheckpoint, layer: int) -> GptOssMoESpec:
     """Find the layer's tensors, check every shape and dtype against the others and config.json."""
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"layer must be a non-negative int, got {layer!r}")
-    naming = ckpt.detect_naming(layer)
+    naming = detect_naming(ckpt, layer)
     names = {role: pattern.format(i=layer) for role, pattern in NAMINGS[naming].items()}
     missing = [name for name in names.values() if name not in ckpt]
     if missing:
@@ -196,17 +205,9 @@ def read_spec(ckpt: GptOssCheckpoint, layer: int) -> GptOssMoESpec:
     top_k = config.get(keys["top_k"])
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
         raise ValueError(f"config.json {keys['top_k']} must be an int, got {top_k!r}")
-    return GptOssMoESpec(
-        layer=layer,
-        naming=naming,
-        names=names,
-        num_experts=num_experts,
-        hidden=hidden,
-        intermediate=inter,
-        top_k=top_k,
-        alpha=float(config.get(keys["alpha"], GPT_OSS_SWIGLU_ALPHA)),
-        limit=float(config.get(keys["limit"], GPT_OSS_SWIGLU_LIMIT)),
-    )
+    return GptOssMoESpec(layer, naming, names, num_experts, hidden, inter, top_k,
+                         alpha=float(config.get(keys["alpha"], GPT_OSS_SWIGLU_ALPHA)),
+                         limit=float(config.get(keys["limit"], GPT_OSS_SWIGLU_LIMIT)))
 
 
 def load_gpt_oss_moe(
@@ -293,48 +294,17 @@ def _load(ckpt, spec, experts, intermediate, keep_w2_bias, activation, device, d
     )
 
 
-def layer_from_gpt_oss(
-    cls,
-    path: str | Path,
-    layer: int,
-    *,
-    top_k: int | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    backend: str = "auto",
-    ep_group=None,
-    tp_group=None,
-    activation: Activation | str = Activation.SWIGLUOAI,
-):
-    """`MXFP4MoE.from_gpt_oss`: read this rank's part of the layer and build ``cls`` from it."""
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
-    with GptOssCheckpoint(path) as ckpt:
-        spec = read_spec(ckpt, layer)
-        top_k = top_k if top_k is not None else spec.top_k
-        top_k = check_top_k(
-            top_k, spec.num_experts, hint="gpt-oss uses 4",
-            source=f"{ckpt.path} has no config.json with "
-                   f"{CONFIG_KEYS[spec.naming]['top_k']!r}")
-        part = rank_part(spec.num_experts, spec.intermediate, ep_group, tp_group)
-        weights = _load(ckpt, spec, part.experts, part.intermediate, part.keep_w2_bias,
-                        activation, device, dtype)
-    expert_map = part.expert_map
-    if expert_map is not None:
-        expert_map = expert_map.to(weights.w13.device)
-    return cls(
-        weights.w13,
-        weights.w2,
-        weights.router_weight,
-        weights.router_bias,
-        weights.w13_bias,
-        weights.w2_bias,
-        top_k=top_k,
-        activation=weights.activation,
-        alpha=spec.alpha,
-        limit=spec.limit,
-        backend=backend,
-        expert_map=expert_map,
-        ep_group=ep_group,
-        tp_group=tp_group,
-    )
+def read_layer(ckpt: SafetensorsCheckpoint, spec: GptOssMoESpec, part: RankPart, *,
+               top_k: int | None = None, activation: Activation | str | None = None,
+               device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> PretrainedMoE:
+    """This rank's ``part`` of the layer ``spec`` describes, for `MXFP4MoE.from_pretrained`
+    (``activation``: the w13 rows' layout, gpt-oss's ``"swigluoai"`` unless given)."""
+    top_k = check_top_k(
+        top_k if top_k is not None else spec.top_k, spec.num_experts, hint="gpt-oss uses 4",
+        source=f"{ckpt.path} has no config.json with {CONFIG_KEYS[spec.naming]['top_k']!r}")
+    w = _load(ckpt, spec, part.experts, part.intermediate, part.keep_w2_bias,
+              activation or Activation.SWIGLUOAI, device, dtype)
+    return PretrainedMoE(w.w13, w.w2, w.router_weight, w.router_bias, w.w13_bias, w.w2_bias,
+                         top_k=top_k, activation=w.activation, alpha=spec.alpha,
+                         limit=spec.limit, expert_map=part.expert_map_on(w.w13.device))

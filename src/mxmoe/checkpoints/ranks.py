@@ -23,6 +23,9 @@ class RankPart:
     expert_map: torch.Tensor | None
     keep_w2_bias: bool
 
+    def expert_map_on(self, device: torch.device) -> torch.Tensor | None:
+        return None if self.expert_map is None else self.expert_map.to(device)
+
 
 def _group_position(group, what: str) -> tuple[int, int]:
     """(rank, world) of this process in ``group``; ValueError when it is not a member."""

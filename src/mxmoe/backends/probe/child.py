@@ -58,7 +58,7 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> dict:
     """Run backend ``name`` on the probe problem (both activations) here; the child's payload."""
     from ...activations import Activation
-    from ...reference import fused_experts_reference
+    from ...reference import reference_experts
     from .. import get_backend
 
     backend = get_backend(name)
@@ -76,10 +76,7 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> dict:
             return {"ok": False, "max_rel_err": None, "reason": (
                 f"{activation.value}: output is {tuple(out.shape)} {out.dtype}, expected "
                 f"{expected_shape} {dtype}")}
-        ref = fused_experts_reference(
-            args.hidden_states, args.w13, args.w2, args.topk_weights, args.topk_ids,
-            w13_bias=args.w13_bias, w2_bias=args.w2_bias, activation=activation,
-        )
+        ref = reference_experts(args)
         err = _relative_error(out, ref)
         if not math.isfinite(err):
             return {"ok": False, "max_rel_err": None,
