@@ -24,7 +24,7 @@ _EXPORTS = {
     "dequantize_mxfp4": ".format",
     "fused_experts": ".api",
     "quantize_mxfp4": ".format",
-    "route": ".routing",
+    "route": ".router",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,7 @@ from .layouts import Layout, get_layout
 from .api import fused_experts
 from .ops import fused_experts_op
 from .problem import OP_ARG_NAMES
-from .routing import route
+from .router import route
 from .validation import check_layer_args, check_layer_input
 
 __all__ = ["MXFP4MoE"]

@@ -1,9 +1,11 @@
-"""Routing: router logits -> top-k experts, and the alignment of (token, slot) pairs by expert.
+"""Routing in pure torch: router logits -> top-k experts, and the alignment of (token, slot)
+pairs by expert: the contracts the kernels implement.
 
-`route` is the public router. `align_by_expert` is the device-side pure-torch alignment (no host
-synchronisation, static output sizes, so a forward that uses it can be captured in a CUDA graph);
-`align_by_expert_reference` is the plain loop it is tested against. The Triton kernels use the
-same output contract (see `Alignment`).
+`route_torch` is the router's math (the public router, `mxmoe.route`, validates its arguments
+and dispatches to it or to the Triton router: `mxmoe.router`). `align_by_expert` is the
+device-side pure-torch alignment (no host synchronisation, static output sizes, so a forward
+that uses it can be captured in a CUDA graph); `align_by_expert_reference` is the plain loop it
+is tested against. The Triton kernels use the same output contract (see `Alignment`).
 """
 
 from __future__ import annotations
@@ -12,48 +14,20 @@ from dataclasses import dataclass
 
 import torch
 
-from . import settings
+__all__ = ["route_torch", "Alignment", "align_by_expert", "align_by_expert_reference",
+           "max_aligned_blocks"]
 
-__all__ = ["route", "Alignment", "align_by_expert", "align_by_expert_reference", "max_aligned_blocks"]
 
-
-def route(
-    router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True
+def route_torch(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick each token's experts.
+    """The router in pure torch, on arguments `mxmoe.route` validated: what it computes
+    everywhere but in eager CUDA calls (there the fused Triton router computes the same).
 
-    Args:
-        router_logits: ``[M, E]`` float.
-        top_k: experts per token, ``1 <= top_k <= E``.
-        renormalize: softmax over the top-k logits (gpt-oss; equal to dividing the chosen
-            probabilities by their sum). ``False`` keeps the probabilities of the softmax over
-            all E.
-
-    Returns:
-        ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight first.
+    Returns ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight
+    first: softmax over the top-k logits with ``renormalize`` (equal to dividing the chosen
+    probabilities by their sum), else the probabilities of the softmax over all E.
     """
-    if not torch.compiler.is_compiling() and type(router_logits) is torch.Tensor:
-        # Eager: the signature's plan (validated when made).
-        key = (router_logits.shape, router_logits.stride(), router_logits.dtype,
-               router_logits.device, router_logits.data_ptr() & 15, type(top_k), top_k,
-               type(renormalize), renormalize, settings.generation())
-        try:
-            plan = _ROUTE_PLANS.get(key)
-        except TypeError:  # an unhashable argument: validation says what is wrong with it
-            plan = None
-        if plan is None:
-            plan = _route_plan(router_logits, top_k, renormalize)
-            if len(_ROUTE_PLANS) >= 256:
-                _ROUTE_PLANS.clear()
-            _ROUTE_PLANS[key] = plan
-        return plan(router_logits)
-    from .validation import check_route_args
-
-    check_route_args(router_logits, top_k, renormalize)
-    return _route_torch(router_logits, top_k, renormalize)
-
-
-def _route_torch(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     logits = router_logits.to(torch.float32)
     # Rank by the logits, not by softmax probabilities: probabilities far below the top one
     # underflow to equal zeros and would be ranked arbitrarily.
@@ -63,38 +37,6 @@ def _route_torch(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     else:
         weights = torch.softmax(logits, dim=-1).gather(-1, ids)
     return weights, ids.to(torch.int32)
-
-
-#: Eager routers by signature (logits metadata, top_k, renormalize, switches' generation).
-_ROUTE_PLANS: dict = {}
-
-
-def _route_plan(router_logits: torch.Tensor, top_k: int, renormalize: bool):
-    """The router of one signature, its arguments checked: the fused Triton router's plan, or
-    the torch one."""
-    from .validation import check_route_args
-
-    check_route_args(router_logits, top_k, renormalize)
-    if _use_triton_router(router_logits):
-        from .kernels.route import RoutePlan
-
-        return RoutePlan(router_logits, top_k, renormalize)
-    return lambda logits: _route_torch(logits, top_k, renormalize)
-
-
-#: Above this many experts the fused router would hold too wide a row in registers.
-_TRITON_ROUTER_MAX_EXPERTS = 1024
-
-
-def _use_triton_router(router_logits: torch.Tensor) -> bool:
-
-    # Under torch.compile the torch path is traced (inductor fuses it); the Triton router is for
-    # eager and CUDA-graph decode steps.
-    if torch.compiler.is_compiling() or not router_logits.is_cuda:
-        return False
-    switches = settings.current()
-    return (not switches.interpret and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
-            and not switches.torch_router)
 
 
 @dataclass

@@ -136,7 +136,7 @@ def random_moe(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k
     routed ids then include remote experts). ``activation`` is recorded, not used: the weights
     are random, so either w13 row layout (interleaved or halves) fits them.
     """
-    from .routing import route
+    from .router import route
 
     device = torch.device(device)
     e_global = num_global_experts or num_experts

@@ -22,7 +22,7 @@ import torch
 from ..api import fused_experts
 from ..testing import poison_, relative_error
 from ..reference import fused_experts_reference
-from ..routing import route
+from ..router import route
 from . import report
 from .baseline import DenseBaseline
 from .ceilings import Ceilings

@@ -19,10 +19,13 @@ PROBE_SHAPE = (5, 64, 96, 3, 2)
 
 
 def _probe_args(activation, device: torch.device, dtype: torch.dtype):
-    """The tiny problem's `MoECall`, the same every run (seeded), with biases."""
+    """The tiny problem's `MoECall`, the same every run (seeded), with biases. Built here, not
+    through `fused_experts`' validation (a layer above the backends): its shapes are fixed."""
+    from ...activations import Activation
+    from ...constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
     from ...format import quantize_mxfp4
-    from ...routing import route
-    from ...validation import check_fused_experts_args
+    from ...problem import MoECall
+    from ...routing import route_torch
 
     m, h, i, e, k = PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
@@ -32,18 +35,15 @@ def _probe_args(activation, device: torch.device, dtype: torch.dtype):
 
     w13 = quantize_mxfp4(randn(e, 2 * i, h, scale=h**-0.5)).to(device)
     w2 = quantize_mxfp4(randn(e, h, i, scale=i**-0.5)).to(device)
-    weights, ids = route(randn(m, e), k)
-    kwargs = dict(
-        hidden_states=randn(m, h).to(dtype).to(device),
-        w13=w13,
-        w2=w2,
-        topk_weights=weights.to(device),
-        topk_ids=ids.to(device),
-        w13_bias=randn(e, 2 * i, scale=0.1).to(dtype).to(device),
-        w2_bias=randn(e, h, scale=0.1).to(dtype).to(device),
-    )
-    return check_fused_experts_args(
-        **kwargs, activation=activation, alpha=1.702, limit=7.0, expert_map=None
+    weights, ids = route_torch(randn(m, e), k)
+    x = randn(m, h).to(dtype).to(device)
+    return MoECall(
+        hidden_states=x, w13=w13, w2=w2, topk_weights=weights.to(device),
+        topk_ids=ids.to(device), w13_bias=randn(e, 2 * i, scale=0.1).to(dtype).to(device),
+        w2_bias=randn(e, h, scale=0.1).to(dtype).to(device), expert_map=None,
+        alpha=GPT_OSS_SWIGLU_ALPHA, limit=GPT_OSS_SWIGLU_LIMIT,
+        apply_router_weight_on_input=False, backend="auto",
+        problem=MoECall.sizes(x, w13, ids, None, Activation.parse(activation)),
     )
 
 

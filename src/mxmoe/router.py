@@ -1,0 +1,73 @@
+"""`mxmoe.route`, the public router: its arguments validated, then the fused Triton router
+(eager CUDA) or the pure-torch one (`mxmoe.routing.route_torch`, everywhere else). An eager
+call reuses the plan of its signature, validated when made."""
+
+from __future__ import annotations
+
+import torch
+
+from . import settings
+from .routing import route_torch
+from .validation import check_route_args
+
+__all__ = ["route"]
+
+#: Above this many experts the fused router would hold too wide a row in registers.
+_TRITON_ROUTER_MAX_EXPERTS = 1024
+#: Eager routers by signature (logits metadata, top_k, renormalize, switches' generation).
+_ROUTE_PLANS: dict = {}
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's experts.
+
+    Args:
+        router_logits: ``[M, E]`` float.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        renormalize: softmax over the top-k logits (gpt-oss; equal to dividing the chosen
+            probabilities by their sum). ``False`` keeps the probabilities of the softmax over
+            all E.
+
+    Returns:
+        ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight first.
+    """
+    if not torch.compiler.is_compiling() and type(router_logits) is torch.Tensor:
+        # Eager: the signature's plan (validated when made).
+        key = (router_logits.shape, router_logits.stride(), router_logits.dtype,
+               router_logits.device, router_logits.data_ptr() & 15, type(top_k), top_k,
+               type(renormalize), renormalize, settings.generation())
+        try:
+            plan = _ROUTE_PLANS.get(key)
+        except TypeError:  # an unhashable argument: validation says what is wrong with it
+            plan = None
+        if plan is None:
+            plan = _route_plan(router_logits, top_k, renormalize)
+            if len(_ROUTE_PLANS) >= 256:
+                _ROUTE_PLANS.clear()
+            _ROUTE_PLANS[key] = plan
+        return plan(router_logits)
+    check_route_args(router_logits, top_k, renormalize)
+    return route_torch(router_logits, top_k, renormalize)
+
+
+def _route_plan(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """The router of one signature, its arguments checked: the fused Triton router's plan, or
+    the torch one."""
+    check_route_args(router_logits, top_k, renormalize)
+    if _use_triton_router(router_logits):
+        from .kernels.route import RoutePlan
+
+        return RoutePlan(router_logits, top_k, renormalize)
+    return lambda logits: route_torch(logits, top_k, renormalize)
+
+
+def _use_triton_router(router_logits: torch.Tensor) -> bool:
+    # Under torch.compile the torch path is traced (inductor fuses it); the Triton router is for
+    # eager and CUDA-graph decode steps.
+    if torch.compiler.is_compiling() or not router_logits.is_cuda:
+        return False
+    switches = settings.current()
+    return (not switches.interpret and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
+            and not switches.torch_router)
