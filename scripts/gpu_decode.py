@@ -34,7 +34,8 @@ import types  # noqa: E402
 
 from mxmoe.kernels.align import align  # noqa: E402
 from mxmoe.kernels.launch import LaunchPlan, Ref  # noqa: E402
-from mxmoe.kernels.decode import DecodeConfig, DecodeGemm, decode_fused_experts  # noqa: E402
+from mxmoe.kernels.decode import DecodeConfig, DecodeGemm  # noqa: E402
+from mxmoe.testing import decode_fused_experts  # noqa: E402
 from mxmoe.kernels.fused_moe import _k_slices as k_slices  # noqa: E402
 from mxmoe.kernels.fused_moe import choose_config, fused_moe  # noqa: E402
 from mxmoe.kernels.inner_product import InnerProduct  # noqa: E402

@@ -14,7 +14,8 @@ import torch
 
 from mxmoe.activations import Activation
 from helpers import make_moe, random_expert_map, rel_err
-from mxmoe.kernels.decode import DecodeConfig, decode_fused_experts
+from mxmoe.kernels.decode import DecodeConfig
+from mxmoe.testing import decode_fused_experts
 from mxmoe.reference import fused_experts_reference
 
 pytestmark = pytest.mark.interpreter

@@ -3,7 +3,8 @@
 `DecodeGemm.step` has the contract of `fused_moe._Gemm.step` (same alignment, same
 epilogues, same split-K planes), with the weights in the GROUP_HALVES layout; `fused_moe` picks
 it when the weights are in that layout and pairs per expert are few (`choose_decode_config`).
-`decode_fused_experts` runs a whole layer on it with given configs (tests, benchmarks).
+`mxmoe.testing.decode_fused_experts` runs a whole layer on it with given configs (tests,
+benchmarks).
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import settings
-from ..format import MXFP4Tensor
 from ..layouts import GROUP_HALVES
 from ..problem import MoEProblem
 from ._decode_gemm import decode_gemv_kernel
 from .grouped_gemm import GroupedGemm
 from .launch import Launcher, Step
 
-__all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "decode_fused_experts",
-           "choose_decode_config", "default_decode_config"]
+__all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "choose_decode_config",
+           "default_decode_config"]
 
 #: "gemv": CUDA-core fp32 FMA (1..4 pairs per expert), the one variant since the tensor-core
 #: swap-AB one was measured slower (benchmarks/NOTES.md section 14).
@@ -133,39 +133,6 @@ class DecodeGemm(GroupedGemm):
         per_slice = k_per_split or k
         return Step(_gemv, grid, dict(
             arguments, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0))
-
-
-def decode_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *,
-                         config1: DecodeConfig | None = None,
-                         config2: DecodeConfig | None = None, **options) -> torch.Tensor:
-    """The whole MoE layer on the decode GEMMs with the given configs: ``[M, H]``.
-
-    Arguments and ``options`` as `mxmoe.fused_experts`'s (validated as there, with its
-    defaults), with ``w13`` and ``w2`` in the GROUP_HALVES layout. ``config1`` / ``config2``:
-    the two GEMMs' configs (one ``block_m``: they share the alignment); defaults from
-    `default_decode_config`.
-    """
-    from ..constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
-    from ..validation import check_fused_experts_args
-    from .fused_moe import fused_moe
-    from .inner_product import InnerProduct
-
-    for name, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, MXFP4Tensor) or w.layout != GROUP_HALVES:
-            raise ValueError(f"decode_fused_experts: {name} must be an MXFP4Tensor in the "
-                             f"{GROUP_HALVES.name!r} layout, got {w!r}")
-    # `fused_experts`' defaults for what is not given.
-    options = {"w13_bias": None, "w2_bias": None, "expert_map": None, "activation": "swigluoai",
-               "alpha": GPT_OSS_SWIGLU_ALPHA, "limit": GPT_OSS_SWIGLU_LIMIT, **options}
-    call = check_fused_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, **options)
-    cfg1 = config1 or default_decode_config(call.problem.pairs_per_expert)
-    cfg2 = config2 or cfg1
-    if cfg1.block_m != cfg2.block_m:
-        raise ValueError(f"decode_fused_experts: config1.block_m {cfg1.block_m} != "
-                         f"config2.block_m {cfg2.block_m} (the GEMMs share one alignment)")
-    if call.problem.num_tokens == 0:
-        return hidden_states.new_zeros(hidden_states.shape)
-    return fused_moe(call, InnerProduct.DEQUANT, "triton_dequant", config=(cfg1, cfg2))
 
 
 def with_split(cfg: DecodeConfig, split_k: int) -> DecodeConfig:
