@@ -65,6 +65,13 @@ def main():
         for _ in range(5):
             layer(x)
         rows["MXFP4MoE plain"] = median_us(lambda: layer(x))
+        fp32_layer = mxmoe.MXFP4MoE(kw["w13"], kw["w2"],
+                                    torch.randn(32, 2880, device="cuda"),
+                                    torch.randn(32, device="cuda"),
+                                    kw["w13_bias"], kw["w2_bias"], top_k=4)
+        for _ in range(5):
+            fp32_layer(x)
+        rows["MXFP4MoE plain, float32 router"] = median_us(lambda: fp32_layer(x))
         layer.to_layout("group_halves")
         for _ in range(5):
             layer(x)
@@ -89,16 +96,21 @@ def main():
         address = buf.data_ptr()
         rows["bare compiled[grid] int pointer"] = median_us(lambda: launcher(address))
 
+    with torch.no_grad():
+        rows["MXFP4MoE group_halves, no_grad"] = median_us(lambda: layer(x))
+        rows["fused_experts plain, no_grad"] = median_us(lambda: mxmoe.fused_experts(**kw))
+    rows["MXFP4MoE group_halves, grad enabled"] = median_us(lambda: layer(x))
+    rows["fused_experts plain, grad enabled"] = median_us(lambda: mxmoe.fused_experts(**kw))
     for name, us in rows.items():
         print(f"{us:8.1f} us  {name}")
     with torch.inference_mode():
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(300):
-            mxmoe.fused_experts(**kw)
+            layer(x)
         torch.cuda.synchronize()
         profile.disable()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":

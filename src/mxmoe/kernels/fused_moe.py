@@ -291,7 +291,10 @@ class FusedMoEPlan:
         nbytes = self.workspace_bytes
         if nbytes == 0:
             return None
-        if nbytes > KEPT_WORKSPACE_BYTES or device.type != "cuda":
+        if (nbytes > KEPT_WORKSPACE_BYTES or device.type != "cuda"
+                or torch.cuda.is_current_stream_capturing()):
+            # While a CUDA graph is captured the buffer comes from the graph's pool, which must
+            # own it (torch.compile's CUDA-graph trees reject a pool tensor kept outside).
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
         # One per stream: kernels of one stream run in order, so consecutive calls (and every
         # layer sharing this plan) reuse it safely; two streams never share one.
