@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("backends",)),
     ("API, operator", ("validation", "api", "ops", "plans", "router")),
     ("users", ("layer", "checkpoints", "checkpoint", "integrations", "cli", "bench", "tune",
-               "tune_shapes", "convert", "distributed", "testing")),
+               "tune_shapes", "convert", "distributed", "testing", "tolerances")),
 ]
 
 

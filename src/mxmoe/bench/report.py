@@ -383,7 +383,8 @@ def render_markdown(results: dict, plot: str | None = None, source: str | None =
     settings = results.get("settings") or {}
     if settings:
         lines.append(f"- activations {settings.get('dtype')}, {settings.get('rotations')} "
-                     f"rotating input sets, tolerance {settings.get('tolerance')}")
+                     f"rotating input sets, tolerance "
+                     f"{settings.get('tolerance') or 'per path (mxmoe check policy)'}")
     if source:
         lines.append(f"- results: {source}")
     lines += [f"- note: {n}" for n in results.get("notes", [])]

@@ -21,6 +21,7 @@ import torch
 
 from ..api import fused_experts
 from ..testing import poison_, relative_error
+from ..tolerances import tolerance_for
 from ..reference import fused_experts_reference
 from ..router import route
 from . import report
@@ -54,7 +55,8 @@ class Settings:
     paths: list[str]  # mxmoe backend names, "auto", "baseline"
     rotations: int = 4
     policy: RepPolicy = field(default_factory=RepPolicy)
-    tolerance: float = 2e-2
+    #: None: `mxmoe.testing.tolerance_for` each path (the policy of `mxmoe check`).
+    tolerance: float | None = None
     json_path: Path | None = None  # rewritten after every M, so a cut-off run keeps its rows
     time_limit_s: float | None = None  # start no new (model, M) point after this long
     host: bool = True  # measure the host cost of an eager call (on a GPU)
@@ -427,7 +429,9 @@ class Runner:
                        ratio=timing.ms / row["floor_ms"] if row["floor_ms"] else None)
             if math.isfinite(err):
                 row["max_rel_err"] = err
-                row["status"] = "ok" if err <= s.tolerance else "FAIL"
+                tolerance = (s.tolerance if s.tolerance is not None
+                             else tolerance_for(path, s.dtype))
+                row["status"] = "ok" if err <= tolerance else "FAIL"
             else:
                 row["status"] = "FAIL"
                 row["error"] = "output has NaN or Inf (or elements never written)"

@@ -10,19 +10,8 @@ gives ~4e-3. --tolerance replaces both numbers.
 
 from __future__ import annotations
 
-#: Allowed error of a path whose arithmetic rounds to 16 bits / computes in fp32.
-HALF_PRECISION_TOLERANCE = 2e-2
-FP32_TOLERANCE = 1e-4
-#: Backends whose inner product takes the activations as bf16 whatever their dtype.
-BF16_INNER_PRODUCT = frozenset({"triton_scaled"})
-
-def tolerance_for(backend: str, dtype) -> float:
-    """The policy above: the tolerance of ``backend`` on activations of ``dtype``."""
-    import torch
-
-    if dtype != torch.float32 or backend in BF16_INNER_PRODUCT:
-        return HALF_PRECISION_TOLERANCE
-    return FP32_TOLERANCE
+# The policy, shared with `mxmoe bench` (`mxmoe.tolerances`).
+from ..tolerances import FP32_TOLERANCE, HALF_PRECISION_TOLERANCE, tolerance_for  # noqa: E402
 
 #: (label, M, H, I, E, k): small awkward shapes; the GPU adds a gpt-oss-20b-shaped case.
 _CPU_CASES = [
