@@ -25,6 +25,12 @@ from pathlib import Path
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+#: `mxmoe check`'s policy (`mxmoe.tolerances`) unless --tolerance is given.
+TOLERANCE_HELP = ("max relative error against the fp32 reference (default: 2e-2 where the "
+                  "arithmetic rounds to 16 bits, bf16/fp16 activations or tl.dot_scaled; 1e-4 "
+                  "where it is fp32, as mxmoe check)")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", choices=["20b", "120b"], default=None,
                         help="gpt-oss layer shapes (default on a GPU: 20b 120b)")
@@ -55,11 +61,7 @@ def add_arguments(parser) -> None:
                              "the CPU)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed repetitions per point (default 0.5 on a GPU)")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="max relative error against the fp32 reference (default: the "
-                             "policy of `mxmoe check`: 2e-2 where the arithmetic rounds to 16 "
-                             "bits, bf16/fp16 activations or tl.dot_scaled; 1e-4 where it is "
-                             "fp32)")
+    parser.add_argument("--tolerance", type=float, default=None, help=TOLERANCE_HELP)
     parser.add_argument("--ceilings", nargs=2, type=float, default=None,
                         metavar=("COPY_GBPS", "MATMUL_TFLOPS"),
                         help="use these ceilings instead of measuring them")
