@@ -242,3 +242,18 @@ def test_first_use_tuning_times_candidates_once_and_the_plan_uses_the_winner(mon
         autotune.refresh()
         configs.clear_memo()
         plans.clear()
+
+
+def test_a_plan_keeps_no_tensor_of_the_call_alive():
+    """A cached plan must not keep a model's weights (or any input) alive after it is gone."""
+    import gc
+    import weakref
+
+    plans.clear()
+    kw = make_moe(2, 64, 32, 4, 2, seed=5)
+    mxmoe.fused_experts(**kw, backend="torch")
+    refs = [weakref.ref(kw["w13"].blocks), weakref.ref(kw["hidden_states"]),
+            weakref.ref(kw["topk_ids"])]
+    del kw
+    gc.collect()
+    assert all(r() is None for r in refs)

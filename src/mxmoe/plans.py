@@ -84,14 +84,17 @@ class CallPlan:
     `MoECall` (cheaply: the problem is known) and handed to ``backend.run``.
     """
 
-    __slots__ = ("problem", "backend", "runner", "check_values", "prototype")
+    __slots__ = ("problem", "backend", "runner", "check_values", "parameters")
 
     def __init__(self, call: MoECall):
         problem = call.problem
         self.problem = problem
         self.check_values = routing_values_checked(call.device)
-        # The parameters of the call; tensors are replaced on every run.
-        self.prototype = call
+        # The call's parameters only: a plan keeps no tensor (it would keep a model's weights
+        # alive after the model is gone).
+        self.parameters = dict(alpha=call.alpha, limit=call.limit,
+                               apply_router_weight_on_input=call.apply_router_weight_on_input,
+                               backend=call.backend)
         if problem.num_tokens == 0 or problem.num_local_experts == 0:
             # No tokens, or (expert parallelism over more ranks than experts) no local experts:
             # nothing to compute, and backends need not handle an empty weight tensor.
@@ -111,13 +114,10 @@ class CallPlan:
         if self.runner is not None:
             return self.runner(hidden_states, topk_weights, topk_ids, w13, w2, w13_bias,
                                w2_bias, expert_map)
-        p = self.prototype
         return self.backend.run(MoECall(
             hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights,
             topk_ids=topk_ids, w13_bias=w13_bias, w2_bias=w2_bias, expert_map=expert_map,
-            alpha=p.alpha, limit=p.limit,
-            apply_router_weight_on_input=p.apply_router_weight_on_input, backend=p.backend,
-            problem=problem,
+            problem=problem, **self.parameters,
         ))
 
 
