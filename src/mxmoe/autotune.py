@@ -140,3 +140,31 @@ def candidates(key: TuneKey) -> list[MoEConfig]:
         if cfg not in unique:
             unique.append(cfg)
     return unique[:MAX_CANDIDATES]
+
+
+def graph_seconds(fn, replays: int) -> float:
+    """Median seconds of one replay of ``fn`` captured in a CUDA graph (what `mxmoe tune` and
+    first-use tuning time a candidate by; synchronises)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]

@@ -28,12 +28,39 @@ from .format import MXFP4Tensor
 from .problem import MoECall
 from .validation import check_fused_experts_args, check_routing_values, routing_values_checked
 
-__all__ = ["CallPlan", "run", "clear", "signature"]
+__all__ = ["CallPlan", "SignatureCache", "run", "clear", "signature", "tensor_key"]
 
 #: Plans kept; past this many (a caller cycling through many shapes) start over.
 MAX_PLANS = 512
 
-_PLANS: dict = {}
+class SignatureCache:
+    """Plans by signature, at most ``limit`` (past it, start over). A key that cannot be hashed
+    (an argument validation will reject, or an odd float subclass) is never kept: `get` misses
+    it, so the caller validates and says what is wrong."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._plans: dict = {}
+
+    def get(self, key):
+        try:
+            return self._plans.get(key)
+        except TypeError:
+            return None
+
+    def put(self, key, plan) -> None:
+        if len(self._plans) >= self.limit:
+            self._plans.clear()
+        try:
+            self._plans[key] = plan
+        except TypeError:
+            pass
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+_PLANS = SignatureCache(MAX_PLANS)
 
 
 def clear() -> None:
@@ -41,7 +68,7 @@ def clear() -> None:
     _PLANS.clear()
 
 
-def _tensor_key(t):
+def tensor_key(t):
     """What validation and the kernels see of a tensor argument: its metadata, not its data."""
     if type(t) is not torch.Tensor:
         # None, or something validation will reject (it is checked on the miss).
@@ -58,7 +85,7 @@ def _weight_key(w):
         return type(w)
     token = w._signature
     if token is None:
-        meta = (_tensor_key(w.blocks), _tensor_key(w.scales), w.layout.name)
+        meta = (tensor_key(w.blocks), tensor_key(w.scales), w.layout.name)
         token = w._signature = _WEIGHT_SIGNATURES.setdefault(meta, len(_WEIGHT_SIGNATURES))
     return token
 
@@ -68,9 +95,9 @@ def signature(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
     """The key of a call: every input's metadata, the parameters with their types, and the
     process switches' generation."""
     return (
-        _tensor_key(hidden_states), _weight_key(w13), _weight_key(w2),
-        _tensor_key(topk_weights), _tensor_key(topk_ids), _tensor_key(w13_bias),
-        _tensor_key(w2_bias), _tensor_key(expert_map),
+        tensor_key(hidden_states), _weight_key(w13), _weight_key(w2),
+        tensor_key(topk_weights), tensor_key(topk_ids), tensor_key(w13_bias),
+        tensor_key(w2_bias), tensor_key(expert_map),
         type(activation), activation, type(alpha), alpha, type(limit), limit,
         apply_router_weight_on_input, backend, settings.generation(),
     )
@@ -129,12 +156,7 @@ def _plan(key, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias
         apply_router_weight_on_input=apply_router_weight_on_input, backend=backend,
     )
     plan = CallPlan(call)
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.clear()
-    try:
-        _PLANS[key] = plan
-    except TypeError:  # validated, yet unhashable (e.g. a float subclass): not kept
-        pass
+    _PLANS.put(key, plan)
     return plan
 
 
@@ -144,10 +166,7 @@ def run(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activ
     made on first use, run on these tensors."""
     key = signature(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                     activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)
-    try:
-        plan = _PLANS.get(key)
-    except TypeError:  # an unhashable argument: validation says what is wrong with it
-        plan = None
+    plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                      activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)

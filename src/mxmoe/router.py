@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import settings
+from .plans import SignatureCache, tensor_key
 from .routing import route_torch
 from .validation import check_route_args
 
@@ -15,7 +16,7 @@ __all__ = ["route"]
 #: Above this many experts the fused router would hold too wide a row in registers.
 _TRITON_ROUTER_MAX_EXPERTS = 1024
 #: Eager routers by signature (logits metadata, top_k, renormalize, switches' generation).
-_ROUTE_PLANS: dict = {}
+_ROUTE_PLANS = SignatureCache(256)
 
 
 def route(
@@ -35,18 +36,12 @@ def route(
     """
     if not torch.compiler.is_compiling() and type(router_logits) is torch.Tensor:
         # Eager: the signature's plan (validated when made).
-        key = (router_logits.shape, router_logits.stride(), router_logits.dtype,
-               router_logits.device, router_logits.data_ptr() & 15, type(top_k), top_k,
-               type(renormalize), renormalize, settings.generation())
-        try:
-            plan = _ROUTE_PLANS.get(key)
-        except TypeError:  # an unhashable argument: validation says what is wrong with it
-            plan = None
+        key = (tensor_key(router_logits), type(top_k), top_k, type(renormalize), renormalize,
+               settings.generation())
+        plan = _ROUTE_PLANS.get(key)
         if plan is None:
             plan = _route_plan(router_logits, top_k, renormalize)
-            if len(_ROUTE_PLANS) >= 256:
-                _ROUTE_PLANS.clear()
-            _ROUTE_PLANS[key] = plan
+            _ROUTE_PLANS.put(key, plan)
         return plan(router_logits)
     check_route_args(router_logits, top_k, renormalize)
     return route_torch(router_logits, top_k, renormalize)

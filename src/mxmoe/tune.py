@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from . import autotune
 from .kernels.configs import TABLE_FORMAT, MoEConfig
 from .tune_shapes import (DEFAULT_TOKENS, MODEL_ALIASES, MODELS, TUNABLE_BACKENDS,  # noqa: F401
                           Shape, parse_shape)
@@ -319,33 +320,6 @@ def run_with_config(backend: str, call, cfg: MoEConfig):
     return fused_moe(call, inner, backend, dense=dense, config=cfg)
 
 
-def graph_seconds(fn, replays: int) -> float:
-    """Median seconds of one replay of ``fn`` captured in a CUDA graph."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def problem_args(shape: Shape, num_tokens: int, dtype, device="cuda", seed: int = 0):
     """Random quantized weights and routing of ``shape``, validated: one backend's `MoECall`."""
     from .testing import random_moe
@@ -377,7 +351,8 @@ class GraphTimer:
         args = self._last[1]
         replays = 10 if num_tokens >= 4096 else 30
         try:
-            return graph_seconds(lambda: run_with_config(backend, args, cfg), replays)
+            return autotune.graph_seconds(lambda: run_with_config(backend, args, cfg),
+                                          replays)
         except Exception as exc:  # a config that does not compile or fit is not a candidate
             self.log(f"    skip {cfg.to_json()}: {type(exc).__name__}: {str(exc)[:120]}")
             return math.inf

@@ -113,26 +113,16 @@ class TritonBackend(Backend):
 
         def time_candidate(cfg) -> float:
             plan = FusedMoEPlan(call, self.inner_product, self.name, dense=dense, config=cfg)
-            return _seconds(lambda: plan.run(call.hidden_states, call.topk_weights,
-                                             call.topk_ids, *weights, call.w13_bias,
-                                             call.w2_bias, call.expert_map))
+            return autotune.graph_seconds(
+                lambda: plan.run(call.hidden_states, call.topk_weights, call.topk_ids, *weights,
+                                 call.w13_bias, call.w2_bias, call.expert_map),
+                _TUNING_REPLAYS)
 
         return autotune.maybe_tune(key, autotune.candidates(key), time_candidate)
 
 
-def _seconds(fn, warmup: int = 2, reps: int = 5) -> float:
-    """The median seconds of ``fn()`` on the current CUDA stream (events; synchronises)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+#: CUDA-graph replays timed per first-use tuning candidate (its median is kept).
+_TUNING_REPLAYS = 5
 
 
 def triton_dequant() -> TritonBackend:

@@ -185,7 +185,6 @@ class FusedMoEPlan:
         #: inputs the kernels cannot take as they are.
         self.conversions: list = []
         gemm_class, cfg, cfg2 = _configs(call, inner, backend, config)
-        self.config = (cfg, cfg2)
         num_pairs = p.num_pairs
         max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
         self.empty = max_blocks == 0

@@ -48,15 +48,14 @@ class Launcher:
     def _direct(self):
         """(driver, launch hooks) when direct launches are possible here, else False."""
         if self._runtime is None:
+            runtime = _direct_runtime()
             try:
-                from triton import knobs
-                from triton.runtime.driver import driver
                 from triton.runtime.jit import JITFunction
-
-                usable = isinstance(self.kernel, JITFunction) and self._values is not None
-                self._runtime = (driver.active, knobs.runtime) if usable else False
-            except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no GPU driver
-                self._runtime = False
+            except ImportError:
+                JITFunction = None
+            usable = (runtime and JITFunction is not None
+                      and isinstance(self.kernel, JITFunction) and self._values is not None)
+            self._runtime = runtime if usable else False
         return self._runtime
 
     def _key(self, values: tuple, options: tuple):
@@ -230,34 +229,22 @@ class Step:
     """One kernel launch of a plan: a `Launcher`, its grid and its arguments by name (`Ref`s
     for tensors, plain values for the rest)."""
 
-    __slots__ = ("launcher", "grid", "arguments", "compiled", "values", "fills")
+    __slots__ = ("launcher", "grid", "arguments", "compiled")
 
     def __init__(self, launcher: Launcher, grid: tuple, arguments: dict):
         self.launcher = launcher
         self.grid = (*grid, 1, 1)[:3]
         self.arguments = arguments
-        self.compiled = None
-        self.values = None  # the kernel's arguments in order, pointer slots None
-        self.fills = None  # (position, source, byte offset) of each pointer slot
+        self.compiled = None  # set by the first launch when direct launches are possible
 
     def launch_with_tensors(self, tensors) -> None:
         """Launch through the `Launcher` with real tensors (compiling on first use); remember
-        the compiled kernel for `launch_with_addresses` when direct launches are possible."""
+        the compiled kernel for `LaunchPlan`'s direct launches when they are possible."""
         named = {k: v.materialize(tensors) if isinstance(v, Ref) else v
                  for k, v in self.arguments.items()}
         compiled = self.launcher.launch_and_return_compiled(self.grid, named)
-        if compiled is None or self.compiled is not None:
-            return
-        names = self.launcher._names
-        values, fills = [], []
-        for position, name in enumerate(names):
-            value = self.arguments.get(name)
-            if isinstance(value, Ref):
-                fills.append((position, value.source, value.offset))
-                value = None
-            values.append(value)
-        self.values, self.fills = values, tuple(fills)
-        self.compiled = compiled
+        if self.compiled is None:
+            self.compiled = compiled
 
 
 class LaunchPlan:
@@ -298,15 +285,16 @@ class LaunchPlan:
                 *arguments(pool))
 
     def _direct_launches(self):
-        pointers: dict = {}
+        pointers: dict = {}  # (source, offset) -> its place in the pool
         scalars: list = []
         slots = []
         for step in self.steps:
-            fills = {position: (source, offset) for position, source, offset in step.fills}
             indices = []
-            for position, value in enumerate(step.values):
-                if position in fills:
-                    indices.append(pointers.setdefault(fills[position], len(pointers)))
+            for name in step.launcher._names:
+                value = step.arguments[name]
+                if isinstance(value, Ref):
+                    indices.append(pointers.setdefault((value.source, value.offset),
+                                                       len(pointers)))
                 else:
                     indices.append(-1 - len(scalars))
                     scalars.append(value)
