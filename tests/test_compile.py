@@ -144,7 +144,7 @@ def test_compiled_graph_holds_the_operator():
 
 
 def test_eager_call_without_dispatcher_equals_the_operator():
-    """Eager inference skips the dispatcher (`run_call`); the result is the same."""
+    """Eager inference skips the dispatcher (`ops.must_dispatch`); the result is the same."""
     kwargs = _problem()
     direct = mxmoe.fused_experts(**kwargs, backend="torch")
     dispatched = torch.ops.mxmoe.fused_experts(*_op_args(kwargs))

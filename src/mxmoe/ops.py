@@ -1,11 +1,13 @@
 """`mxmoe::fused_experts`: the fused-experts computation as a PyTorch custom operator.
 
-`mxmoe.fused_experts` validates its arguments in Python and calls this operator (through
-`run_call`); so does the `MXFP4MoE` layer, through it. To `torch.compile` the operator
-is opaque: dynamo records one node, shapes come from the fake implementation (``[M, H]`` in the
-activation dtype), and the real implementation runs at run time. So a compiled model never
-breaks its graph on mxmoe, whichever backend runs underneath. (Plain eager inference skips the
-dispatcher: see `run_call`.)
+`mxmoe.fused_experts` validates its arguments in Python and calls this operator whenever PyTorch
+must see the call (`must_dispatch`: traced, or a gradient wanted); so does the `MXFP4MoE`
+layer. To `torch.compile` the operator is opaque: dynamo records one node, shapes come from the
+fake implementation (``[M, H]`` in the activation dtype), and the real implementation runs at
+run time. So a compiled model never breaks its graph on mxmoe, whichever backend runs
+underneath. Plain eager inference skips the dispatcher, whose round trip for a Python custom
+operator costs tens of microseconds a call (as much as a decode step's GPU work), and runs the
+signature's plan (`mxmoe.plans`) directly: the same computation.
 
 The operator's schema only knows tensors and scalars, so a call crosses it flattened (each
 weight as blocks, scales and its layout's name): `mxmoe.problem.OP_ARGS` is that argument list,
@@ -32,22 +34,7 @@ from .activations import Activation
 from .problem import OP_ARG_NAMES, MoECall, op_schema
 from .reference import local_expert_ids
 
-__all__ = ["run_call", "must_dispatch", "fused_experts_op", "fused_experts_backward_op"]
-
-
-def run_call(call: MoECall) -> torch.Tensor:
-    """``[M, H]`` in the activation dtype: the data checks, then the chosen backend.
-
-    Through the dispatcher (the operator) whenever PyTorch must see it, else directly. The
-    dispatcher round trip of a Python custom operator costs tens of microseconds a call (as much
-    as a decode step's GPU work), so plain eager inference skips it and computes the same thing
-    through the signature's plan (`mxmoe.plans`); the operator is dispatched while
-    `torch.compile` or ``torch.export`` traces (dynamo, fake or meta tensors, any dispatch
-    mode), and when a gradient is wanted.
-    """
-    if must_dispatch(call.hidden_states, call.topk_weights, call.w13_bias, call.w2_bias):
-        return fused_experts_op(*call.op_args())
-    return plans.run_call(call)
+__all__ = ["must_dispatch", "fused_experts_op", "fused_experts_backward_op"]
 
 
 def must_dispatch(hidden_states, topk_weights, w13_bias, w2_bias) -> bool:
