@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from mxmoe.kernels._decode_gemm import decode_gemv_kernel  # noqa: E402
+from mxmoe.kernels._decode_gemm import decode_gemv_kernel, decode_token_kernel  # noqa: E402
 from mxmoe.kernels._epilogues import swiglu_oai  # noqa: E402
 
 POINTERS = {"a_ptr": "*bf16", "b_ptr": "*u8", "b_scale_ptr": "*u8", "bias_ptr": "*bf16",
@@ -41,16 +41,47 @@ UNIT = {"stride_ak", "stride_bk", "stride_sk", "stride_bias_n", "stride_on"}
 DIV16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_bias_e", "stride_om",
          "stride_os", "k_per_split"}
 
+#: The token kernel's (`decode_token_kernel`) own pointers and scalars.
+TOKEN_POINTERS = {"a_ptr": "*bf16", "b_ptr": "*i32", "b_scale_ptr": "*u8", "bias_ptr": "*bf16",
+                  "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "topk_ids_ptr": "*i32",
+                  "expert_map_ptr": "*i32"}
+TOKEN_SCALARS = ["N", "K", "num_tokens", "num_global_experts", "num_local_experts",
+                 "stride_am", "stride_ak", "stride_be", "stride_bn", "stride_bk", "stride_se",
+                 "stride_sn", "stride_sk", "stride_bias_e", "stride_bias_n", "stride_om",
+                 "stride_on", "stride_os", "k_per_split"]
+
+
 # (name, kernel, constexprs, options)
-def _gemv(name, m, n, k, warps, gemm1=False, even=False):
+def _gemv(name, m, n, k, warps, gemm1=False, even=False, layout=1):
     return (f"gemv M{m} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}"
-            f"{' even K' if even else ''}", decode_gemv_kernel,
+            f"{' even K' if even else ''} L{layout}", decode_gemv_kernel,
             dict(A_ROW_DIV=4 if gemm1 else 1, GATED=gemm1, INTERLEAVED=True, ACT_FN=swiglu_oai,
                  ROUTER_WEIGHT=0 if gemm1 else 2, HAS_BIAS=True, BLOCK_M=m, BLOCK_N=n,
-                 BLOCK_K=k, SPLIT_K=1, EVEN_K=even), dict(num_warps=warps, num_stages=3))
+                 BLOCK_K=k, SPLIT_K=1, EVEN_K=even, W_LAYOUT=layout),
+            dict(num_warps=warps, num_stages=3))
+
+
+def _direct(j, n, k, warps, gemm1=False, even=True, layout=0):
+    return (f"direct J{j} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}"
+            f"{' even K' if even else ''} L{layout}", decode_token_kernel,
+            dict(TOP_K=4, A_ROW_DIV=4 if gemm1 else 1, SUM_PAIRS=not gemm1, GATED=gemm1,
+                 INTERLEAVED=True, ACT_FN=swiglu_oai, ROUTER_WEIGHT=0 if gemm1 else 2,
+                 HAS_BIAS=True, HAS_MAP=False, BLOCK_J=j, BLOCK_N=n, BLOCK_K=k, SPLIT_K=1,
+                 EVEN_K=even, W_LAYOUT=layout), dict(num_warps=warps, num_stages=3))
 
 
 VARIANTS = [
+    _direct(4, 16, 256, 4, gemm1=True),
+    _direct(4, 16, 256, 4, gemm1=True, layout=1),
+    _direct(4, 8, 512, 4, gemm1=True),
+    _direct(1, 32, 256, 4),
+    _direct(1, 64, 256, 4),
+    _direct(1, 64, 128, 4),
+    _direct(2, 16, 256, 4),
+    _direct(2, 32, 256, 4),
+    _direct(2, 64, 128, 4),
+    _direct(2, 32, 512, 4),
+    _gemv("", 1, 64, 128, 4, gemm1=True, layout=0),
     _gemv("", 1, 64, 128, 4, gemm1=True),
     _gemv("", 1, 64, 128, 4),
     _gemv("", 1, 64, 256, 8),
@@ -71,10 +102,12 @@ def _bin(tool: str) -> str:
 def compile_variant(kernel, constexprs, options):
     import triton.language as tl
 
-    signature = dict(POINTERS)
+    token = kernel is decode_token_kernel
+    pointers = TOKEN_POINTERS if token else POINTERS
+    signature = dict(pointers)
     if kernel is decode_gemv_kernel:
         signature["b_ptr"] = "*i32"  # the GEMV reads the bytes as int32 words
-    for name in SCALARS:
+    for name in TOKEN_SCALARS if token else SCALARS:
         signature[name] = "constexpr" if name in UNIT else "i32"
     signature["alpha"] = "fp32"
     signature["limit"] = "fp32"
@@ -87,7 +120,7 @@ def compile_variant(kernel, constexprs, options):
     names = kernel.arg_names
     signature = {name: signature[name] for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]]
-             for n in list(POINTERS) + sorted(DIV16)}
+             for n in list(pointers) + sorted(DIV16)}
     src = ASTSource(kernel, signature, consts, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -191,7 +224,8 @@ def main():
         compiled = compile_variant(kernel, constexprs, options)
         # Weights one loop trip reads per thread: BLOCK_N * BLOCK_K over the threads.
         threads = 32 * options["num_warps"]
-        per_thread = constexprs["BLOCK_N"] * constexprs["BLOCK_K"] / threads
+        per_thread = (constexprs.get("BLOCK_J", 1) * constexprs["BLOCK_N"]
+                      * constexprs["BLOCK_K"] / threads)
         row, sass = summarize(name, compiled, per_thread)
         rows.append(row)
         if args.dump:

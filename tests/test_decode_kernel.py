@@ -1,4 +1,5 @@
-"""The decode GEMMs (`mxmoe.kernels.decode`) against the pure-torch reference, whole layer.
+"""The decode GEMMs (`mxmoe.kernels.decode`: the aligned GEMV and the direct per-token GEMMs)
+against the pure-torch reference, whole layer.
 
 Under TRITON_INTERPRET=1 on the CPU: fp16 and fp32 only (the interpreter computes bf16 wrongly;
 bf16 at gpt-oss shapes is checked on the GPU by scripts/gpu_decode.py). The weights are the
@@ -27,6 +28,11 @@ CONFIGS = {
                                                       block_k=32, split_k=2, num_stages=1),
     "gemv, 2 pairs, split 3": DecodeConfig("gemv", block_m=2, block_n=32, block_k=32,
                                            split_k=3, num_stages=1),
+    # No alignment: a program per token and N tile over the token's top-k slots.
+    "direct, 4 slots a step": DecodeConfig("direct", block_m=4, block_n=32, block_k=64,
+                                           num_stages=1),
+    "direct, 2 slots, split-K GEMM1": DecodeConfig("direct", block_m=2, block_n=16,
+                                                   block_k=32, split_k=3, num_stages=1),
 }
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -128,10 +134,16 @@ def test_nan_scale_propagates(name, gemm):
         assert rel_err(out[finite], ref[finite]) < TOLERANCE[torch.float32]
 
 
-def test_plain_layout_is_rejected():
-    kw = make_moe(1, 32, 32, 2, 1)
-    with pytest.raises(ValueError, match="group_halves"):
-        decode_fused_experts(**kw, config1=GEMV)
+@pytest.mark.parametrize("name", ["gemv, 1 pair a program", "direct, 4 slots a step",
+                                  "direct, 2 slots, split-K GEMM1"])
+def test_both_layouts_give_the_same_layer(name):
+    """The decode kernels read the plain and the group_halves layout: the same codes in another
+    order, so the same sums (fp32: equal up to summation order)."""
+    kw = make_moe(2, 96, 64, 5, 3, dtype=torch.float32, seed=11)
+    plain = decode_fused_experts(**kw, config1=CONFIGS[name])
+    halves, ref = run_both(kw, CONFIGS[name])
+    assert rel_err(plain, halves) < TOLERANCE[torch.float32]
+    assert rel_err(plain, ref) < TOLERANCE[torch.float32]
 
 
 def test_config_rejects_what_the_gemv_cannot_run():

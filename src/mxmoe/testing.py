@@ -219,29 +219,29 @@ def decode_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *,
     """The whole MoE layer on the decode GEMMs with the given configs: ``[M, H]``.
 
     Arguments and ``options`` as `mxmoe.fused_experts`'s (validated as there, with its
-    defaults), with ``w13`` and ``w2`` in the GROUP_HALVES layout. ``config1`` / ``config2``:
-    the two GEMMs' configs (one ``block_m``: they share the alignment); defaults from
-    `default_decode_config`.
+    defaults), with ``w13`` and ``w2`` in a layout the decode kernels read (plain or
+    group_halves). ``config1`` / ``config2``: the two GEMMs' configs (one variant; for "gemv"
+    one ``block_m``: they share the alignment); defaults from `default_decode_config`.
     """
     from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
     from .format import MXFP4Tensor
     from .kernels.decode import default_decode_config
     from .kernels.fused_moe import fused_moe
     from .kernels.inner_product import InnerProduct
-    from .layouts import GROUP_HALVES
+    from .kernels.decode import word_layout
     from .validation import check_fused_experts_args
 
     for name, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, MXFP4Tensor) or w.layout != GROUP_HALVES:
-            raise ValueError(f"decode_fused_experts: {name} must be an MXFP4Tensor in the "
-                             f"{GROUP_HALVES.name!r} layout, got {w!r}")
+        if not isinstance(w, MXFP4Tensor):
+            raise ValueError(f"decode_fused_experts: {name} must be an MXFP4Tensor, got {w!r}")
+        word_layout(w.layout)
     # `fused_experts`' defaults for what is not given.
     options = {"w13_bias": None, "w2_bias": None, "expert_map": None, "activation": "swigluoai",
                "alpha": GPT_OSS_SWIGLU_ALPHA, "limit": GPT_OSS_SWIGLU_LIMIT, **options}
     call = check_fused_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, **options)
     cfg1 = config1 or default_decode_config(call.problem.pairs_per_expert)
     cfg2 = config2 or cfg1
-    if cfg1.block_m != cfg2.block_m:
+    if cfg1.variant == "gemv" and cfg1.block_m != cfg2.block_m:
         raise ValueError(f"decode_fused_experts: config1.block_m {cfg1.block_m} != "
                          f"config2.block_m {cfg2.block_m} (the GEMMs share one alignment)")
     if call.problem.num_tokens == 0:

@@ -1,11 +1,20 @@
-"""The grouped GEMM of the fused MoE for the memory-bound regime (decode: few pairs per expert).
+"""The grouped GEMMs of the fused MoE for the memory-bound regime (decode: few pairs per expert).
 
-`decode_gemv_kernel` reads the weights in the GROUP_HALVES layout (`mxmoe.layouts`): in every
-32-element scale group, byte ``j`` holds element ``j`` (low nibble) and ``j + 16`` (high
-nibble). A byte tile of ``BLOCK_K // 2`` columns therefore decodes into two tiles whose
-activations are two runs of 16 consecutive K elements per group (column ``c`` = group
-``c // 16``, element ``c % 16`` of the low half or of the high half): no stride-2 gather, no
-re-interleave.
+Two kernels, one inner loop (the weights read as int32 words of 8 nibbles, in either layout of
+`mxmoe.layouts`, ``W_LAYOUT``): nibble ``n`` of word ``w`` of a row is K element ``8w + n`` in
+the plain layout, and element ``32 (w // 4) + 4 (w % 4) + n // 2 + 16 (n % 2)`` in GROUP_HALVES
+(byte ``j`` of a 32-group holds elements ``j`` and ``j + 16``). The activations of each nibble
+position are gathered from L1 either way.
+
+- `decode_gemv_kernel` takes the aligned pairs (`mxmoe.routing.Alignment`): a program per M
+  block of 1, 2 or 4 pairs of one expert, the weights decoded once for all of them.
+- `decode_token_kernel` needs no alignment: a program per (token, N tile, K slice) takes that
+  token's top-k slots, each with its own expert, ``BLOCK_J`` slots per step (their weight tiles
+  loaded together: that many more bytes in flight). GEMM1 writes each pair's row; GEMM2 sums
+  the token's pairs in registers (routing weight and bias per pair, a fixed order) and writes
+  the token's output row, so neither the alignment nor the top-k sum runs. An expert that
+  two tokens share is read once per token (from L2 when their programs run together), so it
+  pays where pairs are few against the experts.
 
 It runs on CUDA cores, fp32 FMA, for 1 to a few pairs per expert. A nibble becomes an fp32 bit
 pattern worth ``E2M1 * 2**-126`` by shift and mask (the 0.5 code lands as a subnormal), the
@@ -31,10 +40,11 @@ are fp32 subnormals after the ``2**-62`` offset and keep fewer bits; they are be
 import triton
 import triton.language as tl
 
-from ._grouped import _block_rows, _epilogue, _k_range, _tile_rows
+from ._grouped import (_block_rows, _epilogue, _k_range,
+                       _store_rows, _tile_rows, _weight_and_bias)
 from ._moe_gemm import _e8m0_to_f32
 
-__all__ = ["decode_gemv_kernel"]
+__all__ = ["decode_gemv_kernel", "decode_token_kernel"]
 
 #: Activations times 2**64 keep the products of the 2**-126-offset weights in the fp32 normals.
 X_PRESCALE = tl.constexpr(18446744073709551616.0)  # 2**64
@@ -59,10 +69,27 @@ def _nibble_to_f32(words, NIBBLE: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
+#: W_LAYOUT: the byte order of the words (as `_moe_gemm`'s).
+LAYOUT_PLAIN = tl.constexpr(0)
+LAYOUT_GROUP_HALVES = tl.constexpr(1)
+
+
+@triton.jit
+def _nibble_k(offs_w, k0, NIBBLE: tl.constexpr, W_LAYOUT: tl.constexpr):
+    """The K element of nibble ``NIBBLE`` of the step's word columns ``offs_w`` (from k0)."""
+    if W_LAYOUT == LAYOUT_GROUP_HALVES:
+        # Word w of a group holds its bytes 4w..4w+3; nibble n is byte n // 2's low (n even:
+        # element 4w + n // 2) or high half (n odd: element 16 + 4w + n // 2).
+        return k0 + (offs_w // 4) * 32 + (offs_w % 4) * 4 + (NIBBLE % 2) * 16 + NIBBLE // 2
+    else:
+        return k0 + offs_w * 8 + NIBBLE
+
+
 @triton.jit
 def _gemv_words_row(acc, words, scale_f, a_ptr, sorted_ids_ptr, slot, num_pairs, k0, k_end,
                     offs_w, stride_am, stride_ak, A_ROW_DIV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN_K: tl.constexpr,
+                    W_LAYOUT: tl.constexpr):
     """acc (BLOCK_N, GROUPS) += this K step's weights (int32 words of 8 nibbles) times the
     activation row of the pair in ``slot`` of sorted_ids, one partial sum per 32-group
     (nothing for a padding or out-of-range id)."""
@@ -70,12 +97,9 @@ def _gemv_words_row(acc, words, scale_f, a_ptr, sorted_ids_ptr, slot, num_pairs,
     pair = tl.load(sorted_ids_ptr + slot + offs_w * 0)
     valid = (pair >= 0) & (pair < num_pairs)
     row = a_ptr + (tl.where(valid, pair, 0) // A_ROW_DIV).to(tl.int64) * stride_am
-    # GROUP_HALVES: word w of a group holds its bytes 4w..4w+3; nibble n is byte n // 2's low
-    # (n even: element 4w + n // 2) or high half (n odd: element 16 + 4w + n // 2).
-    group_first = k0 + (offs_w // 4) * 32 + (offs_w % 4) * 4
     part = tl.zeros(words.shape, dtype=tl.float32)
     for n in tl.static_range(8):
-        k = group_first + (n % 2) * 16 + n // 2
+        k = _nibble_k(offs_w, k0, n, W_LAYOUT)
         if EVEN_K:
             x = tl.load(row + k * stride_ak, mask=valid, other=0.0)
         else:
@@ -88,31 +112,28 @@ def _gemv_words_row(acc, words, scale_f, a_ptr, sorted_ids_ptr, slot, num_pairs,
 
 
 @triton.jit
-def _load_words(w_rows, s_rows, k0, k_end, mask_n, offs_w, offs_g, stride_wk, stride_sk,
+def _load_words(w_rows, s_rows, k0, k_end, live, offs_w, offs_g, stride_wk, stride_sk,
                 EVEN_K: tl.constexpr):
-    """The words (BLOCK_N, WORDS) int32 and scales (BLOCK_N, GROUPS) uint8 of the K step at
-    k0; zeros past k_end (with EVEN_K only a step past the end can be, so one row mask)."""
+    """The words (..., WORDS) int32 and scales (..., GROUPS) uint8 of the K step at k0 for the
+    rows ``w_rows`` / ``s_rows`` (pointers of shape (..., 1)) where ``live`` (same shape) is
+    set; zeros past k_end (with EVEN_K only a step past the end can be, so one row mask)."""
     if EVEN_K:
         # A block comparison: a scalar & block mask trips the interpreter.
-        live = mask_n & ((mask_n.to(tl.int32) * 0 + k0) < k_end)
-        words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :] * stride_wk,
-                        mask=live[:, None], other=0)
-        scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
-                        mask=live[:, None], other=0)
+        live = live & ((live.to(tl.int32) * 0 + k0) < k_end)
+        words = tl.load(w_rows + (k0 // 8 + offs_w) * stride_wk, mask=live, other=0)
+        scale = tl.load(s_rows + (k0 // 32 + offs_g) * stride_sk, mask=live, other=0)
     else:
         mask_w = (k0 // 8 + offs_w) < k_end // 8
-        words = tl.load(w_rows + (k0 // 8 + offs_w)[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_w[None, :], other=0)
+        words = tl.load(w_rows + (k0 // 8 + offs_w) * stride_wk, mask=live & mask_w, other=0)
         mask_g = (k0 // 32 + offs_g) < k_end // 32
-        scale = tl.load(s_rows + (k0 // 32 + offs_g)[None, :] * stride_sk,
-                        mask=mask_n[:, None] & mask_g[None, :], other=0)
+        scale = tl.load(s_rows + (k0 // 32 + offs_g) * stride_sk, mask=live & mask_g, other=0)
     return words, scale
 
 
 @triton.jit
 def decode_gemv_kernel(
     a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
-    b_ptr,  # (E, N, K // 8) int32: the GROUP_HALVES bytes read as little-endian words
+    b_ptr,  # (E, N, K // 8) int32: the W_LAYOUT bytes read as little-endian words
     b_scale_ptr,  # (E, N, K // 32) uint8 E8M0
     bias_ptr,  # (E, N) float (unused without HAS_BIAS)
     out_ptr,  # (num_pairs, N_OUT) activation dtype, N_OUT = N // 2 when gated, else N;
@@ -145,6 +166,7 @@ def decode_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
     EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
+    W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN or LAYOUT_GROUP_HALVES
 ):
     """CUDA-core GEMV over the pairs of one M block, fp32 FMA, the weights read as int32 words.
 
@@ -179,26 +201,28 @@ def decode_gemv_kernel(
     # Register double buffering: the loads of step k0 + BLOCK_K are issued before step k0 is
     # computed, so a program keeps two steps of weights in flight (plain loads into registers
     # are not pipelined by num_stages).
-    words, scale = _load_words(w_rows, s_rows, k_begin, k_end, mask_n, offs_w, offs_g,
-                               stride_bk, stride_sk, EVEN_K)
+    live = mask_n[:, None]
+    words, scale = _load_words(w_rows, s_rows, k_begin, k_end, live, offs_w[None, :],
+                               offs_g[None, :], stride_bk, stride_sk, EVEN_K)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        words_next, scale_next = _load_words(w_rows, s_rows, k0 + BLOCK_K, k_end, mask_n,
-                                             offs_w, offs_g, stride_bk, stride_sk, EVEN_K)
+        words_next, scale_next = _load_words(w_rows, s_rows, k0 + BLOCK_K, k_end, live,
+                                             offs_w[None, :], offs_g[None, :], stride_bk,
+                                             stride_sk, EVEN_K)
         scale_f = _e8m0_to_f32(scale.to(tl.int32))
         acc0 = _gemv_words_row(acc0, words, scale_f, a_ptr, sorted_ids_ptr, first_slot,
                                num_pairs, k0, k_end, offs_w, stride_am, stride_ak, A_ROW_DIV,
-                               BLOCK_N, GROUPS, EVEN_K)
+                               BLOCK_N, GROUPS, EVEN_K, W_LAYOUT)
         if BLOCK_M > 1:
             acc1 = _gemv_words_row(acc1, words, scale_f, a_ptr, sorted_ids_ptr, first_slot + 1,
                                    num_pairs, k0, k_end, offs_w, stride_am, stride_ak,
-                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K)
+                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K, W_LAYOUT)
         if BLOCK_M > 2:
             acc2 = _gemv_words_row(acc2, words, scale_f, a_ptr, sorted_ids_ptr, first_slot + 2,
                                    num_pairs, k0, k_end, offs_w, stride_am, stride_ak,
-                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K)
+                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K, W_LAYOUT)
             acc3 = _gemv_words_row(acc3, words, scale_f, a_ptr, sorted_ids_ptr, first_slot + 3,
                                    num_pairs, k0, k_end, offs_w, stride_am, stride_ak,
-                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K)
+                                   A_ROW_DIV, BLOCK_N, GROUPS, EVEN_K, W_LAYOUT)
         words, scale = words_next, scale_next
 
     slot = tl.arange(0, BLOCK_M)[:, None]
@@ -209,3 +233,148 @@ def decode_gemv_kernel(
     _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, bias_ptr, out_ptr,
               topk_weights_ptr, stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os,
               alpha, limit, GATED, ACT_FN, ROUTER_WEIGHT, HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _token_slots(token, j0, topk_ids_ptr, expert_map_ptr, num_global_experts,
+                 num_local_experts, TOP_K: tl.constexpr, HAS_MAP: tl.constexpr,
+                 BLOCK_J: tl.constexpr):
+    """Slots j0 .. j0 + BLOCK_J of the token's top-k: (pair ids (int64), valid, local expert
+    (int64, 0 where not valid)). A slot is valid when it exists and its expert is local (and in
+    range: an id the alignment would drop is dropped here too)."""
+    slot = j0 + tl.arange(0, BLOCK_J)
+    exists = slot < TOP_K
+    pair = token.to(tl.int64) * TOP_K + slot
+    # int64 before the range checks, as in the alignment: a wrapped id must not pass them.
+    expert = tl.load(topk_ids_ptr + pair, mask=exists, other=-1).to(tl.int64)
+    if HAS_MAP:
+        in_range = exists & (expert >= 0) & (expert < num_global_experts)
+        expert = tl.load(expert_map_ptr + expert, mask=in_range, other=-1).to(tl.int64)
+    valid = exists & (expert >= 0) & (expert < num_local_experts)
+    return pair, valid, tl.where(valid, expert, 0)
+
+
+@triton.jit
+def decode_token_kernel(
+    a_ptr,  # (A_rows, K) activation dtype; row of pair p is p // A_ROW_DIV
+    b_ptr,  # (E, N, K // 8) int32: the W_LAYOUT bytes read as little-endian words
+    b_scale_ptr,  # (E, N, K // 32) uint8 E8M0
+    bias_ptr,  # (E, N) float (unused without HAS_BIAS)
+    out_ptr,  # SUM_PAIRS: (num_tokens, N); else (num_tokens * TOP_K, N_OUT), N_OUT = N // 2
+    #           when gated; with SPLIT_K > 1: (SPLIT_K, rows, N) float32 planes
+    topk_weights_ptr,  # (num_tokens * TOP_K,) float32
+    topk_ids_ptr,  # (num_tokens * TOP_K,) global expert ids
+    expert_map_ptr,  # (E_global,) local id or -1 (unused without HAS_MAP)
+    N,  # weight rows (2I for GEMM1, H for GEMM2), a multiple of 32
+    K,  # reduction size (H for GEMM1, I for GEMM2), a multiple of 32
+    num_tokens,
+    num_global_experts,
+    num_local_experts,
+    stride_am, stride_ak,
+    stride_be, stride_bn, stride_bk,  # in words
+    stride_se, stride_sn, stride_sk,
+    stride_bias_e, stride_bias_n,
+    stride_om, stride_on,
+    stride_os,  # between the SPLIT_K planes of the output (unused when SPLIT_K == 1)
+    k_per_split,  # K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
+    alpha,
+    limit,
+    TOP_K: tl.constexpr,
+    A_ROW_DIV: tl.constexpr,  # TOP_K: the token's row of x (GEMM1); 1: the pair's row (GEMM2)
+    SUM_PAIRS: tl.constexpr,  # GEMM2: the token's pairs summed into its output row
+    GATED: tl.constexpr,  # GEMM1's gated epilogue: the output has N // 2 columns
+    INTERLEAVED: tl.constexpr,  # gated: gate/up rows interleave (else [gate | up] halves)
+    ACT_FN: tl.constexpr,  # gated: the activation's epilogue (`_epilogues`)
+    ROUTER_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+    BLOCK_J: tl.constexpr,  # top-k slots per step, their weight tiles loaded together
+    BLOCK_N: tl.constexpr,  # weight rows per program (gated: BLOCK_N // 2 gate/up pairs)
+    BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
+    SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
+    EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
+    W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN or LAYOUT_GROUP_HALVES
+):
+    """CUDA-core GEMV over one token's top-k slots, fp32 FMA, no alignment (see the module).
+
+    Per step, the word tiles (BLOCK_J, BLOCK_N, BLOCK_K // 8) of BLOCK_J slots (each its own
+    expert's rows) are loaded at once, the next step's before this one is computed; the decode
+    and the per-group scaling are `decode_gemv_kernel`'s. Slots whose expert is not local
+    contribute nothing (GEMM1 leaves their rows unwritten; GEMM2 skips them).
+
+    Grid: ``(num_tokens * SPLIT_K * cdiv(N_OUT, cols per tile),)``; program ``pid`` takes
+    token ``pid % num_tokens``, K slice ``(pid // num_tokens) % SPLIT_K`` and N tile
+    ``pid // (num_tokens * SPLIT_K)``, so the programs that read one N tile of the experts run
+    side by side (a shared expert's tile comes from L2)."""
+    pid = tl.program_id(0)
+    token = pid % num_tokens
+    pid_kn = pid // num_tokens
+    pid_k = pid_kn % SPLIT_K
+    pid_n = pid_kn // SPLIT_K
+    rows64, mask_n = _tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N)
+    k_begin, k_end = _k_range(pid_k, K, k_per_split, SPLIT_K)
+
+    WORDS: tl.constexpr = BLOCK_K // 8
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    offs_w = tl.arange(0, WORDS)
+    offs_g = tl.arange(0, GROUPS)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(0, TOP_K, BLOCK_J):
+        pair, valid, expert = _token_slots(token, j0, topk_ids_ptr, expert_map_ptr,
+                                           num_global_experts, num_local_experts, TOP_K,
+                                           HAS_MAP, BLOCK_J)
+        w_rows = (b_ptr + expert[:, None, None] * stride_be
+                  + rows64[None, :, None] * stride_bn)  # (BLOCK_J, BLOCK_N, 1)
+        s_rows = (b_scale_ptr + expert[:, None, None] * stride_se
+                  + rows64[None, :, None] * stride_sn)
+        live = valid[:, None, None] & mask_n[None, :, None]
+        # The activation rows as 3-d pointers (BLOCK_J or 1, 1, 1), so that the activations
+        # load straight in the word tile's layout.
+        a_rows = a_ptr + (pair // A_ROW_DIV)[:, None, None] * stride_am
+        a_rows_token = a_ptr + token.to(tl.int64) * stride_am  # the same, when one row
+        valid_x = valid[:, None, None]
+        acc = tl.zeros((BLOCK_J, BLOCK_N, GROUPS), dtype=tl.float32)
+        words, scale = _load_words(w_rows, s_rows, k_begin, k_end, live, offs_w[None, None, :],
+                                   offs_g[None, None, :], stride_bk, stride_sk, EVEN_K)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            words_next, scale_next = _load_words(w_rows, s_rows, k0 + BLOCK_K, k_end, live,
+                                                 offs_w[None, None, :], offs_g[None, None, :],
+                                                 stride_bk, stride_sk, EVEN_K)
+            part = tl.zeros(words.shape, dtype=tl.float32)
+            for n in tl.static_range(8):
+                k = _nibble_k(offs_w, k0, n, W_LAYOUT)[None, None, :]
+                if A_ROW_DIV == TOP_K:
+                    # One row for every slot, loaded once (a slot that is not valid has zero
+                    # words and is never stored, so an unmasked row costs it nothing).
+                    rows = a_rows_token
+                    mask_x = k >= 0
+                else:
+                    rows = a_rows
+                    mask_x = valid_x
+                if EVEN_K:
+                    x = tl.load(rows + k * stride_ak, mask=mask_x, other=0.0)
+                else:
+                    x = tl.load(rows + k * stride_ak, mask=mask_x & (k < k_end), other=0.0)
+                part += _nibble_to_f32(words, n) * (x.to(tl.float32) * X_PRESCALE)
+            # A group's 4 words are one thread's 4 consecutive registers: this sum stays in
+            # the thread (where the compiler keeps the word tile's layout for the reshape).
+            part = tl.sum(tl.reshape(part, (BLOCK_J, BLOCK_N, GROUPS, 4)), axis=3)
+            scale_f = _e8m0_to_f32(scale.to(tl.int32))
+            acc += (part * GROUP_UNDO) * scale_f
+            words, scale = words_next, scale_next
+        acc = tl.sum(acc, axis=2)
+        tile = _weight_and_bias(acc, expert[:, None], pair, valid, rows64,
+                                mask_n, pid_k, bias_ptr, topk_weights_ptr, stride_bias_e,
+                                stride_bias_n, ROUTER_WEIGHT, HAS_BIAS, BLOCK_N)
+        if SUM_PAIRS:
+            # Slots in order, each added once: the same sum on every run.
+            total += tl.sum(tl.where(valid[:, None], tile, 0.0), axis=0)
+        else:
+            _store_rows(tile, pair, valid, rows64, mask_n, pid_k, pid_n, N, out_ptr, stride_om,
+                        stride_on, stride_os, alpha, limit, GATED, ACT_FN, SPLIT_K, BLOCK_J,
+                        BLOCK_N)
+    if SUM_PAIRS:
+        if SPLIT_K > 1:
+            out_ptr += pid_k.to(tl.int64) * stride_os
+        tl.store(out_ptr + token.to(tl.int64) * stride_om + rows64 * stride_on,
+                 total.to(out_ptr.dtype.element_ty), mask=mask_n)

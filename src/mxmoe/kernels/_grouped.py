@@ -72,14 +72,12 @@ def _k_range(pid_k, K, k_per_split, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
-              bias_ptr, out_ptr, topk_weights_ptr,
-              stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os, alpha, limit,
-              GATED: tl.constexpr, ACT_FN: tl.constexpr, ROUTER_WEIGHT: tl.constexpr,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) fp32 -> weight / bias / activation -> the output rows of the
-    pairs (or their split-K plane)."""
+def _weight_and_bias(acc, expert, pair, mask_m, rows64, mask_n, pid_k, bias_ptr,
+                     topk_weights_ptr, stride_bias_e, stride_bias_n, ROUTER_WEIGHT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 with the pairs' routing weights (before or after the bias)
+    and the bias (K slice 0 only). ``expert``: the block's expert (a scalar), or each pair's
+    as a (BLOCK_M, 1) column (valid ids where ``mask_m`` is set)."""
     if ROUTER_WEIGHT != WEIGHT_NONE:
         routing_weight = tl.load(topk_weights_ptr + pair, mask=mask_m, other=0.0)
     if ROUTER_WEIGHT == WEIGHT_BEFORE_BIAS:
@@ -88,12 +86,20 @@ def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
         # Only K slice 0 adds the bias (a block mask: a scalar & block mask trips the
         # interpreter).
         first_slice = (tl.zeros((BLOCK_N,), tl.int32) + pid_k) == 0
-        bias = tl.load(bias_ptr + expert * stride_bias_e + rows64 * stride_bias_n,
-                       mask=mask_n & first_slice, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
+        bias = tl.load(bias_ptr + expert * stride_bias_e + rows64[None, :] * stride_bias_n,
+                       mask=(mask_n & first_slice)[None, :], other=0.0).to(tl.float32)
+        acc = acc + bias
     if ROUTER_WEIGHT == WEIGHT_AFTER_BIAS:
         acc = acc * routing_weight[:, None]
+    return acc
 
+
+@triton.jit
+def _store_rows(acc, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, out_ptr, stride_om,
+                stride_on, stride_os, alpha, limit, GATED: tl.constexpr, ACT_FN: tl.constexpr,
+                SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 -> the gated activation (GEMM1) -> the pairs' output rows
+    (or their split-K plane)."""
     out_row = pair.to(tl.int64)
     if not GATED:
         out_cols = rows64
@@ -111,3 +117,19 @@ def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
         result.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_out[None, :],
     )
+
+
+@triton.jit
+def _epilogue(acc, expert, pair, mask_m, rows64, mask_n, pid_k, pid_n, N,
+              bias_ptr, out_ptr, topk_weights_ptr,
+              stride_bias_e, stride_bias_n, stride_om, stride_on, stride_os, alpha, limit,
+              GATED: tl.constexpr, ACT_FN: tl.constexpr, ROUTER_WEIGHT: tl.constexpr,
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 -> weight / bias / activation -> the output rows of the
+    pairs (or their split-K plane)."""
+    acc = _weight_and_bias(acc, expert, pair, mask_m, rows64, mask_n, pid_k, bias_ptr,
+                           topk_weights_ptr, stride_bias_e, stride_bias_n, ROUTER_WEIGHT,
+                           HAS_BIAS, BLOCK_N)
+    _store_rows(acc, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, out_ptr, stride_om,
+                stride_on, stride_os, alpha, limit, GATED, ACT_FN, SPLIT_K, BLOCK_M, BLOCK_N)

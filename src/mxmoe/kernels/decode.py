@@ -1,9 +1,13 @@
 """Launchers of the decode GEMMs (`_decode_gemm`): the memory-bound regime of the fused MoE.
 
-`DecodeGemm.step` has the contract of `fused_moe._Gemm.step` (same alignment, same
-epilogues, same split-K planes), with the weights in the GROUP_HALVES layout; `fused_moe` picks
-it when the weights are in that layout and pairs per expert are few (`choose_decode_config`).
-`mxmoe.testing.decode_fused_experts` runs a whole layer on it with given configs (tests,
+Two variants of `DecodeConfig`, both reading the weights as int32 words in either layout:
+- "gemv": `DecodeGemm.step` has the contract of `fused_moe._Gemm.step` (same alignment, same
+  epilogues, same split-K planes).
+- "direct": `TokenGemm.step`, no alignment: a program per token and N tile over the token's
+  top-k experts; GEMM2 sums the pairs itself, so a layer is two launches (plus the split-K
+  activation when GEMM1 is split).
+`fused_moe` picks them when pairs per expert are few (`choose_decode_configs`).
+`mxmoe.testing.decode_fused_experts` runs a whole layer on them with given configs (tests,
 benchmarks).
 """
 
@@ -14,27 +18,42 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import settings
-from ..layouts import GROUP_HALVES
+from ..layouts import GROUP_HALVES, PLAIN
 from ..problem import MoEProblem
-from ._decode_gemm import decode_gemv_kernel
+from ._decode_gemm import LAYOUT_GROUP_HALVES, LAYOUT_PLAIN, decode_gemv_kernel, decode_token_kernel
 from .grouped_gemm import GroupedGemm
-from .launch import Launcher, Step
+from .launch import Launcher, Step, cdiv
 
-__all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "choose_decode_config",
-           "default_decode_config"]
+__all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "TokenGemm", "choose_decode_config",
+           "default_decode_config", "word_layout"]
 
-#: "gemv": CUDA-core fp32 FMA (1..4 pairs per expert), the one variant since the tensor-core
-#: swap-AB one was measured slower (benchmarks/NOTES.md section 14).
-VARIANTS = ("gemv",)
+#: Both CUDA-core fp32 FMA: "gemv" on the aligned pairs (1..4 of one expert a program), "direct"
+#: on each token's top-k slots without alignment. (A tensor-core swap-AB variant was measured
+#: slower and removed: benchmarks/NOTES.md section 14.)
+VARIANTS = ("gemv", "direct")
+
+#: The layouts the decode kernels read, and their W_LAYOUT.
+_WORD_LAYOUTS = {PLAIN: LAYOUT_PLAIN.value, GROUP_HALVES: LAYOUT_GROUP_HALVES.value}
+
+
+def word_layout(layout) -> int:
+    """The decode kernels' W_LAYOUT for a weight layout (ValueError for one they cannot read)."""
+    try:
+        return _WORD_LAYOUTS[layout]
+    except KeyError:
+        names = ", ".join(repr(lay.name) for lay in _WORD_LAYOUTS)
+        raise ValueError(f"the decode GEMMs read the {names} layouts, got {layout.name!r}"
+                         ) from None
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tiles and launch parameters of one decode GEMM.
 
-    ``block_m`` is the alignment's block (pairs per program): 1, 2 or 4. ``split_k`` K slices
-    each run as their own program and write fp32 planes that a follow-up kernel sums in a
-    fixed order.
+    ``block_m``: "gemv": the alignment's block (pairs per program), 1, 2 or 4; "direct": the
+    token's top-k slots decoded per step (their weight tiles loaded together), 1 to 8.
+    ``split_k`` K slices each run as their own program and write fp32 planes that a follow-up
+    kernel sums in a fixed order ("direct": GEMM1 only, as GEMM2 sums the pairs itself).
     """
 
     variant: str = "gemv"
@@ -59,8 +78,10 @@ class DecodeConfig:
         if self.block_n < 2:
             raise ValueError(f"DecodeConfig.block_n must be at least 2 (a gate/up pair), got "
                              f"{self.block_n}")
-        if self.block_m > 4:
-            raise ValueError(f"DecodeConfig.block_m must be 1, 2 or 4, got {self.block_m}")
+        most = 8 if self.variant == "direct" else 4
+        if self.block_m > most:
+            raise ValueError(f"DecodeConfig.block_m must be at most {most} for the "
+                             f"{self.variant!r} variant, got {self.block_m}")
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"DecodeConfig.split_k must be a positive int, got {self.split_k!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
@@ -119,9 +140,9 @@ class DecodeGemm(GroupedGemm):
         and ``scales`` [E, N, K/32] of an MXFP4 weight in the GROUP_HALVES ``layout``; the rest
         as `GroupedGemm.contract_arguments`. All `Ref`s. ``router_weight``: 0 none, 1 before
         the bias, 2 after it."""
-        if layout != GROUP_HALVES:
-            raise ValueError(f"the decode GEMMs read the {GROUP_HALVES.name!r} layout, got "
-                             f"{layout.name!r}")
+        w_layout = word_layout(layout)
+        if cfg.variant != "gemv":
+            raise ValueError(f"DecodeGemm runs the 'gemv' variant, got {cfg.variant!r}")
         if self.aligned.block_m != cfg.block_m:
             raise ValueError(f"the alignment's block_m {self.aligned.block_m} is not the "
                              f"decode config's {cfg.block_m}")
@@ -132,7 +153,69 @@ class DecodeGemm(GroupedGemm):
             k_per_split=k_per_split)
         per_slice = k_per_split or k
         return Step(_gemv, grid, dict(
-            arguments, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0))
+            arguments, EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0,
+            W_LAYOUT=w_layout))
+
+
+_token = Launcher(decode_token_kernel)
+
+
+class TokenGemm:
+    """The "direct" decode GEMMs of one plan: a program per (token, N tile, K slice) over the
+    token's top-k slots, no alignment. Tensors are `launch.Ref`s."""
+
+    def __init__(self, call, topk_ids, topk_weights, expert_map, act_fn):
+        self.call = call
+        self.topk_ids = topk_ids
+        self.topk_weights = topk_weights
+        self.expert_map = expert_map
+        self.act_fn = act_fn
+
+    def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
+             router_weight, cfg, sum_pairs=False, splits=1, k_per_split=None) -> Step:
+        """``out[pair] = epilogue(a[pair // a_row_div] @ weight[e]^T)`` (``out`` [num_pairs,
+        N // 2 if gated else N], or with ``splits`` > 1 (ungated) [splits, num_pairs, N]
+        float32 planes), or with ``sum_pairs`` ``out[t] = sum_j epilogue_j(...)`` over the
+        token's slots ([num_tokens, N], unsplit). ``blocks`` [E, N, K/2] uint8 and ``scales``
+        [E, N, K/32] of an MXFP4 weight in ``layout``; ``router_weight``: 0 none, 1 before the
+        bias, 2 after it."""
+        w_layout = word_layout(layout)
+        if cfg.variant != "direct":
+            raise ValueError(f"TokenGemm runs the 'direct' variant, got {cfg.variant!r}")
+        if splits > 1 and (gated or sum_pairs or out.dim() != 3 or out.shape[0] != splits
+                           or out.dtype != torch.float32):
+            raise ValueError("split-K direct GEMMs write (splits, pairs, N) float32 planes, "
+                             "ungated, per pair")
+        p = self.call.problem
+        words = blocks.viewed_as(torch.int32)
+        n_out = n // 2 if gated else n
+        cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
+        grid = (p.num_tokens * splits * cdiv(n_out, cols_per_tile),)
+        out_rows = out if out.dim() == 2 else out.plane(0)
+        sa, so = a.stride(), out_rows.stride()
+        sb = bias.stride() if bias is not None else (0, 0)
+        sw, ss = words.stride(), scales.stride()
+        per_slice = k_per_split or k
+        has_map = self.expert_map is not None
+        return Step(_token, grid, dict(
+            a_ptr=a, b_ptr=words, b_scale_ptr=scales, bias_ptr=bias if bias is not None else out,
+            out_ptr=out, topk_weights_ptr=self.topk_weights, topk_ids_ptr=self.topk_ids,
+            expert_map_ptr=self.expert_map if has_map else self.topk_ids,
+            N=n, K=k, num_tokens=p.num_tokens, num_global_experts=p.num_global_experts,
+            num_local_experts=p.num_local_experts,
+            stride_am=sa[0], stride_ak=sa[1],
+            stride_be=sw[0], stride_bn=sw[1], stride_bk=sw[2],
+            stride_se=ss[0], stride_sn=ss[1], stride_sk=ss[2],
+            stride_bias_e=sb[0], stride_bias_n=sb[1], stride_om=so[0], stride_on=so[1],
+            stride_os=out.stride(0) if splits > 1 else 0, k_per_split=per_slice,
+            alpha=self.call.alpha, limit=self.call.limit,
+            TOP_K=p.top_k, A_ROW_DIV=a_row_div, SUM_PAIRS=sum_pairs, GATED=gated,
+            INTERLEAVED=self.call.activation.interleaved, ACT_FN=self.act_fn,
+            ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None, HAS_MAP=has_map,
+            BLOCK_J=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=splits,
+            EVEN_K=k % cfg.block_k == 0 and per_slice % cfg.block_k == 0, W_LAYOUT=w_layout,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ))
 
 
 def with_split(cfg: DecodeConfig, split_k: int) -> DecodeConfig:

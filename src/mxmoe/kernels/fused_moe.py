@@ -25,7 +25,7 @@ from . import configs
 from ._epilogues import epilogue_of
 from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
 from .align import plan_align
-from .decode import DecodeConfig, DecodeGemm, choose_decode_configs
+from .decode import DecodeConfig, DecodeGemm, TokenGemm, choose_decode_configs, word_layout
 from .grouped_gemm import GroupedGemm
 from .inner_product import InnerProduct
 from .launch import LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
@@ -115,20 +115,32 @@ _WEIGHT_NONE, _WEIGHT_BEFORE_BIAS, _WEIGHT_AFTER_BIAS = 0, 1, 2
 def uses_decode_kernels(call: MoECall, inner: InnerProduct) -> bool:
     """Whether a call without a given config runs the decode GEMMs (their own configs)."""
     return (inner is InnerProduct.DEQUANT and not settings.current().forced_config
-            and call.w13.layout == GROUP_HALVES and call.w2.layout == GROUP_HALVES
+            and _reads_words(call.w13.layout) and _reads_words(call.w2.layout)
             and choose_decode_configs(call.problem) is not None)
 
 
+def _reads_words(layout) -> bool:
+    """Whether the decode kernels read weights in this layout."""
+    try:
+        word_layout(layout)
+    except ValueError:
+        return False
+    return True
+
+
 def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
-    """(GEMM class, config of GEMM1, config of GEMM2): the decode GEMMs when the weights are in
-    their layout and pairs per expert are few, else the general kernel's tuned config."""
-    if isinstance(config, tuple):
-        return DecodeGemm, config[0], config[1]
+    """(GEMM class, config of GEMM1, config of GEMM2): the decode GEMMs when pairs per expert
+    are few, else the general kernel's tuned config."""
     if isinstance(config, DecodeConfig):
-        return DecodeGemm, config, config
+        config = (config, config)
     if config is None and uses_decode_kernels(call, inner):
-        decode = choose_decode_configs(call.problem)
-        return DecodeGemm, decode[0], decode[1]
+        config = choose_decode_configs(call.problem)
+    if isinstance(config, tuple):
+        first, second = config
+        if first.variant != second.variant:
+            raise ValueError(f"both decode GEMMs run one variant, got {first.variant!r} and "
+                             f"{second.variant!r}")
+        return (TokenGemm if first.variant == "direct" else DecodeGemm), first, second
     cfg = config or choose_config(call, backend)
     return _Gemm, cfg, cfg.gemm2()
 
@@ -186,7 +198,9 @@ class FusedMoEPlan:
         self.conversions: list = []
         gemm_class, cfg, cfg2 = _configs(call, inner, backend, config)
         num_pairs = p.num_pairs
-        max_blocks = max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m)
+        direct = gemm_class is TokenGemm
+        max_blocks = (num_pairs if direct else
+                      max_aligned_blocks(num_pairs, p.num_local_experts, cfg.block_m))
         self.empty = max_blocks == 0
         self.launches = LaunchPlan([])
         workspace = Workspace(_WORKSPACE)
@@ -201,8 +215,6 @@ class FusedMoEPlan:
         topk_weights = self._flat_input(_TOPK_WEIGHTS, call.topk_weights, torch.float32)
         expert_map = (None if call.expert_map is None else
                       self._flat_input(_EXPERT_MAP, call.expert_map, call.expert_map.dtype))
-        aligned = plan_align(steps, workspace, topk_ids, expert_map, num_pairs, cfg.block_m,
-                             p.num_local_experts, p.num_global_experts)
         on_input = call.apply_router_weight_on_input
         if inner is InnerProduct.DENSE:
             w13 = Ref.of(_W13, dense[0])
@@ -214,13 +226,19 @@ class FusedMoEPlan:
         w13_bias = None if call.w13_bias is None else Ref.of(_W13_BIAS, call.w13_bias)
         w2_bias = None if call.w2_bias is None else Ref.of(_W2_BIAS, call.w2_bias)
         x_ref = Ref.of(_X, x)
-        dequant_ptx = (inner is InnerProduct.DEQUANT
-                       and use_dequant_ptx(call.device, _dot_dtype(self.dtype, inner)))
         act_fn = epilogue_of(call.activation)
-        if gemm_class is DecodeGemm:
-            gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, act_fn)
+        if direct:
+            gemm = TokenGemm(call, topk_ids, topk_weights, expert_map, act_fn)
         else:
-            gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
+            aligned = plan_align(steps, workspace, topk_ids, expert_map, num_pairs, cfg.block_m,
+                                 p.num_local_experts, p.num_global_experts)
+            if gemm_class is DecodeGemm:
+                gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, act_fn)
+            else:
+                dequant_ptx = (inner is InnerProduct.DEQUANT
+                               and use_dequant_ptx(call.device, _dot_dtype(self.dtype, inner)))
+                gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx,
+                             act_fn)
         interpret = settings.current().interpret
 
         act = workspace.take((num_pairs, p.intermediate), self.dtype)
@@ -245,16 +263,23 @@ class FusedMoEPlan:
                 ACT_FN=act_fn, NUM_SPLITS=splits1, BLOCK_I=block_i,
             )))
 
+        weight2 = _WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS
+        out = Ref(_OUT, self.dtype, self.out_shape, (p.hidden, 1), reinterpret=False)
+        if direct:
+            # GEMM2 sums each token's pairs itself: no top-k sum.
+            steps.append(gemm.step(act, 1, *w2_parts, w2_bias, out, n=p.hidden,
+                                   k=p.intermediate, gated=False, router_weight=weight2,
+                                   cfg=cfg2, sum_pairs=True))
+            self.workspace_bytes = workspace.nbytes
+            return
         splits2, k_per_split2 = _k_slices(p.intermediate, cfg2)
         # GEMM2's per-pair rows; with split-K one float32 plane per K slice, summed by topk_sum.
         inter = (workspace.take((num_pairs, p.hidden), self.dtype) if splits2 == 1 else
                  workspace.take((splits2, num_pairs, p.hidden), torch.float32))
         steps.append(gemm.step(act, 1, *w2_parts, w2_bias, inter, n=p.hidden,
-                               k=p.intermediate, gated=False,
-                               router_weight=_WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS,
+                               k=p.intermediate, gated=False, router_weight=weight2,
                                cfg=cfg2, splits=splits2, k_per_split=k_per_split2))
         inter_rows = inter if splits2 == 1 else inter.plane(0)
-        out = Ref(_OUT, self.dtype, self.out_shape, (p.hidden, 1), reinterpret=False)
         has_map = expert_map is not None
         block_h = 64 if interpret else 1024
         steps.append(Step(_topk_sum, (p.num_tokens, cdiv(p.hidden, block_h)), dict(
@@ -280,7 +305,7 @@ class FusedMoEPlan:
     def _weight(self, blocks_at: int, scales_at: int, weight, gemm_class) -> tuple:
         """(blocks, scales, layout) of an MXFP4 weight as the GEMM reads it."""
         blocks, scales = weight.blocks, weight.scales
-        if gemm_class is DecodeGemm and not _word_viewable(blocks):
+        if gemm_class in (DecodeGemm, TokenGemm) and not _word_viewable(blocks):
             # The GEMV reads the bytes as int32 words: an odd view is copied, per call.
             self.conversions.append((blocks_at, _own_copy))
             blocks = blocks.contiguous()
