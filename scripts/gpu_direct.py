@@ -11,6 +11,10 @@
    config first with GEMM2's fixed, then GEMM2's), and triton_kernels in the same run, beside
    the floor (touched packed bytes / 4.25 TB/s), M = 1..32.
 Must finish within 9 minutes on one H200 (compiles included).
+
+``MODE=gemms``: instead, each GEMM of the direct path alone (routing and buffers prepared
+outside the graph) over a wider config sweep at M = ``MS`` (default 1, 2) for gpt-oss-20b, and
+the route kernel alone: where a decode step's time goes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from mxmoe.bench.problems import MODELS, ModelShape, make_rotations, make_weight
 from mxmoe.kernels.decode import DecodeConfig  # noqa: E402
 from mxmoe.kernels.fused_moe import FusedMoEPlan, choose_config, fused_moe  # noqa: E402
 from mxmoe.kernels.inner_product import InnerProduct  # noqa: E402
+from mxmoe.kernels.launch import LaunchPlan  # noqa: E402
 from mxmoe.reference import fused_experts_reference  # noqa: E402
 from mxmoe.validation import check_fused_experts_args  # noqa: E402
 
@@ -104,6 +109,79 @@ def layer(weights, rotations, w13, w2, config):
     return run
 
 
+def gemm_parts(weights, rotations, w13, w2, config):
+    """fn(steps) -> a function launching those steps of the direct plan for every rotation
+    (routing done outside; one output and workspace per rotation)."""
+    k = weights.model.top_k
+    first = rotations.inputs[0]
+    call = check_fused_experts_args(first.hidden_states, w13, w2, first.topk_weights,
+                                    first.topk_ids, w13_bias=weights.w13_bias,
+                                    w2_bias=weights.w2_bias, activation="swigluoai", alpha=1.702,
+                                    limit=7.0, expert_map=None)
+    plan = FusedMoEPlan(call, InnerProduct.DEQUANT, "triton_dequant", config=config)
+    sets = []
+    for inputs in rotations.inputs:
+        tw, ti = mxmoe.route(inputs.router_logits, k)
+        out = torch.empty(plan.out_shape, dtype=plan.dtype, device=tw.device)
+        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8,
+                                device=tw.device)
+        sets.append([inputs.hidden_states, tw.reshape(-1).float().contiguous(),
+                     ti.reshape(-1).contiguous(), w13.blocks, w13.scales, w2.blocks, w2.scales,
+                     weights.w13_bias, weights.w2_bias, None, out, workspace])
+    plan.launches.run(sets[0])  # compile; the direct launches from the next run on
+    plan.launches.run(sets[0])
+
+    def of(steps):
+        launches = LaunchPlan([plan.launches.steps[i] for i in steps])
+
+        def run():
+            for tensors in sets:
+                launches.run(tensors)
+        return run
+    return of, len(plan.launches.steps)
+
+
+def gemms_mode(device, header):
+    model = MODELS["20b"]
+    weights = make_weights(model, torch.bfloat16, device, seed=0)
+    plain = (weights.w13, weights.w2)
+    first = [direct(4, 8, 512), direct(4, 8, 1024), direct(4, 8, 512, warps=2),
+             direct(4, 4, 512), direct(4, 4, 1024), direct(4, 16, 512), direct(4, 8, 256, warps=2),
+             direct(2, 8, 512), direct(4, 8, 512, warps=8), direct(4, 8, 256),
+             direct(4, 16, 256, split=2), direct(4, 8, 512, split=2)]
+    second = [direct(1, 16, 512), direct(1, 16, 1024), direct(1, 8, 1024), direct(1, 8, 512),
+              direct(1, 16, 512, warps=2), direct(2, 8, 512), direct(4, 8, 512),
+              direct(1, 32, 512), direct(2, 16, 512), direct(1, 4, 1024), direct(2, 8, 1024),
+              direct(1, 8, 2048)]
+    results = []
+    for m in (MS if "MS" in os.environ else [1, 2]):
+        rot = make_rotations(model, m, ROTATE, torch.bfloat16, device, seed=11)
+        per_expert = (3 * model.hidden * model.inter) * (1 / 2 + 1 / 32)
+        floor = rot.mean_touched_experts * per_expert / COPY_RATE * 1e6
+
+        def route_run():
+            for inputs in rot.inputs:
+                mxmoe.route(inputs.router_logits, model.top_k)
+        route_us = graph_time(route_run)
+        print(f"M={m}: floor {floor:.1f} us (GEMM1 2/3 of it), route alone {route_us:.1f} us")
+        results.append(dict(kind="route", M=m, us=route_us, floor_us=floor))
+        for c1 in first:
+            of, count = gemm_parts(weights, rot, *plain, (c1, second[0]))
+            g1 = graph_time(of(range(count - 1)))
+            results.append(dict(kind="gemm1", M=m, config=c1.__dict__, us=g1))
+            print(f"  GEMM1 {short(c1)}: {g1:.1f} us", flush=True)
+        for c2 in second:
+            of, count = gemm_parts(weights, rot, *plain, (first[0], c2))
+            g2 = graph_time(of([count - 1]))
+            both = graph_time(of(range(count)))
+            results.append(dict(kind="gemm2", M=m, config=c2.__dict__, us=g2, both_us=both))
+            print(f"  GEMM2 {short(c2)}: {g2:.1f} us (both GEMMs {both:.1f})", flush=True)
+    out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_direct_gemms.json").write_text(json.dumps(dict(header=header, rows=results),
+                                                              indent=1))
+
+
 def check(results, model, device):
     weights = make_weights(model, torch.bfloat16, device, seed=3)
     os.environ["MXMOE_POISON"] = "1"
@@ -151,6 +229,8 @@ def main():
                   python=platform.python_version(), sha=os.environ.get("MXMOE_GIT_SHA", "?"),
                   date=time.strftime("%Y-%m-%d"))
     print(header)
+    if os.environ.get("MODE") == "gemms":
+        return gemms_mode(device, header)
     results = []
     models = [MODELS["20b"], MODELS["120b"]]
     checks = []

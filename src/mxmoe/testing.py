@@ -221,11 +221,12 @@ def decode_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *,
     Arguments and ``options`` as `mxmoe.fused_experts`'s (validated as there, with its
     defaults), with ``w13`` and ``w2`` in a layout the decode kernels read (plain or
     group_halves). ``config1`` / ``config2``: the two GEMMs' configs (one variant; for "gemv"
-    one ``block_m``: they share the alignment); defaults from `default_decode_config`.
+    one ``block_m``: they share the alignment); defaults: the direct GEMMs' configs of the
+    dispatch (`direct_configs`).
     """
     from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
     from .format import MXFP4Tensor
-    from .kernels.decode import default_decode_config
+    from .kernels.decode import direct_configs
     from .kernels.fused_moe import fused_moe
     from .kernels.inner_product import InnerProduct
     from .kernels.decode import word_layout
@@ -239,8 +240,9 @@ def decode_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *,
     options = {"w13_bias": None, "w2_bias": None, "expert_map": None, "activation": "swigluoai",
                "alpha": GPT_OSS_SWIGLU_ALPHA, "limit": GPT_OSS_SWIGLU_LIMIT, **options}
     call = check_fused_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, **options)
-    cfg1 = config1 or default_decode_config(call.problem.pairs_per_expert)
-    cfg2 = config2 or cfg1
+    defaults = direct_configs(call.problem.num_tokens)
+    cfg1 = config1 or defaults[0]
+    cfg2 = config2 or (cfg1 if config1 else defaults[1])
     if cfg1.variant == "gemv" and cfg1.block_m != cfg2.block_m:
         raise ValueError(f"decode_fused_experts: config1.block_m {cfg1.block_m} != "
                          f"config2.block_m {cfg2.block_m} (the GEMMs share one alignment)")

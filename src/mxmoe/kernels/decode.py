@@ -25,7 +25,7 @@ from .grouped_gemm import GroupedGemm
 from .launch import Launcher, Step, cdiv
 
 __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "TokenGemm", "choose_decode_config",
-           "default_decode_config", "word_layout"]
+           "choose_decode_configs", "default_decode_config", "direct_configs", "word_layout"]
 
 #: Both CUDA-core fp32 FMA: "gemv" on the aligned pairs (1..4 of one expert a program), "direct"
 #: on each token's top-k slots without alignment. (A tensor-core swap-AB variant was measured
@@ -90,8 +90,9 @@ class DecodeConfig:
 
 
 def default_decode_config(pairs_per_expert: float) -> DecodeConfig:
-    """The GEMV config measured best on the H200 (scripts/gpu_decode.py, benchmarks/NOTES.md
-    section 14): narrow N tiles, GEMM1 in 4 K slices (GEMM2's config is `decode_config2`)."""
+    """The aligned GEMV's config measured best on the H200 (scripts/gpu_decode.py,
+    benchmarks/NOTES.md section 14): narrow N tiles, GEMM1 in 4 K slices (GEMM2's config is
+    `decode_config2`). Used when a "gemv" run is asked for; the default path is "direct"."""
     if settings.current().interpret:
         return DecodeConfig("gemv", block_m=1, block_n=32, block_k=64, num_stages=1)
     return DecodeConfig("gemv", block_m=1, block_n=64, block_k=128, num_warps=4, num_stages=3,
@@ -99,33 +100,58 @@ def default_decode_config(pairs_per_expert: float) -> DecodeConfig:
 
 
 def decode_config2(pairs_per_expert: float) -> DecodeConfig:
-    """GEMM2's decode config (the same alignment block as GEMM1's)."""
+    """The aligned GEMV's GEMM2 config (the same alignment block as GEMM1's)."""
     if settings.current().interpret:
         return default_decode_config(pairs_per_expert)
     return DecodeConfig("gemv", block_m=1, block_n=64, block_k=64, num_warps=4, num_stages=3,
                         split_k=3)
 
 
-#: Up to this many pairs per expert the decode kernels run (when the weights are in the
-#: GROUP_HALVES layout); above, the general kernel. Measured on the H200: benchmarks/NOTES.md.
-#: (H200: the GEMV is 16% faster than the general kernel at 20b M = 1, level at 0.25 pairs
-#: per expert, slower above.)
-DECODE_MAX_PAIRS_PER_EXPERT = 0.25
+def direct_configs(num_tokens: int) -> tuple[DecodeConfig, DecodeConfig]:
+    """(GEMM1, GEMM2) configs of the direct GEMMs, measured best on the H200 at gpt-oss shapes
+    (scripts/gpu_direct.py, both modes; benchmarks/NOTES.md section 16). GEMM1: all four slots
+    of a token a step over 4-8 rows (2-4 output columns) and 512 K, so a program keeps 4-8 KB
+    of weights in flight and the grid has 720-1440 programs at M = 1 (24.4 us at 20b); from 8
+    tokens, wider tiles in two K slices. GEMM2: at M = 1 one slot a step over 8 rows and 1024 K
+    (360 programs, 19.9 us; 90 programs took 45 us); more tokens give more programs, so two
+    slots over 16 or 32 rows."""
+    if settings.current().interpret:
+        return (DecodeConfig("direct", block_m=2, block_n=16, block_k=64, num_stages=1),
+                DecodeConfig("direct", block_m=2, block_n=16, block_k=64, num_stages=1))
+    if num_tokens == 1:
+        first = DecodeConfig("direct", block_m=4, block_n=4, block_k=512)
+    elif num_tokens < 8:
+        first = DecodeConfig("direct", block_m=4, block_n=8, block_k=512)
+    else:
+        first = DecodeConfig("direct", block_m=4, block_n=32, block_k=128, split_k=2)
+    if num_tokens == 1:
+        second = DecodeConfig("direct", block_m=1, block_n=8, block_k=1024)
+    elif num_tokens == 2:
+        second = DecodeConfig("direct", block_m=2, block_n=16, block_k=256)
+    else:
+        second = DecodeConfig("direct", block_m=2, block_n=32, block_k=256)
+    return first, second
+
+
+#: Up to this many pairs per expert the direct decode GEMMs run; above, the general kernel.
+#: Measured on the H200 (benchmarks/NOTES.md section 16): ahead of the general kernel by 4-28%
+#: up to 0.5 pairs per expert (20b M <= 4, 120b M <= 16), behind it from 1.0 (20b M = 8:
+#: 235 against 208 us; 120b M = 32: 853 against 721): the GEMV decodes every weight once per
+#: pair, so its cost grows with the pairs where the tensor-core kernel's does not.
+DECODE_MAX_PAIRS_PER_EXPERT = 0.5
 
 
 def choose_decode_config(problem: MoEProblem) -> DecodeConfig | None:
-    """The decode GEMMs' config for this problem, or None when the general kernel should run."""
-    if problem.pairs_per_expert > DECODE_MAX_PAIRS_PER_EXPERT:
-        return None
-    return default_decode_config(problem.pairs_per_expert)
+    """GEMM1's decode config for this problem, or None when the general kernel should run."""
+    configs = choose_decode_configs(problem)
+    return None if configs is None else configs[0]
 
 
 def choose_decode_configs(problem: MoEProblem) -> tuple[DecodeConfig, DecodeConfig] | None:
     """(GEMM1, GEMM2) decode configs for this problem, or None for the general kernel."""
-    first = choose_decode_config(problem)
-    if first is None:
+    if problem.pairs_per_expert > DECODE_MAX_PAIRS_PER_EXPERT:
         return None
-    return first, decode_config2(problem.pairs_per_expert)
+    return direct_configs(problem.num_tokens)
 
 
 _gemv = Launcher(decode_gemv_kernel)
