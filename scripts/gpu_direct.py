@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_decode import graph_time as rotated_graph_time  # noqa: E402
 import mxmoe  # noqa: E402
 from mxmoe import settings  # noqa: E402
 from mxmoe.bench.peers import TritonKernelsLayer  # noqa: E402
@@ -68,24 +69,8 @@ GEMV = (gemv(1, 64, 128, split=4), gemv(1, 64, 64, split=3))
 
 
 def graph_time(fn, reps=30):
-    """Median µs of one fn() call (fn runs ROTATE layers; captured once in one graph)."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times) / ROTATE
+    """Median µs of one layer (fn runs ROTATE of them, captured once in one graph)."""
+    return rotated_graph_time(fn, reps) / ROTATE
 
 
 def layer(weights, rotations, w13, w2, config):

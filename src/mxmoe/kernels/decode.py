@@ -21,8 +21,8 @@ from .. import settings
 from ..layouts import GROUP_HALVES, PLAIN
 from ..problem import MoEProblem
 from ._decode_gemm import LAYOUT_GROUP_HALVES, LAYOUT_PLAIN, decode_gemv_kernel, decode_token_kernel
-from .grouped_gemm import GroupedGemm
-from .launch import Launcher, Step, cdiv
+from .grouped_gemm import GroupedGemm, gemm_tensor_arguments
+from .launch import Launcher, Step
 
 __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "TokenGemm", "choose_decode_config",
            "choose_decode_configs", "default_decode_config", "direct_configs", "word_layout"]
@@ -213,28 +213,17 @@ class TokenGemm:
             raise ValueError("split-K direct GEMMs write (splits, pairs, N) float32 planes, "
                              "ungated, per pair")
         p = self.call.problem
-        words = blocks.viewed_as(torch.int32)
-        n_out = n // 2 if gated else n
-        cols_per_tile = cfg.block_n // 2 if gated else cfg.block_n
-        grid = (p.num_tokens * splits * cdiv(n_out, cols_per_tile),)
-        out_rows = out if out.dim() == 2 else out.plane(0)
-        sa, so = a.stride(), out_rows.stride()
-        sb = bias.stride() if bias is not None else (0, 0)
-        sw, ss = words.stride(), scales.stride()
+        # The GEMV reads the bytes as int32 words (E, N, K/8).
+        tiles, shared = gemm_tensor_arguments(a, blocks.viewed_as(torch.int32), scales, bias,
+                                              out, n=n, k=k, gated=gated, cfg=cfg,
+                                              splits=splits, k_per_split=k_per_split)
         per_slice = k_per_split or k
         has_map = self.expert_map is not None
-        return Step(_token, grid, dict(
-            a_ptr=a, b_ptr=words, b_scale_ptr=scales, bias_ptr=bias if bias is not None else out,
-            out_ptr=out, topk_weights_ptr=self.topk_weights, topk_ids_ptr=self.topk_ids,
+        return Step(_token, (p.num_tokens * splits * tiles,), dict(
+            shared, topk_weights_ptr=self.topk_weights, topk_ids_ptr=self.topk_ids,
             expert_map_ptr=self.expert_map if has_map else self.topk_ids,
-            N=n, K=k, num_tokens=p.num_tokens, num_global_experts=p.num_global_experts,
-            num_local_experts=p.num_local_experts,
-            stride_am=sa[0], stride_ak=sa[1],
-            stride_be=sw[0], stride_bn=sw[1], stride_bk=sw[2],
-            stride_se=ss[0], stride_sn=ss[1], stride_sk=ss[2],
-            stride_bias_e=sb[0], stride_bias_n=sb[1], stride_om=so[0], stride_on=so[1],
-            stride_os=out.stride(0) if splits > 1 else 0, k_per_split=per_slice,
-            alpha=self.call.alpha, limit=self.call.limit,
+            num_tokens=p.num_tokens, num_global_experts=p.num_global_experts,
+            num_local_experts=p.num_local_experts, alpha=self.call.alpha, limit=self.call.limit,
             TOP_K=p.top_k, A_ROW_DIV=a_row_div, SUM_PAIRS=sum_pairs, GATED=gated,
             INTERLEAVED=self.call.activation.interleaved, ACT_FN=self.act_fn,
             ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None, HAS_MAP=has_map,
