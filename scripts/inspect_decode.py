@@ -211,6 +211,15 @@ def summarize(name, compiled, weights_per_iter):
     return row, sass
 
 
+def dump_compiled(directory: Path, name: str, compiled, sass: str) -> None:
+    """The variant's TTGIR, PTX and SASS as files named after it in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"\W+", "_", name)
+    (directory / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
+    (directory / f"{stem}.ptx").write_text(compiled.asm["ptx"])
+    (directory / f"{stem}.sass").write_text(sass)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dump", type=Path, default=None)
@@ -229,11 +238,7 @@ def main():
         row, sass = summarize(name, compiled, per_thread)
         rows.append(row)
         if args.dump:
-            args.dump.mkdir(parents=True, exist_ok=True)
-            stem = re.sub(r"\W+", "_", name)
-            (args.dump / f"{stem}.ttgir").write_text(compiled.asm["ttgir"])
-            (args.dump / f"{stem}.ptx").write_text(compiled.asm["ptx"])
-            (args.dump / f"{stem}.sass").write_text(sass)
+            dump_compiled(args.dump, name, compiled, sass)
     keys = ["variant", "regs", "spills", "smem", "loop instr", "instr/weight", "LDG", "LDS", "STS",
             "BAR", "LDGSTS", "FFMA", "FMUL", "FADD", "HMMA/WGMMA", "LOP3+SHF", "local_alloc",
             "cvt_layout"]

@@ -8,7 +8,7 @@ from torch import nn
 from .activations import Activation
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
-from .layouts import Layout, get_layout
+from .layouts import Layout, fastest_layout, get_layout
 from .api import fused_experts
 from .ops import fused_experts_op
 from .problem import OP_ARG_NAMES
@@ -28,9 +28,11 @@ class MXFP4MoE(nn.Module):
     The expert weights are buffers (``w13_blocks``, ``w13_scales``, ``w2_blocks``,
     ``w2_scales``): they move with ``.to()`` and appear in ``state_dict``; ``.w13`` and ``.w2``
     view them as `MXFP4Tensor`. They are held in one weight layout (`mxmoe.layouts`; the given
-    weights' own unless ``layout`` names another, converted once here or by `to_layout`); the
-    buffers hold that layout's bytes, so a ``state_dict`` loads back into a layer of the same
-    layout (checkpoint writers take ``layer.w13.plain()``).
+    weights' own unless ``layout`` names another, converted once here or by `to_layout`;
+    ``"auto"``: `mxmoe.layouts.fastest_layout` for the weights' device and the backend, e.g.
+    MMA_LANES on Hopper, which the prefill GEMMs need); the buffers hold that layout's bytes,
+    so a ``state_dict`` loads back into a layer of the same layout (``layer.weight_layout``;
+    checkpoint writers take ``layer.w13.plain()``).
     """
 
     def __init__(
@@ -77,6 +79,8 @@ class MXFP4MoE(nn.Module):
             self.router.weight.copy_(router_weight)
             if router_bias is not None:
                 self.router.bias.copy_(router_bias)
+        if layout == "auto":
+            layout = fastest_layout(w13.blocks.device, backend)
         if layout is not None:
             w13, w2 = w13.to_layout(layout), w2.to_layout(layout)
         if w13.layout != w2.layout:
@@ -124,7 +128,10 @@ class MXFP4MoE(nn.Module):
         return self._weight_objects()[1]
 
     def to_layout(self, layout: Layout | str) -> "MXFP4MoE":
-        """Convert the expert weights to ``layout`` in place (once; bit-exact); returns self."""
+        """Convert the expert weights to ``layout`` in place (once; bit-exact); returns self.
+        ``"auto"``: `mxmoe.layouts.fastest_layout` for the weights' device and the backend."""
+        if layout == "auto":
+            layout = fastest_layout(self.w13_blocks.device, self.backend)
         layout = get_layout(layout)
         if layout != self.weight_layout:
             w13, w2 = self.w13.to_layout(layout), self.w2.to_layout(layout)
@@ -283,6 +290,7 @@ class MXFP4MoE(nn.Module):
         tp_group=None,
         format: str | None = None,
         activation: Activation | str | None = None,
+        layout: Layout | str | None = "auto",
     ) -> "MXFP4MoE":
         """Read layer ``layer``'s MoE from an MXFP4 safetensors checkpoint of any format mxmoe
         knows, detected from config.json and the tensor names (`mxmoe.checkpoints`): gpt-oss
@@ -306,6 +314,9 @@ class MXFP4MoE(nn.Module):
             activation: the layout of the w13 rows when the format's own is not meant: a
                 gpt-oss-named checkpoint of a silu model (``mxmoe quantize --pattern``) is
                 ``"silu"``. None: the format's (gpt-oss ``"swigluoai"``, interleaved rows).
+            layout: the weight layout the layer holds (`mxmoe.layouts`): ``"auto"`` the one
+                its kernels read fastest on ``device`` (`fastest_layout`), None the file's
+                (plain), or a name.
 
         Raises:
             ValueError: an unsupported format, family or scheme (NVFP4, MXFP4 activations), a
@@ -318,7 +329,7 @@ class MXFP4MoE(nn.Module):
         moe = read_pretrained(path, layer, format=format, activation=activation, top_k=top_k,
                               device=device, dtype=dtype, ep_group=ep_group, tp_group=tp_group)
         return cls(**moe.layer_arguments(), backend=backend, ep_group=ep_group,
-                   tp_group=tp_group)
+                   tp_group=tp_group, layout=layout)
 
     @classmethod
     def from_gpt_oss(cls, path, layer: int, *,

@@ -18,8 +18,8 @@ import torch
 
 from .constants import BYTES_PER_BLOCK
 
-__all__ = ["Layout", "PlainLayout", "GroupHalvesLayout", "PLAIN", "GROUP_HALVES", "LAYOUTS",
-           "get_layout"]
+__all__ = ["Layout", "PlainLayout", "GroupHalvesLayout", "MmaLanesLayout", "PLAIN", "GROUP_HALVES",
+           "MMA_LANES", "LAYOUTS", "get_layout", "fastest_layout"]
 
 
 class Layout:
@@ -93,10 +93,52 @@ class GroupHalvesLayout(Layout):
         return plain.reshape(blocks.shape), scales
 
 
+#: Byte ``4q + 2h + j`` of an MMA_LANES group is byte ``8h + 2q + j`` of its GROUP_HALVES
+#: group (q = 0..3, h, j = 0..1), and the inverse order.
+_MMA_LANES_ORDER = [8 * h + 2 * q + j for q in range(4) for h in range(2) for j in range(2)]
+_MMA_LANES_INVERSE = [_MMA_LANES_ORDER.index(i) for i in range(BYTES_PER_BLOCK)]
+
+
+class MmaLanesLayout(Layout):
+    """Within every 32-element scale group, byte ``4q + 2h + j`` (q = 0..3, h, j = 0..1) holds
+    element ``8h + 2q + j`` in its low nibble and element ``8h + 2q + j + 16`` in its high
+    nibble: GROUP_HALVES with the 16 bytes of a group reordered. The scales keep their values
+    and logical shape ``[..., N, K/32]`` but are stored K-major (a transposed view: stride 1
+    along N), so that the scales of consecutive rows are contiguous bytes.
+
+    Why: a 16-bit tensor-core operand fragment (mma.sync / wgmma, the register operand) gives
+    lane ``l`` of a row the elements ``2(l % 4) + {0, 1}`` and ``+ 8`` of every 16 along K. Here
+    the eight codes one lane needs from a group of a row are one aligned 32-bit word (word
+    ``q = l % 4``), and each byte pair ``j = 0, 1`` decodes into one bf16x2 operand register:
+    the prefill GEMM (`mxmoe.kernels._prefill_gemm`) loads words and upcasts them in place. Its
+    tile's scales (a few groups of BLOCK_N rows) are then whole 16-byte runs, which it copies to
+    shared memory asynchronously like the codes (row-major scales give 2-4 byte runs at odd
+    addresses: synchronous byte loads).
+    """
+
+    name = "mma_lanes"
+    description = ("in each 32-group byte 4q+2h+j holds elements 8h+2q+j (low nibble) and that "
+                   "+16 (high): each MMA lane's codes are one 32-bit word; scales K-major")
+
+    def from_plain(self, blocks, scales):
+        halves, scales = GROUP_HALVES.from_plain(blocks, scales)
+        groups = halves.reshape(*blocks.shape[:-1], -1, BYTES_PER_BLOCK)
+        index = torch.tensor(_MMA_LANES_ORDER, device=blocks.device)
+        k_major = scales.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return groups[..., index].reshape(blocks.shape), k_major
+
+    def to_plain(self, blocks, scales):
+        groups = blocks.reshape(*blocks.shape[:-1], -1, BYTES_PER_BLOCK)
+        index = torch.tensor(_MMA_LANES_INVERSE, device=blocks.device)
+        halves = groups[..., index].reshape(blocks.shape)
+        return GROUP_HALVES.to_plain(halves, scales.contiguous())
+
+
 PLAIN = PlainLayout()
 GROUP_HALVES = GroupHalvesLayout()
+MMA_LANES = MmaLanesLayout()
 #: name -> layout; the order `mxmoe info` prints.
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (PLAIN, GROUP_HALVES)}
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (PLAIN, GROUP_HALVES, MMA_LANES)}
 
 
 def get_layout(layout: "Layout | str") -> Layout:
@@ -107,3 +149,21 @@ def get_layout(layout: "Layout | str") -> Layout:
         return LAYOUTS[layout]
     except (KeyError, TypeError):
         raise ValueError(f"unknown layout {layout!r}; known layouts: {list(LAYOUTS)}") from None
+
+
+def fastest_layout(device: "torch.device | str", backend: str = "auto") -> Layout:
+    """The layout whose kernels run fastest for ``backend`` on ``device`` (what a layer built
+    with ``layout="auto"`` converts to, once): MMA_LANES for the dequantizing Triton kernels
+    (``auto`` or ``triton_dequant``) on an NVIDIA GPU of compute capability 9.0 or newer, where
+    the prefill GEMM (which reads only MMA_LANES) runs and the decode and general kernels read it
+    as fast as the others; the plain layout everywhere else (tl.dot_scaled reads only it; the
+    torch backends convert any layout)."""
+    from . import settings
+
+    device = torch.device(device)
+    if backend not in ("auto", "triton_dequant") or device.type != "cuda":
+        return PLAIN
+    if settings.current().interpret:
+        return PLAIN
+    facts = settings.device_facts(device)
+    return MMA_LANES if not facts.is_hip and facts.capability >= (9, 0) else PLAIN

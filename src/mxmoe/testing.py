@@ -249,3 +249,24 @@ def decode_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *,
     if call.problem.num_tokens == 0:
         return hidden_states.new_zeros(hidden_states.shape)
     return fused_moe(call, InnerProduct.DEQUANT, "triton_dequant", config=(cfg1, cfg2))
+
+
+def prefill_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, *, config=None,
+                          **options) -> torch.Tensor:
+    """The whole MoE layer on the prefill GEMMs (`mxmoe.kernels.prefill`) with the given
+    `PrefillConfig` (None: `default_prefill_config` for the call's pairs per expert), whatever
+    the dispatch would pick: ``[M, H]``. Arguments and ``options`` as `mxmoe.fused_experts`'s
+    (validated as there, with its defaults), with ``w13`` and ``w2`` in the MMA_LANES layout."""
+    from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
+    from .kernels.fused_moe import fused_moe
+    from .kernels.inner_product import InnerProduct
+    from .kernels.prefill import default_prefill_config
+    from .validation import check_fused_experts_args
+
+    options = {"w13_bias": None, "w2_bias": None, "expert_map": None, "activation": "swigluoai",
+               "alpha": GPT_OSS_SWIGLU_ALPHA, "limit": GPT_OSS_SWIGLU_LIMIT, **options}
+    call = check_fused_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, **options)
+    if call.problem.num_tokens == 0:
+        return hidden_states.new_zeros(hidden_states.shape)
+    config = config or default_prefill_config(call.problem.pairs_per_expert)
+    return fused_moe(call, InnerProduct.DEQUANT, "triton_dequant", config=config)

@@ -17,7 +17,7 @@ import torch
 from .. import settings
 from ..format import MXFP4Tensor
 from ..kernels.inner_product import InnerProduct
-from ..layouts import GROUP_HALVES, PLAIN
+from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN
 from ..problem import MoECall
 from .base import Backend
 
@@ -51,16 +51,29 @@ class TritonBackend(Backend):
         self.description = description
         self.keeps_weights_packed = inner_product is not InnerProduct.DENSE
         # tl.dot_scaled reads the checkpoint's byte order only; the dequantizing kernels decode
-        # either order; the dense copy is made from any layout.
+        # every layout; the dense copy is made from any layout.
         self.layouts = ((PLAIN.name,) if inner_product is InnerProduct.SCALED
-                        else (PLAIN.name, GROUP_HALVES.name))
+                        else (PLAIN.name, GROUP_HALVES.name, MMA_LANES.name))
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         return triton_unavailable_reason(device)
 
+    def _check_layouts(self, call: MoECall) -> None:
+        """The kernels read the bytes as they lie: a layout they do not know would be decoded
+        as another one, silently wrong (the dense copy is made through `to_plain`)."""
+        if self.inner_product is InnerProduct.DENSE:
+            return
+        for name, weight in (("w13", call.w13), ("w2", call.w2)):
+            if weight.layout.name not in self.layouts:
+                raise ValueError(
+                    f"backend {self.name!r} reads the weight layouts {list(self.layouts)}; "
+                    f"{name} is in {weight.layout.name!r}: convert it with "
+                    f"MXFP4Tensor.to_layout (or use the kernels that read it)")
+
     def run(self, call: MoECall) -> torch.Tensor:
         from ..kernels.fused_moe import fused_moe
 
+        self._check_layouts(call)
         if self.inner_product is InnerProduct.DENSE:
             dtype = call.hidden_states.dtype
             return fused_moe(call, self.inner_product, self.name,
@@ -71,6 +84,7 @@ class TritonBackend(Backend):
     def plan(self, call: MoECall):
         from ..kernels.fused_moe import FusedMoEPlan
 
+        self._check_layouts(call)
         dense = None
         if self.inner_product is InnerProduct.DENSE:
             dtype = call.hidden_states.dtype

@@ -27,6 +27,7 @@ from ..router import route
 from . import report
 from .baseline import DenseBaseline
 from .ceilings import Ceilings
+from ..layouts import LAYOUTS
 from .floors import Floor, dense_expert_bytes, layer_floor
 from .host import HostCost, HostMeter, skipped
 from .peers import TRITON_KERNELS, PeerUnavailable, TritonKernelsLayer
@@ -40,10 +41,12 @@ BASELINE = "baseline"
 #: The path name of the `MXFP4MoE` layer (router included, default backend); its row label.
 LAYER = "layer"
 LAYER_LABEL = "MXFP4MoE"
+#: `MXFP4MoE` with its weights held in another layout than the one "auto" picks
+#: (`mxmoe.layouts.fastest_layout`): "layer@plain", "layer@group_halves", "layer@mma_lanes".
+LAYER_IN = {name: f"{LAYER}@{name}" for name in LAYOUTS}
 #: Paths that are not mxmoe backend names.
-#: `MXFP4MoE` with its weights converted at load to the decode kernels' layout.
-LAYER_HALVES = "layer@group_halves"
-EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER, LAYER_HALVES)
+EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER, *LAYER_IN.values())
+LAYER_PATHS = (LAYER, *LAYER_IN.values())
 
 
 @dataclass
@@ -131,14 +134,14 @@ class MoELayerPath:
 
     label = LAYER_LABEL
 
-    def __init__(self, weights: Weights, layout: str = "plain"):
+    def __init__(self, weights: Weights, layout: str = "auto"):
         from ..layer import MXFP4MoE
 
         self.weights = weights
-        self.label = LAYER_LABEL if layout == "plain" else f"{LAYER_LABEL}@{layout}"
+        self.label = LAYER_LABEL if layout == "auto" else f"{LAYER_LABEL}@{layout}"
         self.module = MXFP4MoE(weights.w13, weights.w2, weights.router_weight,
                                weights.router_bias, weights.w13_bias, weights.w2_bias,
-                               top_k=weights.model.top_k).to_layout(layout)
+                               top_k=weights.model.top_k, layout=layout)
 
     def __call__(self, inputs: Inputs) -> torch.Tensor:
         return self.module(inputs.hidden_states)
@@ -297,7 +300,8 @@ class Runner:
         makers = {BASELINE: lambda: DenseBaseline(weights, self.s.dtype),
                   TRITON_KERNELS: lambda: TritonKernelsLayer(weights, self.s.dtype),
                   LAYER: lambda: MoELayerPath(weights),
-                  LAYER_HALVES: lambda: MoELayerPath(weights, "group_halves")}
+                  **{path: (lambda name=name: MoELayerPath(weights, name))
+                     for name, path in LAYER_IN.items()}}
         if path not in makers:
             return None
         if path not in built:
@@ -312,7 +316,7 @@ class Runner:
         if path == BASELINE:
             return made.label if made is not None and not isinstance(made, BaseException) \
                 else "baseline"
-        if path in (LAYER, LAYER_HALVES) and made is not None and not isinstance(
+        if path in LAYER_PATHS and made is not None and not isinstance(
                 made, BaseException):
             return made.label
         return {LAYER: LAYER_LABEL}.get(path, path)
@@ -380,9 +384,10 @@ class Runner:
             elif path == TRITON_KERNELS:
                 row["detail"] = made.detail
                 fn = made
-            elif path in (LAYER, LAYER_HALVES):
+            elif path in LAYER_PATHS:
                 reference = made.reference(inputs[0])
-                row["detail"] = f"router included; {_auto_detail(device)}"
+                row["detail"] = (f"router included; {_auto_detail(device)}; weights in "
+                                 f"{made.module.weight_layout.name}")
                 if rotations.disjoint_experts:
                     row["detail"] += "; its own router: rotations not expert-disjoint"
                 fn = made

@@ -265,6 +265,7 @@ def _replacement_for(where: str, mlp, backend: str):
                 limit=float(experts.limit),
                 renormalize=True,  # softmax over the top-k logits
                 backend=backend,
+                layout="auto",
                 second_output="router_scores" if isinstance(
                     mlp, modeling_gpt_oss.GptOssMLP) else "router_logits",
             )
@@ -427,6 +428,7 @@ def _silu_replacement_for(where: str, mlp, family, router_class, experts_class, 
             return SparseMXFP4MoE(
                 w13, w2, weight.detach(), top_k=int(router.top_k), activation="silu",
                 renormalize=renormalize, backend=backend, router_class=router_class,
+                layout="auto",
             )
 
     return build
@@ -482,8 +484,9 @@ def use_mxmoe(model, *, backend: str = "auto"):
 
     Returns:
         ``model``, whose MoE blocks (``mlp``) are now `GptOssMXFP4MoE` or `SparseMXFP4MoE`
-        (Qwen3-MoE's dense ``mlp_only_layers`` stay as they are). Blocks already patched only
-        take the new ``backend``.
+        (Qwen3-MoE's dense ``mlp_only_layers`` stay as they are), their weights in the layout
+        their kernels read fastest on the weights' device (`mxmoe.layouts.fastest_layout`).
+        Blocks already patched only take the new ``backend``.
 
     Raises:
         TypeError: ``model`` is none of those models.

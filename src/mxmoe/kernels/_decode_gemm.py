@@ -2,9 +2,11 @@
 
 Two kernels, one inner loop (the weights read as int32 words of 8 nibbles, in either layout of
 `mxmoe.layouts`, ``W_LAYOUT``): nibble ``n`` of word ``w`` of a row is K element ``8w + n`` in
-the plain layout, and element ``32 (w // 4) + 4 (w % 4) + n // 2 + 16 (n % 2)`` in GROUP_HALVES
-(byte ``j`` of a 32-group holds elements ``j`` and ``j + 16``). The activations of each nibble
-position are gathered from L1 either way.
+the plain layout, element ``32 (w // 4) + 4 (w % 4) + n // 2 + 16 (n % 2)`` in GROUP_HALVES
+(byte ``j`` of a 32-group holds elements ``j`` and ``j + 16``), and element
+``32 (w // 4) + 2 (w % 4) + 8 (n // 4) + (n // 2) % 2 + 16 (n % 2)`` in MMA_LANES (byte
+``4q + 2h + j`` holds ``8h + 2q + j`` and that ``+ 16``; its K-major scales are only other
+strides). The activations of each nibble position are gathered from L1 either way.
 
 - `decode_gemv_kernel` takes the aligned pairs (`mxmoe.routing.Alignment`): a program per M
   block of 1, 2 or 4 pairs of one expert, the weights decoded once for all of them.
@@ -72,6 +74,7 @@ def _nibble_to_f32(words, NIBBLE: tl.constexpr):
 #: W_LAYOUT: the byte order of the words (as `_moe_gemm`'s).
 LAYOUT_PLAIN = tl.constexpr(0)
 LAYOUT_GROUP_HALVES = tl.constexpr(1)
+LAYOUT_MMA_LANES = tl.constexpr(2)
 
 
 @triton.jit
@@ -81,6 +84,11 @@ def _nibble_k(offs_w, k0, NIBBLE: tl.constexpr, W_LAYOUT: tl.constexpr):
         # Word w of a group holds its bytes 4w..4w+3; nibble n is byte n // 2's low (n even:
         # element 4w + n // 2) or high half (n odd: element 16 + 4w + n // 2).
         return k0 + (offs_w // 4) * 32 + (offs_w % 4) * 4 + (NIBBLE % 2) * 16 + NIBBLE // 2
+    elif W_LAYOUT == LAYOUT_MMA_LANES:
+        # Word q of a group holds its bytes 4q + 2h + j (h, j = 0, 1): byte n // 2 of the word
+        # is h = n // 4, j = (n // 2) % 2, holding element 8h + 2q + j (+ 16 when n is odd).
+        return (k0 + (offs_w // 4) * 32 + (offs_w % 4) * 2 + (NIBBLE // 4) * 8
+                + (NIBBLE // 2) % 2 + (NIBBLE % 2) * 16)
     else:
         return k0 + offs_w * 8 + NIBBLE
 
@@ -166,7 +174,7 @@ def decode_gemv_kernel(
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
     EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
-    W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN or LAYOUT_GROUP_HALVES
+    W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN, LAYOUT_GROUP_HALVES or LAYOUT_MMA_LANES
 ):
     """CUDA-core GEMV over the pairs of one M block, fp32 FMA, the weights read as int32 words.
 
@@ -293,7 +301,7 @@ def decode_token_kernel(
     BLOCK_K: tl.constexpr,  # K per loop step, a multiple of 32
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
     EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
-    W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN or LAYOUT_GROUP_HALVES
+    W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN, LAYOUT_GROUP_HALVES or LAYOUT_MMA_LANES
 ):
     """CUDA-core GEMV over one token's top-k slots, fp32 FMA, no alignment (see the module).
 

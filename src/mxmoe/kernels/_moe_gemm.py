@@ -32,6 +32,7 @@ MODE_DENSE = tl.constexpr(2)  # dense weights in the dot dtype
 # W_LAYOUT (MXFP4 modes): the byte order of the weights (`mxmoe.layouts`)
 LAYOUT_PLAIN = tl.constexpr(0)  # byte j = elements 2j (low nibble), 2j+1 (high)
 LAYOUT_GROUP_HALVES = tl.constexpr(1)  # in each 32-group byte j = elements j (low), j+16 (high)
+LAYOUT_MMA_LANES = tl.constexpr(2)  # byte 4q+2h+j of a group = elements 8h+2q+j, +16 (K-major scales)
 
 
 
@@ -220,14 +221,23 @@ def moe_gemm_kernel(
             else:
                 codes = packed.to(tl.int32)
                 scale_f = _e8m0_to_f32(scale.to(tl.int32))
-                if SPLIT_DOT or W_LAYOUT == LAYOUT_GROUP_HALVES:
+                if SPLIT_DOT or W_LAYOUT != LAYOUT_PLAIN:
                     # Two dots over K/2 each, one for the low nibbles and one for the high. Plain
                     # layout: the low nibbles are the even K indices, the high the odd, so A is
                     # read at stride 2. Group halves: they are the first and the second 16 of
                     # each 32-group, so A is read as runs of 16 contiguous elements.
                     offs_h = tl.arange(0, BLOCK_K // 2)
-                    if W_LAYOUT == LAYOUT_GROUP_HALVES:
+                    if W_LAYOUT == LAYOUT_GROUP_HALVES:  # the halves of each 32-group
                         offs_k2 = k0 + (offs_h // 16) * 32 + offs_h % 16
+                        step_hi = 16
+                    elif W_LAYOUT == LAYOUT_MMA_LANES:
+                        # Byte p = 4q + 2h + j of a group holds elements 8h + 2q + j (low
+                        # nibble) and that + 16 (high): A is gathered in that order (pairs of
+                        # adjacent elements) and the weight bytes stay one contiguous load.
+                        # (The dot sums over K in any order; the K-major scales are strides.)
+                        p = offs_h % 16
+                        offs_k2 = (k0 + (offs_h // 16) * 32 + ((p % 4) // 2) * 8 + (p // 4) * 2
+                                   + p % 2)
                         step_hi = 16
                     else:
                         offs_k2 = k0 + 2 * offs_h

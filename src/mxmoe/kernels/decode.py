@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import settings
-from ..layouts import GROUP_HALVES, PLAIN
+from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN
 from ..problem import MoEProblem
-from ._decode_gemm import LAYOUT_GROUP_HALVES, LAYOUT_PLAIN, decode_gemv_kernel, decode_token_kernel
+from ._decode_gemm import (LAYOUT_GROUP_HALVES, LAYOUT_MMA_LANES, LAYOUT_PLAIN, decode_gemv_kernel,
+                           decode_token_kernel)
 from .grouped_gemm import GroupedGemm, gemm_tensor_arguments
 from .launch import Launcher, Step
 
@@ -33,7 +34,8 @@ __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "TokenGemm", "choose_decode
 VARIANTS = ("gemv", "direct")
 
 #: The layouts the decode kernels read, and their W_LAYOUT.
-_WORD_LAYOUTS = {PLAIN: LAYOUT_PLAIN.value, GROUP_HALVES: LAYOUT_GROUP_HALVES.value}
+_WORD_LAYOUTS = {PLAIN: LAYOUT_PLAIN.value, GROUP_HALVES: LAYOUT_GROUP_HALVES.value,
+                 MMA_LANES: LAYOUT_MMA_LANES.value}
 
 
 def word_layout(layout) -> int:

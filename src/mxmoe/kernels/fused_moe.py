@@ -18,23 +18,29 @@ import torch
 import triton.language as tl
 
 from .. import settings
-from ..layouts import GROUP_HALVES
+from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN
 from ..problem import MoECall
 from ..routing import max_aligned_blocks
 from . import configs
 from ._epilogues import epilogue_of
-from ._moe_gemm import moe_gemm_kernel, split_activation_kernel, topk_sum_kernel
+from ._moe_gemm import (LAYOUT_GROUP_HALVES, LAYOUT_MMA_LANES, LAYOUT_PLAIN, moe_gemm_kernel,
+                       split_activation_kernel, topk_sum_kernel)
 from .align import plan_align
 from .decode import DecodeConfig, DecodeGemm, TokenGemm, choose_decode_configs, word_layout
 from .grouped_gemm import GroupedGemm
+from .prefill import ROWS_PAIR, ROWS_SORTED, PrefillConfig, PrefillGemm, choose_prefill_config
 from .inner_product import InnerProduct
 from .launch import LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
 
-__all__ = ["fused_moe", "FusedMoEPlan", "choose_config", "use_dequant_ptx"]
+__all__ = ["fused_moe", "FusedMoEPlan", "choose_config", "use_dequant_ptx", "uses_decode_kernels",
+           "uses_prefill_kernels"]
 
 _DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 _gemm = Launcher(moe_gemm_kernel)
+#: The general kernel's W_LAYOUT of each layout it decodes (`_moe_gemm`).
+_GENERAL_LAYOUTS = {PLAIN: LAYOUT_PLAIN.value, GROUP_HALVES: LAYOUT_GROUP_HALVES.value,
+                    MMA_LANES: LAYOUT_MMA_LANES.value}
 _split_activation = Launcher(split_activation_kernel)
 _topk_sum = Launcher(topk_sum_kernel)
 
@@ -98,9 +104,9 @@ class _Gemm(GroupedGemm):
         grid, arguments = self.contract_arguments(
             a, a_row_div, blocks, scales, bias, out, n=n, k=k, gated=gated,
             router_weight=router_weight, cfg=cfg, splits=splits, k_per_split=k_per_split)
-        halves = self.inner is not InnerProduct.DENSE and layout == GROUP_HALVES
+        w_layout = 0 if self.inner is InnerProduct.DENSE else _GENERAL_LAYOUTS[layout]
         return Step(_gemm, grid, dict(
-            arguments, WEIGHT_MODE=int(self.inner), W_LAYOUT=int(halves),
+            arguments, WEIGHT_MODE=int(self.inner), W_LAYOUT=w_layout,
             SPLIT_DOT=cfg.split_dot, DEQUANT_PTX=self.dequant_ptx, SWAP_AB=cfg.swap_ab,
             DOT_DTYPE=_DOT_DTYPES[self.dot_dtype],
             DOT_PRECISION="ieee" if self.dot_dtype == torch.float32 else None,
@@ -128,13 +134,25 @@ def _reads_words(layout) -> bool:
     return True
 
 
+def uses_prefill_kernels(call: MoECall, inner: InnerProduct) -> bool:
+    """Whether a call without a given config runs the prefill GEMMs (their own configs)."""
+    return (inner is InnerProduct.DEQUANT and not settings.current().forced_config
+            and choose_prefill_config(call) is not None)
+
+
 def _configs(call: MoECall, inner: InnerProduct, backend: str, config):
     """(GEMM class, config of GEMM1, config of GEMM2): the decode GEMMs when pairs per expert
-    are few, else the general kernel's tuned config."""
+    are few, the prefill GEMMs when they are many (weights in MMA_LANES), else the general
+    kernel's tuned config."""
+    if isinstance(config, PrefillConfig):
+        return PrefillGemm, config, config
     if isinstance(config, DecodeConfig):
         config = (config, config)
     if config is None and uses_decode_kernels(call, inner):
         config = choose_decode_configs(call.problem)
+    if config is None and uses_prefill_kernels(call, inner):
+        config = choose_prefill_config(call)
+        return PrefillGemm, config, config
     if isinstance(config, tuple):
         first, second = config
         if first.variant != second.variant:
@@ -232,17 +250,42 @@ class FusedMoEPlan:
         else:
             aligned = plan_align(steps, workspace, topk_ids, expert_map, num_pairs, cfg.block_m,
                                  p.num_local_experts, p.num_global_experts)
+            dequant_ptx = (inner is InnerProduct.DEQUANT
+                           and use_dequant_ptx(call.device, _dot_dtype(self.dtype, inner)))
             if gemm_class is DecodeGemm:
                 gemm = DecodeGemm(call, aligned, max_blocks, topk_weights, act_fn)
+            elif gemm_class is PrefillGemm:
+                gemm = PrefillGemm(call, aligned, max_blocks, topk_weights, dequant_ptx, act_fn)
             else:
-                dequant_ptx = (inner is InnerProduct.DEQUANT
-                               and use_dequant_ptx(call.device, _dot_dtype(self.dtype, inner)))
                 gemm = _Gemm(call, inner, aligned, max_blocks, topk_weights, dequant_ptx,
                              act_fn)
         interpret = settings.current().interpret
 
-        act = workspace.take((num_pairs, p.intermediate), self.dtype)
         weight1 = _WEIGHT_BEFORE_BIAS if on_input else _WEIGHT_NONE
+        weight2 = _WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS
+        out = Ref(_OUT, self.dtype, self.out_shape, (p.hidden, 1), reinterpret=False)
+        if gemm_class is PrefillGemm:
+            # GEMM1 writes its activations in the alignment's (expert) order, so that GEMM2
+            # reads whole token tiles; its own tokens too with gather_a.
+            sorted_rows = max_blocks * cfg.block_m
+            a1, a1_div, a1_rows = x_ref, p.top_k, ROWS_PAIR
+            if cfg.gather_a:
+                a1 = workspace.take((sorted_rows, p.hidden), self.dtype)
+                a1_div, a1_rows = 1, ROWS_SORTED
+                steps.append(gemm.gather_step(x_ref, a1, p.top_k))
+            act = workspace.take((sorted_rows, p.intermediate), self.dtype)
+            steps.append(gemm.step(a1, a1_div, *w13_parts, w13_bias, act, n=2 * p.intermediate,
+                                   k=p.hidden, gated=True, router_weight=weight1, cfg=cfg,
+                                   a_rows=a1_rows, out_rows=ROWS_SORTED))
+            inter = workspace.take((num_pairs, p.hidden), self.dtype)
+            steps.append(gemm.step(act, 1, *w2_parts, w2_bias, inter, n=p.hidden,
+                                   k=p.intermediate, gated=False, router_weight=weight2,
+                                   cfg=cfg2, a_rows=ROWS_SORTED, out_rows=ROWS_PAIR))
+            self._append_topk_sum(steps, inter, 1, topk_ids, expert_map, out, p, interpret)
+            self.workspace_bytes = workspace.nbytes
+            return
+
+        act = workspace.take((num_pairs, p.intermediate), self.dtype)
         splits1, k_per_split1 = _k_slices(p.hidden, cfg)
         if splits1 == 1:
             steps.append(gemm.step(x_ref, p.top_k, *w13_parts, w13_bias, act,
@@ -263,8 +306,6 @@ class FusedMoEPlan:
                 ACT_FN=act_fn, NUM_SPLITS=splits1, BLOCK_I=block_i,
             )))
 
-        weight2 = _WEIGHT_NONE if on_input else _WEIGHT_AFTER_BIAS
-        out = Ref(_OUT, self.dtype, self.out_shape, (p.hidden, 1), reinterpret=False)
         if direct:
             # GEMM2 sums each token's pairs itself: no top-k sum.
             steps.append(gemm.step(act, 1, *w2_parts, w2_bias, out, n=p.hidden,
@@ -279,7 +320,14 @@ class FusedMoEPlan:
         steps.append(gemm.step(act, 1, *w2_parts, w2_bias, inter, n=p.hidden,
                                k=p.intermediate, gated=False, router_weight=weight2,
                                cfg=cfg2, splits=splits2, k_per_split=k_per_split2))
-        inter_rows = inter if splits2 == 1 else inter.plane(0)
+        self._append_topk_sum(steps, inter, splits2, topk_ids, expert_map, out, p, interpret)
+        self.workspace_bytes = workspace.nbytes
+
+    @staticmethod
+    def _append_topk_sum(steps, inter, splits, topk_ids, expert_map, out, p, interpret):
+        """The deterministic top-k sum of GEMM2's per-pair rows (``inter`` [pairs, H], or
+        [splits, pairs, H] float32 planes) into ``out``."""
+        inter_rows = inter if splits == 1 else inter.plane(0)
         has_map = expert_map is not None
         block_h = 64 if interpret else 1024
         steps.append(Step(_topk_sum, (p.num_tokens, cdiv(p.hidden, block_h)), dict(
@@ -288,10 +336,9 @@ class FusedMoEPlan:
             num_global_experts=p.num_global_experts, num_local_experts=p.num_local_experts,
             stride_im=inter_rows.stride(0), stride_ih=inter_rows.stride(1),
             stride_om=out.stride(0), stride_oh=out.stride(1),
-            stride_is=inter.stride(0) if splits2 > 1 else 0,
-            TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits2,
+            stride_is=inter.stride(0) if splits > 1 else 0,
+            TOP_K=p.top_k, HAS_MAP=has_map, BLOCK_H=block_h, NUM_SPLITS=splits,
         )))
-        self.workspace_bytes = workspace.nbytes
 
     def _flat_input(self, position: int, t: torch.Tensor, dtype: torch.dtype) -> Ref:
         """A `Ref` to ``t`` as a flat unit-stride ``dtype`` array, converted per call if needed

@@ -23,7 +23,8 @@ import torch
 
 from .. import settings
 
-__all__ = ["Launcher", "LaunchPlan", "Ref", "Step", "Workspace", "cdiv", "next_power_of_2"]
+__all__ = ["Launcher", "LaunchPlan", "Ref", "DescriptorRef", "Step", "Workspace", "cdiv",
+           "next_power_of_2"]
 
 #: Launch options that change the compiled kernel; part of the key when given.
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -202,6 +203,28 @@ class Ref:
                 f"offset={self.offset})")
 
 
+class DescriptorRef:
+    """A TMA tensor descriptor argument of a planned launch: the 2-d tensor ``ref`` names, in
+    ``block_shape`` boxes (`triton.tools.tensor_descriptor.TensorDescriptor`, built per launch
+    on the host). A step with one always launches through Triton (its arguments are not plain
+    pointers), so its plan does too: only prefill-sized plans, where a launch's host time hides
+    behind milliseconds of GPU work, take descriptors."""
+
+    __slots__ = ("ref", "block_shape")
+
+    def __init__(self, ref: Ref, block_shape):
+        self.ref = ref
+        self.block_shape = list(block_shape)
+
+    def materialize(self, tensors):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return TensorDescriptor.from_tensor(self.ref.materialize(tensors), self.block_shape)
+
+    def __repr__(self) -> str:
+        return f"DescriptorRef({self.ref!r}, {self.block_shape})"
+
+
 #: Byte alignment of each buffer in a workspace: more than any kernel's vector accesses want.
 WORKSPACE_ALIGN = 256
 
@@ -229,19 +252,24 @@ class Step:
     """One kernel launch of a plan: a `Launcher`, its grid and its arguments by name (`Ref`s
     for tensors, plain values for the rest)."""
 
-    __slots__ = ("launcher", "grid", "arguments", "compiled")
+    __slots__ = ("launcher", "grid", "arguments", "compiled", "direct")
 
     def __init__(self, launcher: Launcher, grid: tuple, arguments: dict):
         self.launcher = launcher
         self.grid = (*grid, 1, 1)[:3]
         self.arguments = arguments
         self.compiled = None  # set by the first launch when direct launches are possible
+        # A descriptor is built per launch by Triton's own path: never a direct launch.
+        self.direct = not any(isinstance(v, DescriptorRef) for v in arguments.values())
 
     def launch_with_tensors(self, tensors) -> None:
         """Launch through the `Launcher` with real tensors (compiling on first use); remember
         the compiled kernel for `LaunchPlan`'s direct launches when they are possible."""
-        named = {k: v.materialize(tensors) if isinstance(v, Ref) else v
+        named = {k: v.materialize(tensors) if isinstance(v, (Ref, DescriptorRef)) else v
                  for k, v in self.arguments.items()}
+        if not self.direct:
+            self.launcher.kernel[self.grid](**named)
+            return
         compiled = self.launcher.launch_and_return_compiled(self.grid, named)
         if self.compiled is None:
             self.compiled = compiled
