@@ -143,17 +143,21 @@ def test_auto_through_fused_experts_on_the_cpu():
     assert torch.equal(out, ref)
 
 
-def test_fused_experts_hands_its_problem_to_resolve_backend(monkeypatch):
+def test_fused_experts_hands_its_problem_and_layout_to_resolve_backend(monkeypatch):
     seen = []
 
-    def spy(name, device, problem=None):
-        seen.append(problem)
-        return resolve_backend(name, device, problem)
+    def spy(name, device, problem=None, layout=None):
+        seen.append((problem, layout))
+        return resolve_backend(name, device, problem, layout)
 
     monkeypatch.setattr(mxmoe.plans, "resolve_backend", spy)
-    mxmoe.fused_experts(**make_moe(3, 64, 32, 4, 2))
-    assert (seen[0].num_tokens, seen[0].hidden, seen[0].intermediate, seen[0].top_k) == \
+    kw = make_moe(3, 64, 32, 4, 2)
+    mxmoe.fused_experts(**dict(kw, w13=kw["w13"].to_layout("mma_lanes"),
+                               w2=kw["w2"].to_layout("mma_lanes")))
+    problem, layout = seen[0]
+    assert (problem.num_tokens, problem.hidden, problem.intermediate, problem.top_k) == \
         (3, 64, 32, 2)
+    assert layout == "mma_lanes"
 
 
 # --------------------------------------------------------------------------- MXMOE_BACKEND

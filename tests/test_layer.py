@@ -114,3 +114,36 @@ def test_a_rank_with_no_experts_returns_zeros():
     )
     out = empty(torch.randn(2, 3, 64))
     assert out.shape == (2, 3, 64) and not out.any()
+
+
+def test_auto_layout_is_plain_off_the_gpu_and_holds_the_same_layer():
+    layer = dense_moe().layer(top_k=2)
+    auto = mxmoe.MXFP4MoE(layer.w13, layer.w2, layer.router.weight, layer.router.bias,
+                          layer.w13_bias, layer.w2_bias, top_k=2, layout="auto")
+    assert auto.weight_layout.name == "plain"  # CPU: the torch backend reads any layout
+    assert mxmoe.layouts.fastest_layout("cpu").name == "plain"
+    assert mxmoe.layouts.fastest_layout("cuda", "triton_scaled").name == "plain"
+    x = torch.randn(3, layer.hidden_size)
+    assert torch.equal(auto(x), layer(x))
+    assert auto.to_layout("auto") is auto and auto.weight_layout.name == "plain"
+
+
+def test_setting_a_backend_that_cannot_read_the_layout_converts_the_weights():
+    layer = dense_moe().layer(top_k=2).to_layout("mma_lanes")
+    x = torch.randn(3, layer.hidden_size)
+    before = layer(x)
+    plain_bytes = layer.w13.plain().blocks.clone()
+    layer.backend = "torch"  # reads every layout: nothing to do
+    assert layer.weight_layout.name == "mma_lanes"
+    layer.backend = "triton_scaled"  # tl.dot_scaled reads the plain layout only
+    assert layer.weight_layout.name == "plain" and layer.backend == "triton_scaled"
+    assert torch.equal(layer.w13.blocks, plain_bytes)
+    layer.backend = "torch"
+    assert torch.equal(layer(x), before)
+
+
+def test_auto_only_resolves_to_a_backend_that_reads_the_layout():
+    from mxmoe.backends import _decide_auto
+
+    for layout in ("plain", "group_halves", "mma_lanes"):
+        assert _decide_auto(torch.device("cpu"), None, layout) == "torch"

@@ -104,6 +104,26 @@ class MXFP4MoE(nn.Module):
         self.tp_group = tp_group
         del num_experts
 
+    @property
+    def backend(self) -> str:
+        """The backend name of every forward. Setting one that cannot read the weights'
+        layout (tl.dot_scaled reads only the plain one) converts them, once, to its first."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        if "w13_blocks" not in self._buffers or name == "auto":
+            return
+        from .backends import get_backend
+
+        try:
+            readable = get_backend(name).layouts
+        except ValueError:  # an unknown name: the forward says so
+            return
+        if self.weight_layout.name not in readable:
+            self.to_layout(readable[0])
+
     def _weight_objects(self) -> tuple[MXFP4Tensor, MXFP4Tensor]:
         """(w13, w2) as `MXFP4Tensor`, built once and again only when a buffer was replaced
         (``.to()``, `to_layout`, ``load_state_dict`` of new tensors): not per forward."""

@@ -128,7 +128,8 @@ class CallPlan:
             self.backend = None
             self.runner = None
             return
-        self.backend = resolve_backend(call.backend, call.device, problem)
+        self.backend = resolve_backend(call.backend, call.device, problem,
+                                       call.w13.layout.name)
         self.runner = self.backend.plan(call)
 
     def __call__(self, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,

@@ -151,7 +151,8 @@ def _default_device() -> torch.device:
 
 
 def resolve_backend(
-    name: str, device: torch.device | str, problem: "MoEProblem | None" = None
+    name: str, device: torch.device | str, problem: "MoEProblem | None" = None,
+    layout: str | None = None,
 ) -> Backend:
     """Turn ``name`` (or ``auto``, or the ``MXMOE_BACKEND`` override of ``auto``) into a backend.
 
@@ -159,6 +160,8 @@ def resolve_backend(
         name: a backend name or ``"auto"``.
         device: where the call runs.
         problem: the call's sizes; `auto` looks up the fastest backend for its size class.
+        layout: the weights' layout name; `auto` only picks a backend that reads it (a tuned
+            table may call tl.dot_scaled fastest, which reads only the plain layout).
 
     Raises:
         ValueError: an unknown name (listing the known ones), or a backend not usable here
@@ -172,7 +175,7 @@ def resolve_backend(
         if override:
             name, origin = override, f" (from {BACKEND_ENV})"
     if name == "auto":
-        return get_backend(_auto_choice(device, problem))
+        return get_backend(_auto_choice(device, problem, layout))
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}{origin}; known backends: {_known_names()}")
     status = backend_status(name, device)
@@ -185,28 +188,34 @@ def resolve_backend(
     return get_backend(name)
 
 
-def _auto_choice(device: torch.device, problem: "MoEProblem | None") -> str:
-    """`_decide_auto`, remembered per device and problem size."""
+def _auto_choice(device: torch.device, problem: "MoEProblem | None",
+                 layout: str | None = None) -> str:
+    """`_decide_auto`, remembered per device, problem size and weight layout."""
     sizes = None if problem is None else (
         problem.num_tokens, problem.hidden, problem.intermediate, problem.num_local_experts,
         problem.top_k,
     )
-    key = (device, settings.current().interpret, sizes)
+    key = (device, settings.current().interpret, sizes, layout)
     name = _AUTO_MEMO.get(key)
     if name is None:
         if len(_AUTO_MEMO) >= _AUTO_MEMO_MAX:
             _AUTO_MEMO.clear()
-        name = _AUTO_MEMO[key] = _decide_auto(device, problem)
+        name = _AUTO_MEMO[key] = _decide_auto(device, problem, layout)
     return name
 
 
-def _decide_auto(device: torch.device, problem: "MoEProblem | None") -> str:
-    """The first usable of: the tuned table's choice for this size class, then the defaults."""
+def _decide_auto(device: torch.device, problem: "MoEProblem | None",
+                 layout: str | None = None) -> str:
+    """The first usable of: the tuned table's choice for this size class, then the defaults;
+    of those that read ``layout`` when it is given."""
     order = _AUTO_ORDER_GPU if device.type == "cuda" else _AUTO_ORDER_OTHER
+    if layout is not None:
+        order = tuple(n for n in order if layout in get_backend(n).layouts)
     preferred = _tuned_preference(device, problem) if device.type == "cuda" else None
     # A table entry naming an unknown or dense backend is ignored, not obeyed: auto never
     # trades 3.8x the memory for speed, and a stale table must not break inference.
-    if preferred in _REGISTRY and get_backend(preferred).keeps_weights_packed:
+    if (preferred in _REGISTRY and get_backend(preferred).keeps_weights_packed
+            and (layout is None or layout in get_backend(preferred).layouts)):
         order = (preferred, *(n for n in order if n != preferred))
     reasons = []
     for name in order:

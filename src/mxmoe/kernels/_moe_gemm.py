@@ -37,6 +37,19 @@ LAYOUT_MMA_LANES = tl.constexpr(2)  # byte 4q+2h+j of a group = elements 8h+2q+j
 
 
 @triton.jit
+def _mma_lanes_k_order(w_lo, w_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The decoded low and high nibbles (BLOCK_N, BLOCK_K / 2) of MMA_LANES bytes -> the
+    (BLOCK_N, BLOCK_K) tile in K order. Byte ``p = 4q + 2h + j`` of group ``g`` holds K element
+    ``32g + 8h + 2q + j`` (low nibble, c = 0) and that ``+ 16`` (c = 1): the join, permute and
+    reshape only rename which element is which (no data moves when each thread holds whole
+    groups' bytes, as for the MMA operand)."""
+    w = tl.join(w_lo, w_hi)  # (n, byte, c)
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2))  # (n, g, q, h, j, c)
+    w = tl.permute(w, (0, 1, 5, 3, 2, 4))  # (n, g, c, h, q, j): K order
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _e2m1_to_f32(codes):
     """E2M1 codes (int32, 0..15) -> float32 by bit manipulation, exactly.
 
@@ -221,7 +234,7 @@ def moe_gemm_kernel(
             else:
                 codes = packed.to(tl.int32)
                 scale_f = _e8m0_to_f32(scale.to(tl.int32))
-                if SPLIT_DOT or W_LAYOUT != LAYOUT_PLAIN:
+                if SPLIT_DOT or W_LAYOUT == LAYOUT_GROUP_HALVES:
                     # Two dots over K/2 each, one for the low nibbles and one for the high. Plain
                     # layout: the low nibbles are the even K indices, the high the odd, so A is
                     # read at stride 2. Group halves: they are the first and the second 16 of
@@ -268,7 +281,17 @@ def moe_gemm_kernel(
                         a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
                     ).to(DOT_DTYPE)
-                    if DEQUANT_PTX:
+                    if W_LAYOUT == LAYOUT_MMA_LANES:
+                        # Decoded per byte, then renamed into K order (registers only).
+                        if DEQUANT_PTX:
+                            scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
+                            w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
+                        else:
+                            scale_h = _per_byte(scale_f, BLOCK_N, GROUPS)
+                            w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
+                            w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
+                        w = _mma_lanes_k_order(w_lo, w_hi, BLOCK_N, BLOCK_K)
+                    elif DEQUANT_PTX:
                         scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
                         w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
                         w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_N, BLOCK_K))

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._grouped import WEIGHT_AFTER_BIAS, WEIGHT_BEFORE_BIAS, WEIGHT_NONE
-from ._moe_gemm import _e2m1_to_f32, _e8m0_to_f32, _mxfp4_to_bf16_ptx
+from ._moe_gemm import _e2m1_to_f32, _e8m0_to_f32, _mma_lanes_k_order, _mxfp4_to_bf16_ptx
 
 # A_ROWS / OUT_ROWS: how the rows of A and of the output are indexed
 ROWS_PAIR = tl.constexpr(0)  # A: a[pair // A_ROW_DIV]; out: out[pair]
@@ -147,10 +147,7 @@ def _upcast_mma_lanes(packed, scale, DEQUANT_PTX: tl.constexpr, DOT_DTYPE: tl.co
                              (BLOCK_N, BLOCK_K // 2))
         w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
         w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
-    w = tl.join(w_lo, w_hi)  # (BLOCK_N, BLOCK_K / 2, c)
-    w = tl.reshape(w, (BLOCK_N, GROUPS, 4, 2, 2, 2))  # (n, g, q, h, j, c)
-    w = tl.permute(w, (0, 1, 5, 3, 2, 4))  # (n, g, c, h, q, j): K order
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    return _mma_lanes_k_order(w_lo, w_hi, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
