@@ -96,11 +96,13 @@ def _plan_gemm(kw):
     return {step.launcher.kernel.__name__ for step in plan.launches.steps}
 
 
-def test_auto_takes_the_prefill_gemms_for_mma_lanes_weights_with_many_pairs():
-    """At PREFILL_MIN_PAIRS_PER_EXPERT pairs per expert: the prefill GEMMs for MMA_LANES weights
-    (and the result is the reference's), the general kernel for the other layouts."""
+def test_auto_takes_the_prefill_gemms_for_mma_lanes_weights_past_the_decode_range():
+    """Past PREFILL_MIN_PAIRS_PER_EXPERT pairs per expert: the prefill GEMMs for MMA_LANES
+    weights (and the result is the reference's), the general kernel for the other layouts;
+    within it the decode GEMMs for every layout."""
     e, k = 2, 2
-    m = int(PREFILL_MIN_PAIRS_PER_EXPERT) * e // k
+    m = 8  # 8 pairs per expert
+    assert m * k / e > PREFILL_MIN_PAIRS_PER_EXPERT
     kw = make_moe(m, 32, 32, e, k, seed=2)
     lanes = in_layout(kw, "mma_lanes")
     assert "prefill_gemm_kernel" in _plan_gemm(lanes)
@@ -108,15 +110,14 @@ def test_auto_takes_the_prefill_gemms_for_mma_lanes_weights_with_many_pairs():
     assert "prefill_gemm_kernel" not in _plan_gemm(in_layout(kw, "group_halves"))
     out = mxmoe.fused_experts(**lanes, backend="triton_dequant")
     assert rel_err(out, fused_experts_reference(**kw)) < TOLERANCE
-    # Below the threshold the same weights take another kernel.
-    small = in_layout(make_moe(m // 2, 32, 32, e, k, seed=3), "mma_lanes")
-    assert "prefill_gemm_kernel" not in _plan_gemm(small)
+    few = make_moe(1, 32, 32, 4, 1, seed=3)  # 0.25 pairs per expert
+    assert 1 / 4 <= PREFILL_MIN_PAIRS_PER_EXPERT
+    assert "decode_token_kernel" in _plan_gemm(in_layout(few, "mma_lanes"))
 
 
 def test_forced_config_keeps_the_general_kernel(monkeypatch):
     monkeypatch.setenv("MXMOE_CONFIG", json.dumps(GENERAL["one dot"]))
-    e, k = 2, 2
-    kw = make_moe(int(PREFILL_MIN_PAIRS_PER_EXPERT) * e // k, 32, 32, e, k, seed=4)
+    kw = make_moe(8, 32, 32, 2, 2, seed=4)
     kernels = _plan_gemm(in_layout(kw, "mma_lanes"))
     assert "moe_gemm_kernel" in kernels and "prefill_gemm_kernel" not in kernels
 

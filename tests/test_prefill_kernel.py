@@ -243,7 +243,8 @@ def test_other_layouts_are_rejected():
 
 
 @pytest.mark.parametrize("field, value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
-                                          ("num_stages", 0), ("programs", 0)])
+                                          ("num_stages", 0), ("programs", 0),
+                                          ("per_sm", 0)])
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         PrefillConfig(**{field: value})

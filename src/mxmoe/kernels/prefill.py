@@ -21,6 +21,7 @@ import triton.language as tl
 from .. import settings
 from ..layouts import MMA_LANES
 from ._prefill_gemm import gather_rows_kernel, prefill_gemm_kernel
+from .decode import DECODE_MAX_PAIRS_PER_EXPERT
 from .launch import DescriptorRef, Launcher, Step, cdiv
 
 __all__ = ["PrefillConfig", "PrefillGemm", "choose_prefill_config", "default_prefill_config",
@@ -41,7 +42,7 @@ class PrefillConfig:
     ``block_m`` tokens (the alignment's block; wgmma's N: 64..256 on Hopper) by ``block_n``
     weight rows (a multiple of 16; 64 per consumer warpgroup) by ``block_k`` (a multiple of 32).
     ``group_m`` M blocks walk the N tiles together; ``programs`` caps the persistent grid
-    (None: the SM count). ``tma``: GEMM2 (and GEMM1 with ``gather_a``) load their token tiles
+    (None: ``per_sm`` programs per SM; 2 helps small tiles hide their latency). ``tma``: GEMM2 (and GEMM1 with ``gather_a``) load their token tiles
     through tensor descriptors; ``gather_a``: GEMM1's tokens are first copied into expert order;
     ``flatten``: Triton flattens the tile and K loops into one pipelined loop (the next tile's
     loads start during this tile's epilogue).
@@ -54,6 +55,7 @@ class PrefillConfig:
     num_warps: int = 8
     num_stages: int = 4
     programs: int | None = None
+    per_sm: int = 1
     tma: bool = False
     gather_a: bool = False
     flatten: bool = False
@@ -70,7 +72,7 @@ class PrefillConfig:
         if self.block_k < 32:
             raise ValueError(f"PrefillConfig.block_k must be at least 32 (one scale group), got "
                              f"{self.block_k}")
-        for name in ("group_m", "num_stages"):
+        for name in ("group_m", "num_stages", "per_sm"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PrefillConfig.{name} must be a positive int, got {value!r}")
@@ -79,17 +81,20 @@ class PrefillConfig:
                              f"{self.programs!r}")
 
 
-#: From this many pairs per expert (on average) `auto` takes the prefill GEMMs, when the weights
-#: are in MMA_LANES and the device runs them (`choose_prefill_config`). Measured on the H200
-#: (benchmarks/NOTES.md section 17): at 8 pairs per expert the general kernel is as fast
-#: (gpt-oss-20b M = 64) or faster (120b M = 256); from 16 the prefill GEMMs win (20b M = 128:
-#: 0.368 ms against 0.429; 120b M = 1024: 1.59 against 2.25).
-PREFILL_MIN_PAIRS_PER_EXPERT = 16.0
+#: Past this many pairs per expert (on average) `auto` takes the prefill GEMMs, when the weights
+#: are in MMA_LANES and the device runs them (`choose_prefill_config`): everywhere past the
+#: decode GEMMs (`decode.DECODE_MAX_PAIRS_PER_EXPERT`). Measured on the H200 (benchmarks/
+#: NOTES.md section 17): the general kernel reads MMA_LANES 1.3-1.8x slower than the plain
+#: layout, while the prefill GEMMs at 8 pairs per expert are within 10% of the general kernel
+#: on plain weights (20b M = 64: 0.325 ms against 0.342; 120b M = 256: 1.35 against 1.23) and
+#: from 16 faster (20b M = 128: 0.368 against 0.456; 120b M = 1024: 1.59 against 2.21).
+PREFILL_MIN_PAIRS_PER_EXPERT = DECODE_MAX_PAIRS_PER_EXPERT
 
 #: (at least this many pairs per expert, tiles), the largest first: each the fastest measured on
 #: the H200 from there up to the previous entry (NOTES.md sections 16 and 17). Fewer tokens a
-#: tile where experts hold fewer pairs (less padding in each expert's last tile); 128 x 256
-#: with the tokens gathered into expert order, then 256 x 128 once experts hold many pairs.
+#: tile where experts hold fewer pairs (less padding in each expert's last tile), two programs
+#: an SM for the smallest; 128 x 256 with the tokens gathered into expert order, then 256 x 128
+#: once experts hold many pairs.
 PREFILL_TILES = (
     (192, PrefillConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4,
                         tma=True)),
@@ -97,8 +102,10 @@ PREFILL_TILES = (
                        tma=True, gather_a=True)),
     (32, PrefillConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=6,
                        tma=True)),
-    (0, PrefillConfig(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=6,
-                      tma=True)),
+    (16, PrefillConfig(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=6,
+                       tma=True)),
+    (0, PrefillConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4,
+                      tma=True, per_sm=2)),
 )
 
 
@@ -117,14 +124,14 @@ def reads_prefill_layout(call) -> bool:
 
 def choose_prefill_config(call) -> PrefillConfig | None:
     """The prefill GEMMs' config for a call that should take them, else None: weights in
-    MMA_LANES, at least `PREFILL_MIN_PAIRS_PER_EXPERT` pairs per expert, on an NVIDIA GPU of
+    MMA_LANES, more than `PREFILL_MIN_PAIRS_PER_EXPERT` pairs per expert, on an NVIDIA GPU of
     compute capability 9.0 or newer (where its tiles were measured, and their shared memory
     fits: sm_86/89 parts have ~100 KB) or the interpreter. Elsewhere the general kernel reads
     MMA_LANES too."""
     if not reads_prefill_layout(call):
         return None
     problem = call.problem
-    if problem.pairs_per_expert < PREFILL_MIN_PAIRS_PER_EXPERT:
+    if problem.pairs_per_expert <= PREFILL_MIN_PAIRS_PER_EXPERT:
         return None
     if not settings.current().interpret:
         device = call.device
@@ -147,7 +154,7 @@ def _num_programs(device: torch.device, work_items: int, cfg: PrefillConfig) -> 
         return max(1, min(cfg.programs, work_items))
     if device.type != "cuda" or settings.current().interpret:
         return max(1, min(4, work_items))
-    return max(1, min(_sm_count(device.index or 0), work_items))
+    return max(1, min(cfg.per_sm * _sm_count(device.index or 0), work_items))
 
 
 def _check_weight(layout, packed_shape: tuple, n: int, k: int, gated: bool) -> None:
