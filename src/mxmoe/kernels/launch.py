@@ -207,8 +207,8 @@ class DescriptorRef:
     """A TMA tensor descriptor argument of a planned launch: the 2-d tensor ``ref`` names, in
     ``block_shape`` boxes (`triton.tools.tensor_descriptor.TensorDescriptor`, built per launch
     on the host). A step with one always launches through Triton (its arguments are not plain
-    pointers), so its plan does too: only prefill-sized plans, where a launch's host time hides
-    behind milliseconds of GPU work, take descriptors."""
+    pointers); the other steps of its plan still launch directly. Only the prefill GEMMs take
+    descriptors, where a launch's host time hides behind their GPU time."""
 
     __slots__ = ("ref", "block_shape")
 
@@ -297,7 +297,7 @@ class LaunchPlan:
         if direct is None:
             for step in self.steps:
                 step.launch_with_tensors(tensors)
-            if all(step.compiled is not None for step in self.steps):
+            if all(step.compiled is not None for step in self.steps if step.direct):
                 self._direct = self._direct_launches()
             return
         pointers, scalars, launches = direct
@@ -309,14 +309,23 @@ class LaunchPlan:
         pool = [addresses[index] + offset for index, offset in pointers]
         pool += scalars
         for run, grid_x, grid_y, grid_z, function, metadata, arguments in launches:
+            if run is None:  # a step with a descriptor: Triton's own path (`function`)
+                function.launch_with_tensors(tensors)
+                continue
             run(grid_x, grid_y, grid_z, stream, function, metadata, None, None, None,
                 *arguments(pool))
 
     def _direct_launches(self):
+        """Per step, its driver launch with a C-speed argument getter over one pool of the
+        call's addresses and the plan's scalars; a step that cannot launch directly (a TMA
+        descriptor) keeps its place in the order and goes through Triton."""
         pointers: dict = {}  # (source, offset) -> its place in the pool
         scalars: list = []
         slots = []
         for step in self.steps:
+            if not step.direct:
+                slots.append(None)
+                continue
             indices = []
             for name in step.launcher._names:
                 value = step.arguments[name]
@@ -331,6 +340,9 @@ class LaunchPlan:
         base = len(pointers)
         launches = []
         for step, indices in zip(self.steps, slots):
+            if indices is None:
+                launches.append((None, 0, 0, 0, step, None, None))
+                continue
             indices = [i if i >= 0 else base - 1 - i for i in indices]
             compiled = step.compiled
             launches.append((compiled.run, *step.grid, compiled.function,
