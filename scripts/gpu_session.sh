@@ -10,7 +10,7 @@ mkdir -p "$out"
 timeout "${PYTEST_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -p no:logging \
     tests > "$out/pytest-gpu.log" 2>&1
 echo "pytest -m gpu rc=$?"; grep -E "passed|failed|^FAILED|^ERROR" "$out/pytest-gpu.log" | tail -8
-paths=(triton_dequant auto layer layer@plain triton_kernels)
+paths=(triton_dequant auto auto@mma_lanes layer layer@plain triton_kernels)
 timeout "${BENCH20_LIMIT:-170}" python3 -m mxmoe.cli bench --models 20b --tag 20b --out "$out" \
     --no-plot --backends "${paths[@]}" --tokens 1 2 4 8 16 64 128 256 512 1024 2048 4096 \
     --time-limit "$(( ${BENCH20_LIMIT:-170} - 25 ))" > "$out/bench-20b.log" 2>&1

@@ -10,10 +10,11 @@ logits). The baseline, the peer and the layer are made once per model.
 
 from __future__ import annotations
 
+
 import math
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +45,11 @@ LAYER_LABEL = "MXFP4MoE"
 #: `MXFP4MoE` with its weights held in another layout than the one "auto" picks
 #: (`mxmoe.layouts.fastest_layout`): "layer@plain", "layer@group_halves", "layer@mma_lanes".
 LAYER_IN = {name: f"{LAYER}@{name}" for name in LAYOUTS}
+#: `fused_experts(backend="auto")` on the weights converted to another layout (the rotations'
+#: routing, like "auto" and the peer): "auto@group_halves", "auto@mma_lanes".
+AUTO_IN = {name: f"auto@{name}" for name in LAYOUTS if name != "plain"}
 #: Paths that are not mxmoe backend names.
-EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER, *LAYER_IN.values())
+EXTRA_PATHS = ("auto", BASELINE, TRITON_KERNELS, LAYER, *LAYER_IN.values(), *AUTO_IN.values())
 LAYER_PATHS = (LAYER, *LAYER_IN.values())
 
 
@@ -301,7 +305,10 @@ class Runner:
                   TRITON_KERNELS: lambda: TritonKernelsLayer(weights, self.s.dtype),
                   LAYER: lambda: MoELayerPath(weights),
                   **{path: (lambda name=name: MoELayerPath(weights, name))
-                     for name, path in LAYER_IN.items()}}
+                     for name, path in LAYER_IN.items()},
+                  **{path: (lambda name=name: replace(
+                      weights, w13=weights.w13.to_layout(name), w2=weights.w2.to_layout(name)))
+                     for name, path in AUTO_IN.items()}}
         if path not in makers:
             return None
         if path not in built:
@@ -391,6 +398,9 @@ class Runner:
                 if rotations.disjoint_experts:
                     row["detail"] += "; its own router: rotations not expert-disjoint"
                 fn = made
+            elif path in AUTO_IN.values():
+                fn = backend_layer("auto", made)
+                row["detail"] = f"{_auto_detail(device)}; weights in {made.w13.layout.name}"
             else:
                 fn = backend_layer(path, weights)
                 if path == "auto":
