@@ -8,7 +8,7 @@ from torch import nn
 from .activations import Activation
 from .constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from .format import MXFP4Tensor, ScaleRounding, quantize_mxfp4
-from .layouts import Layout, fastest_layout, get_layout
+from .layouts import Layout, get_layout
 from .api import fused_experts
 from .ops import fused_experts_op
 from .problem import OP_ARG_NAMES
@@ -29,7 +29,7 @@ class MXFP4MoE(nn.Module):
     ``w2_scales``): they move with ``.to()`` and appear in ``state_dict``; ``.w13`` and ``.w2``
     view them as `MXFP4Tensor`. They are held in one weight layout (`mxmoe.layouts`; the given
     weights' own unless ``layout`` names another, converted once here or by `to_layout`;
-    ``"auto"``: `mxmoe.layouts.fastest_layout` for the weights' device and the backend, e.g.
+    ``"auto"``: `mxmoe.backends.fastest_layout` for the weights' device and the backend, e.g.
     MMA_LANES on Hopper, which the prefill GEMMs need); the buffers hold that layout's bytes,
     so a ``state_dict`` loads back into a layer of the same layout (``layer.weight_layout``;
     checkpoint writers take ``layer.w13.plain()``).
@@ -80,6 +80,8 @@ class MXFP4MoE(nn.Module):
             if router_bias is not None:
                 self.router.bias.copy_(router_bias)
         if layout == "auto":
+            from .backends import fastest_layout
+
             layout = fastest_layout(w13.blocks.device, backend)
         if layout is not None:
             w13, w2 = w13.to_layout(layout), w2.to_layout(layout)
@@ -149,8 +151,10 @@ class MXFP4MoE(nn.Module):
 
     def to_layout(self, layout: Layout | str) -> "MXFP4MoE":
         """Convert the expert weights to ``layout`` in place (once; bit-exact); returns self.
-        ``"auto"``: `mxmoe.layouts.fastest_layout` for the weights' device and the backend."""
+        ``"auto"``: `mxmoe.backends.fastest_layout` for the weights' device and the backend."""
         if layout == "auto":
+            from .backends import fastest_layout
+
             layout = fastest_layout(self.w13_blocks.device, self.backend)
         layout = get_layout(layout)
         if layout != self.weight_layout:

@@ -19,7 +19,7 @@ import torch
 from .constants import BYTES_PER_BLOCK
 
 __all__ = ["Layout", "PlainLayout", "GroupHalvesLayout", "MmaLanesLayout", "PLAIN", "GROUP_HALVES",
-           "MMA_LANES", "LAYOUTS", "get_layout", "fastest_layout"]
+           "MMA_LANES", "LAYOUTS", "get_layout"]
 
 
 class Layout:
@@ -150,20 +150,3 @@ def get_layout(layout: "Layout | str") -> Layout:
     except (KeyError, TypeError):
         raise ValueError(f"unknown layout {layout!r}; known layouts: {list(LAYOUTS)}") from None
 
-
-def fastest_layout(device: "torch.device | str", backend: str = "auto") -> Layout:
-    """The layout whose kernels run fastest for ``backend`` on ``device`` (what a layer built
-    with ``layout="auto"`` converts to, once): MMA_LANES for the dequantizing Triton kernels
-    (``auto`` or ``triton_dequant``) on an NVIDIA GPU of compute capability 9.0 or newer, where
-    the prefill GEMM (which reads only MMA_LANES) runs and the decode and general kernels read it
-    as fast as the others; the plain layout everywhere else (tl.dot_scaled reads only it; the
-    torch backends convert any layout)."""
-    from . import settings
-
-    device = torch.device(device)
-    if backend not in ("auto", "triton_dequant") or device.type != "cuda":
-        return PLAIN
-    if settings.current().interpret:
-        return PLAIN
-    facts = settings.device_facts(device)
-    return MMA_LANES if not facts.is_hip and facts.capability >= (9, 0) else PLAIN

@@ -19,10 +19,12 @@ from .. import settings
 from .base import Backend
 
 if TYPE_CHECKING:
+    from ..layouts import Layout
     from ..problem import MoEProblem
     from .probe import ProbeResult
 
 __all__ = [
+    "fastest_layout",
     "Backend",
     "BackendStatus",
     "BACKEND_NAMES",
@@ -253,3 +255,22 @@ def _tuned_preference(device: torch.device, problem: "MoEProblem | None") -> str
 
     return fastest_backend(settings.device_facts(device), problem.num_tokens, problem.hidden,
                            problem.intermediate, problem.num_local_experts, problem.top_k)
+
+
+def fastest_layout(device: torch.device | str, backend: str = "auto") -> "Layout":
+    """The layout whose kernels run fastest for ``backend`` on ``device`` (what a layer built
+    with ``layout="auto"`` converts to, once): MMA_LANES for the dequantizing Triton kernels
+    (``auto`` or ``triton_dequant``) on an NVIDIA GPU of compute capability 9.0 or newer, where
+    the prefill GEMMs (which read only MMA_LANES) run past the decode range and the decode GEMMs
+    read it as fast as the plain layout (benchmarks/NOTES.md section 17); the plain layout
+    everywhere else (tl.dot_scaled reads only it; the general kernel reads MMA_LANES 1.3-1.8x
+    slower; the torch backends convert any layout)."""
+    from ..layouts import MMA_LANES, PLAIN
+
+    device = torch.device(device)
+    if backend not in ("auto", "triton_dequant") or device.type != "cuda":
+        return PLAIN
+    if settings.current().interpret:
+        return PLAIN
+    facts = settings.device_facts(device)
+    return MMA_LANES if not facts.is_hip and facts.capability >= (9, 0) else PLAIN

@@ -43,7 +43,7 @@ BASELINE = "baseline"
 LAYER = "layer"
 LAYER_LABEL = "MXFP4MoE"
 #: `MXFP4MoE` with its weights held in another layout than the one "auto" picks
-#: (`mxmoe.layouts.fastest_layout`): "layer@plain", "layer@group_halves", "layer@mma_lanes".
+#: (`mxmoe.backends.fastest_layout`): "layer@plain", "layer@group_halves", "layer@mma_lanes".
 LAYER_IN = {name: f"{LAYER}@{name}" for name in LAYOUTS}
 #: `fused_experts(backend="auto")` on the weights converted to another layout (the rotations'
 #: routing, like "auto" and the peer): "auto@group_halves", "auto@mma_lanes".

@@ -485,7 +485,7 @@ def use_mxmoe(model, *, backend: str = "auto"):
     Returns:
         ``model``, whose MoE blocks (``mlp``) are now `GptOssMXFP4MoE` or `SparseMXFP4MoE`
         (Qwen3-MoE's dense ``mlp_only_layers`` stay as they are), their weights in the layout
-        their kernels read fastest on the weights' device (`mxmoe.layouts.fastest_layout`).
+        their kernels read fastest on the weights' device (`mxmoe.backends.fastest_layout`).
         Blocks already patched only take the new ``backend``.
 
     Raises:
