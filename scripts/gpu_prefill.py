@@ -91,6 +91,12 @@ VARIANTS = {
                               tma=True),
     "m128 n256 flat": PrefillConfig(block_m=128, block_n=256, block_k=64, num_warps=8,
                                     num_stages=4, tma=True, flatten=True),
+    # Codes and scales by TMA too (not measured before 2026-12-02's end).
+    "m256 n128 wtma": PrefillConfig(block_m=256, block_n=128, block_k=64, num_warps=8,
+                                    num_stages=4, tma=True, weights_tma=True),
+    "m128 n256 gather wtma": PrefillConfig(block_m=128, block_n=256, block_k=64, num_warps=8,
+                                           num_stages=4, tma=True, gather_a=True,
+                                           weights_tma=True),
 }
 MID_VARIANTS = {
     "m16 n128 k128": PrefillConfig(block_m=16, block_n=128, block_k=128, num_warps=4,

@@ -42,20 +42,25 @@ DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_s
 
 
 def _variant(gemm1, block_m, block_n, block_k=64, warps=8, stages=4, tma=False, flatten=False,
-             dense=False):
+             dense=False, w_tma=False):
     name = (f"{'GEMM1' if gemm1 else 'GEMM2'} {block_m}x{block_n}x{block_k} w{warps} s{stages} "
             f"{'TMA' if tma else 'gathered' if gemm1 else 'rows'}{' flat' if flatten else ''}"
-            f"{' dense bf16' if dense else ''}")
+            f"{' dense bf16' if dense else ''}{' W-TMA' if w_tma else ''}")
     constexprs = dict(A_ROW_DIV=1 if tma or not gemm1 else 4, A_ROWS=1 if tma or not gemm1 else 0,
                       OUT_ROWS=1 if gemm1 else 0, A_TMA=tma, GATED=gemm1, INTERLEAVED=True,
                       ACT_FN=swiglu_oai, ROUTER_WEIGHT=0 if gemm1 else 2, HAS_BIAS=True,
                       DENSE=dense, DEQUANT_PTX=True, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None,
                       EVEN_K=2880 % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
-                      BLOCK_K=block_k, GROUP_M=8, NUM_STAGES=stages, FLATTEN=flatten)
+                      BLOCK_K=block_k, GROUP_M=8, NUM_STAGES=stages, FLATTEN=flatten,
+                      W_TMA=w_tma)
     return name, constexprs, dict(num_warps=warps, num_stages=stages)
 
 
 VARIANTS = [
+    # Every load of the K loop a descriptor (GEMM1 with gathered tokens): codes and scales TMA.
+    _variant(False, 256, 128, tma=True, w_tma=True),
+    _variant(True, 256, 128, tma=True, w_tma=True),
+    _variant(True, 128, 256, tma=True, w_tma=True),
     # Small token tiles for the memory-bound middle (a few to tens of pairs per expert).
     _variant(True, 16, 128, 128, warps=4),
     _variant(False, 16, 128, 128, warps=4, tma=True),
@@ -90,6 +95,13 @@ def compile_variant(constexprs, options):
         elif name == "a_desc":
             signature[name] = (f"tensordesc<bf16[{constexprs['BLOCK_M']}, "
                                f"{constexprs['BLOCK_K']}]>" if constexprs["A_TMA"] else "*bf16")
+        elif name == "w_desc":
+            signature[name] = (f"tensordesc<u8[1, {constexprs['BLOCK_N']}, "
+                               f"{constexprs['BLOCK_K'] // 2}]>" if constexprs["W_TMA"]
+                               else "*u8")
+        elif name == "s_desc":
+            signature[name] = (f"tensordesc<u8[1, {constexprs['BLOCK_K'] // 32}, "
+                               f"{constexprs['BLOCK_N']}]>" if constexprs["W_TMA"] else "*u8")
         elif name in constexprs or name in UNIT:
             signature[name] = "constexpr"
         elif name in ("alpha", "limit"):

@@ -184,6 +184,37 @@ def test_nan_scale_propagates(gemm):
     assert torch.isnan(ref).any()
 
 
+#: Every load of the K loop a TMA box (tokens gathered into expert order, codes, scales).
+ALL_TMA = PrefillConfig(block_m=16, block_n=32, block_k=64, group_m=2, num_warps=4, num_stages=1,
+                        programs=3, tma=True, gather_a=True, weights_tma=True)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("activation", ["swigluoai", "silu"], ids=["interleaved rows",
+                                                                  "[gate | up] halves"])
+@pytest.mark.parametrize("m, h, i, e, k", [
+    pytest.param(5, 96, 96, 5, 2, id="H = I = 96: K tails, N tails"),
+    pytest.param(2, 64, 32, 7, 3, id="prime E, experts with no tokens"),
+])
+def test_weights_by_tma_match_reference(m, h, i, e, k, activation):
+    kw = make_moe(m, h, i, e, k, dtype=torch.float32, seed=m + e + 20)
+    out, ref = run_both(kw, ALL_TMA, activation=activation)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.interpreter
+def test_weights_by_tma_with_remote_experts_and_nan_scales():
+    generator = torch.Generator().manual_seed(21)
+    kw = make_moe(4, 64, 64, 3, 2, dtype=torch.float32, seed=21, e_global=7)
+    expert_map = random_expert_map(7, 3, generator)
+    out, ref = run_both(kw, ALL_TMA, expert_map=expert_map)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    kw = make_moe(2, 64, 64, 2, 2, dtype=torch.float32, seed=22)
+    kw["w2"].scales[:, 2, 1] = 255  # weight row 2 of every expert, its second group
+    out, ref = run_both(kw, ALL_TMA)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # The launch contract of `fused_moe._Gemm.launch`: pair rows in and out
 

@@ -17,7 +17,12 @@ Structure:
 - The K loop is software-pipelined (``tl.range(num_stages=...)``): the packed weight bytes and
   the token tile go global -> shared asynchronously (cp.async; TMA for a token tile given as a
   tensor descriptor), several stages deep. The scales (a few hundred bytes a step, too few per
-  thread for cp.async) are byte loads issued one step ahead.
+  thread for cp.async) are byte loads issued one step ahead. With ``W_TMA`` the codes and the
+  K-major scales are TMA boxes too, the tile's rows as they lie (gated: gate and up rows
+  interleaved, paired in the epilogue). (Triton 3.6's automatic warp specialization,
+  ``tl.range(warp_specialize=True)``, does not take this loop on sm_90 even with every load a
+  descriptor: with 8 warps it is silently not applied, with 4 its pass fails on the
+  register-operand upcast; benchmarks/NOTES.md section 17.)
 - Weights upcast in registers: each lane's eight codes of a row and 32-group are one byte-aligned
   32-bit word of the MMA_LANES layout; `_mxfp4_to_bf16_ptx` turns the word into four bf16x2
   operand registers with the E8M0 scale folded into the conversion (bf16 on NVIDIA), or the
@@ -154,6 +159,8 @@ def _upcast_mma_lanes(packed, scale, DEQUANT_PTX: tl.constexpr, DOT_DTYPE: tl.co
 def prefill_gemm_kernel(
     a_ptr,  # (A_rows, K) activation dtype (ROWS_PAIR: row of pair p is p // A_ROW_DIV)
     a_desc,  # tensor descriptor of a, block (BLOCK_M, BLOCK_K), when A_TMA (else a_ptr again)
+    w_desc,  # W_TMA: descriptor of the codes (E, N, K // 2), block (1, BLOCK_N, BLOCK_K // 2)
+    s_desc,  # W_TMA: descriptor of the K-major scales (E, K // 32, N), block (1, GROUPS, BLOCK_N)
     w_ptr,  # (E, N, K // 2) uint8 MXFP4 codes, MMA_LANES layout; DENSE: (E, N, K) DOT_DTYPE
     w_scale_ptr,  # (E, N, K // 32) uint8 E8M0, K-major (MMA_LANES): stride 1 along N
     bias_ptr,  # (E, N) float (unused without HAS_BIAS)
@@ -193,6 +200,7 @@ def prefill_gemm_kernel(
     GROUP_M: tl.constexpr,  # M blocks that walk the N tiles together
     NUM_STAGES: tl.constexpr,
     FLATTEN: tl.constexpr,  # flatten the tile and K loops into one pipelined loop
+    W_TMA: tl.constexpr,  # codes and scales by TMA (ungated, or gated with INTERLEAVED rows)
 ):
     num_m_blocks = tl.load(num_post_padded_ptr) // BLOCK_M
     if GATED:
@@ -228,7 +236,13 @@ def prefill_gemm_kernel(
             a_row = (pair // A_ROW_DIV).to(tl.int64)
         else:
             a_row = offs_m.to(tl.int64)
-        rows, mask_n = _paired_tile_rows(pid_n, N, BLOCK_N, GATED, INTERLEAVED)
+        if W_TMA:
+            # The tile's rows as they lie (a TMA box): gated, gate and up of a column are rows
+            # 2c and 2c + 1, paired in the epilogue.
+            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = rows < N
+        else:
+            rows, mask_n = _paired_tile_rows(pid_n, N, BLOCK_N, GATED, INTERLEAVED)
         rows64 = rows.to(tl.int64)
         w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn
         s_expert = w_scale_ptr + expert * stride_se
@@ -237,12 +251,20 @@ def prefill_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         # The scales are byte loads that Triton cannot copy asynchronously: load each
         # step's one step ahead, so that their latency hides behind a step of MMAs.
-        if not DENSE:
+        if not DENSE and not W_TMA:
             next_scale = _tile_scales(s_expert, pid_n, N, 0, K, stride_sn, stride_sk, BLOCK_N,
                                       BLOCK_K, GATED, INTERLEAVED, EVEN_K)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            if DENSE:
+            if W_TMA:
+                # Out of the box (rows past N, K past its end) TMA reads zeros.
+                e32 = expert.to(tl.int32)
+                packed = tl.reshape(w_desc.load([e32, pid_n * BLOCK_N, k0 // 2]),
+                                    (BLOCK_N, BLOCK_K // 2))
+                scale = tl.trans(tl.reshape(s_desc.load([e32, k0 // 32, pid_n * BLOCK_N]),
+                                            (BLOCK_K // 32, BLOCK_N)))
+                w = _upcast_mma_lanes(packed, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N, BLOCK_K)
+            elif DENSE:
                 w = tl.load(w_rows + offs_k[None, :] * stride_wk,
                             mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
             else:
@@ -290,9 +312,15 @@ def prefill_gemm_kernel(
             out_cols = rows64
             mask_out = mask_n
         else:
-            # Rows r and r + 8 of each 16 (gate, up) sit in one thread of the accumulator.
-            pairs = tl.permute(tl.reshape(acc, (BLOCK_N // 16, 2, 8, BLOCK_M)), (0, 2, 3, 1))
-            gate, up = tl.split(pairs)
+            if W_TMA:
+                # Rows 2c (gate) and 2c + 1 (up): a shuffle, once per tile.
+                gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N // 2, 2, BLOCK_M)),
+                                               (0, 2, 1)))
+            else:
+                # Rows r and r + 8 of each 16 (gate, up) sit in one thread of the accumulator.
+                pairs = tl.permute(tl.reshape(acc, (BLOCK_N // 16, 2, 8, BLOCK_M)),
+                                   (0, 2, 3, 1))
+                gate, up = tl.split(pairs)
             result = tl.reshape(ACT_FN(gate, up, alpha, limit), (BLOCK_N // 2, BLOCK_M))
             out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
             mask_out = out_cols < N // 2

@@ -22,7 +22,7 @@ from .. import settings
 from ..layouts import MMA_LANES
 from ._prefill_gemm import gather_rows_kernel, prefill_gemm_kernel
 from .decode import DECODE_MAX_PAIRS_PER_EXPERT
-from .launch import DescriptorRef, Launcher, Step, cdiv
+from .launch import DescriptorRef, Launcher, Ref, Step, cdiv
 
 __all__ = ["PrefillConfig", "PrefillGemm", "choose_prefill_config", "default_prefill_config",
            "reads_prefill_layout", "PREFILL_MIN_PAIRS_PER_EXPERT", "ROWS_PAIR", "ROWS_SORTED"]
@@ -45,7 +45,9 @@ class PrefillConfig:
     (None: ``per_sm`` programs per SM; 2 helps small tiles hide their latency). ``tma``: GEMM2 (and GEMM1 with ``gather_a``) load their token tiles
     through tensor descriptors; ``gather_a``: GEMM1's tokens are first copied into expert order;
     ``flatten``: Triton flattens the tile and K loops into one pipelined loop (the next tile's
-    loads start during this tile's epilogue).
+    loads start during this tile's epilogue). ``weights_tma``: the codes and scales by TMA
+    boxes too (not for gated GEMMs with ``[gate | up]`` halves, which keep their loads); off
+    by default: not measured yet.
     """
 
     block_m: int = 128
@@ -59,6 +61,7 @@ class PrefillConfig:
     tma: bool = False
     gather_a: bool = False
     flatten: bool = False
+    weights_tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -157,6 +160,19 @@ def _num_programs(device: torch.device, work_items: int, cfg: PrefillConfig) -> 
     return max(1, min(cfg.per_sm * _sm_count(device.index or 0), work_items))
 
 
+def _k_major_view(scales):
+    """The (E, K/32, N) unit-stride view of MMA_LANES' K-major scales ([E, N, K/32] logically,
+    stride 1 along N): what a TMA descriptor of them boxes."""
+    e, n, groups = scales.shape
+    se, sn, sk = scales.stride()
+    if sn != 1:
+        raise ValueError(f"the scales' TMA boxes need K-major scales (stride 1 along N), got "
+                         f"strides {scales.stride()}")
+    if groups == 1:
+        sk = n  # torch gives a size-1 dimension any stride; a descriptor wants aligned ones
+    return Ref(scales.source, scales.dtype, (e, groups, n), (se, sk, sn), scales.offset)
+
+
 def _check_weight(layout, packed_shape: tuple, n: int, k: int, gated: bool) -> None:
     if layout != MMA_LANES:
         raise ValueError(f"the prefill GEMM reads the {MMA_LANES.name!r} layout, got "
@@ -208,6 +224,8 @@ class PrefillGemm:
         else:
             _check_weight(layout, tuple(blocks.shape), n, k, gated)
         tma = cfg.tma and a_rows == ROWS_SORTED
+        w_tma = (cfg.weights_tma and not dense
+                 and (not gated or self.call.activation.interleaved))
         n_tiles = cdiv(n // 2 if gated else n, cfg.block_n // 2 if gated else cfg.block_n)
         programs = _num_programs(self.call.device, self.max_blocks * n_tiles, cfg)
         sa, so = a.stride(), out.stride()
@@ -216,6 +234,10 @@ class PrefillGemm:
         aligned = self.aligned
         return Step(_gemm, (programs,), dict(
             a_ptr=a, a_desc=DescriptorRef(a, (cfg.block_m, cfg.block_k)) if tma else a,
+            w_desc=(DescriptorRef(blocks, (1, cfg.block_n, cfg.block_k // 2)) if w_tma
+                    else blocks),
+            s_desc=(DescriptorRef(_k_major_view(scales), (1, cfg.block_k // 32, cfg.block_n))
+                    if w_tma else scales),
             w_ptr=blocks, w_scale_ptr=scales,
             bias_ptr=bias if bias is not None else out, out_ptr=out,
             topk_weights_ptr=self.topk_weights, sorted_ids_ptr=aligned.sorted_ids,
@@ -234,7 +256,7 @@ class PrefillGemm:
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
             EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, num_warps=cfg.num_warps,
+            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, W_TMA=w_tma, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         ))
 
