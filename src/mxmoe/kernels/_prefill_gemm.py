@@ -21,8 +21,8 @@ Structure:
   K-major scales are TMA boxes too, the tile's rows as they lie (gated: gate and up rows
   interleaved, paired in the epilogue). (Triton 3.6's automatic warp specialization,
   ``tl.range(warp_specialize=True)``, does not take this loop on sm_90 even with every load a
-  descriptor: with 8 warps it is silently not applied, with 4 its pass fails on the
-  register-operand upcast; benchmarks/NOTES.md section 17.)
+  descriptor: with 8 warps it is not applied (not even to bf16 operands), with 4 its pass fails
+  on the register-operand upcast; scripts/inspect_warp_specialize.py.)
 - Weights upcast in registers: each lane's eight codes of a row and 32-group are one byte-aligned
   32-bit word of the MMA_LANES layout; `_mxfp4_to_bf16_ptx` turns the word into four bf16x2
   operand registers with the E8M0 scale folded into the conversion (bf16 on NVIDIA), or the
