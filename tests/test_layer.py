@@ -149,3 +149,30 @@ def test_auto_only_resolves_to_a_backend_that_reads_the_layout():
 
     for layout in ("plain", "group_halves", "mma_lanes"):
         assert _decide_auto(torch.device("cpu"), None, layout) == "torch"
+
+
+def test_fastest_layout_follows_the_backend_override(monkeypatch):
+    """MXMOE_BACKEND=triton_scaled makes auto tl.dot_scaled, which reads the plain layout only."""
+    import types
+
+    from mxmoe import settings
+    from mxmoe.backends import fastest_layout
+
+    def device(capability):
+        monkeypatch.setattr(settings, "device_facts", lambda _: settings.DeviceFacts(
+            "cuda", "Test GPU", capability, 132, False))
+
+    def switches(override):
+        monkeypatch.setattr(settings, "current", lambda: types.SimpleNamespace(
+            backend_override=override, interpret=False))
+
+    device((9, 0))
+    switches("")
+    assert fastest_layout("cuda").name == "mma_lanes"
+    assert fastest_layout("cuda", "triton_dequant").name == "mma_lanes"
+    assert fastest_layout("cuda", "torch").name == "plain"
+    switches("triton_scaled")
+    assert fastest_layout("cuda").name == "plain"
+    switches("")
+    device((8, 0))
+    assert fastest_layout("cuda").name == "plain"  # Ampere: no prefill GEMMs there yet

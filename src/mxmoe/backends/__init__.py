@@ -268,9 +268,12 @@ def fastest_layout(device: torch.device | str, backend: str = "auto") -> "Layout
     from ..layouts import MMA_LANES, PLAIN
 
     device = torch.device(device)
+    switches = settings.current()
+    if backend == "auto" and switches.backend_override:
+        backend = switches.backend_override  # what auto will resolve to
     if backend not in ("auto", "triton_dequant") or device.type != "cuda":
         return PLAIN
-    if settings.current().interpret:
+    if switches.interpret:
         return PLAIN
     facts = settings.device_facts(device)
     return MMA_LANES if not facts.is_hip and facts.capability >= (9, 0) else PLAIN
