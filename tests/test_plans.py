@@ -200,59 +200,54 @@ def test_direct_launches_pass_the_arguments_of_the_tensor_launch(monkeypatch):
     assert args1 == (base + second.offset, base + scratch.offset + 2 * 3 * 4, 7, 1.0, 32)
 
 
-def test_a_descriptor_step_goes_through_triton_and_the_others_stay_direct(monkeypatch):
-    """A plan with a TMA-descriptor step between two plain ones: after the first run the plain
-    steps launch directly, the descriptor step through the kernel's own launch (a descriptor
-    of the call's tensor, built per run), in the plan's order."""
-    pytest.importorskip("triton.tools.tensor_descriptor")
+def test_a_descriptor_step_launches_directly_with_a_descriptor_of_the_calls_tensor(monkeypatch):
+    """A plan with a TMA-descriptor step between two plain ones: the first run builds a Triton
+    TensorDescriptor of the tensor; later runs launch every step directly, the descriptor
+    step with a descriptor of the new call's tensor (its address; the plan's shape, strides
+    and box), in the plan's order."""
+    tensor_descriptor = pytest.importorskip("triton.tools.tensor_descriptor")
     from mxmoe.kernels.launch import DescriptorRef
-
-    order = []
 
     def kernel(a_ptr, n):  # a stand-in: only arg_names matter
         raise AssertionError("not launched")
 
     kernel.arg_names = ["a_ptr", "n"]
-
-    class Kernel:  # kernel[grid](...) of the descriptor step
-        arg_names = kernel.arg_names
-
-        def __getitem__(self, grid):
-            def launch(**named):
-                order.append(("triton", named["a_ptr"].base.data_ptr(),
-                              tuple(named["a_ptr"].block_shape)))
-            return launch
-
-    plain = Launcher(kernel)
-    plain._names = tuple(kernel.arg_names)
+    launcher = Launcher(kernel)
+    launcher._names = tuple(kernel.arg_names)
     compiled = _RecordingCompiled()
+    seen = []
 
     def launch_with(grid, named):
-        order.append(("tensor", named["n"]))
+        seen.append(named)
         return compiled
 
-    monkeypatch.setattr(plain, "launch_and_return_compiled", launch_with)
-    described = Launcher(kernel)
-    described.kernel = Kernel()
+    monkeypatch.setattr(launcher, "launch_and_return_compiled", launch_with)
     monkeypatch.setattr(launch, "_RUNTIME", (types.SimpleNamespace(
         get_current_device=lambda: 0, get_current_stream=lambda device: 7),
         types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)))
     monkeypatch.setattr(settings, "current", lambda: types.SimpleNamespace(interpret=False))
 
     x = torch.zeros(64, 32, dtype=torch.float16)
-    steps = [Step(plain, (1,), dict(a_ptr=Ref.of(0, x), n=1)),
-             Step(described, (2,), dict(a_ptr=DescriptorRef(Ref.of(0, x), (16, 32)), n=2)),
-             Step(plain, (1,), dict(a_ptr=Ref.of(0, x), n=3))]
-    assert [step.direct for step in steps] == [True, False, True]
-    plan = LaunchPlan(steps)
-    plan.run([x])
-    assert order == [("tensor", 1), ("triton", x.data_ptr(), (16, 32)), ("tensor", 3)]
-    order.clear()
+    plan = LaunchPlan([Step(launcher, (1,), dict(a_ptr=Ref.of(0, x), n=1)),
+                       Step(launcher, (2,), dict(a_ptr=DescriptorRef(Ref.of(0, x), (16, 32)),
+                                                 n=2)),
+                       Step(launcher, (1,), dict(a_ptr=Ref.of(0, x), n=3))])
+    plan.run([x])  # through the tensors (first run)
+    assert [named["n"] for named in seen] == [1, 2, 3] and not compiled.launches
+    first = seen[1]["a_ptr"]
+    assert isinstance(first, tensor_descriptor.TensorDescriptor)
+    assert first.base is x and list(first.block_shape) == [16, 32]
+
     other = torch.zeros_like(x)
-    plan.run([other])  # direct, but the descriptor step still through Triton
-    assert order == [("triton", other.data_ptr(), (16, 32))]
-    assert [args for _, _, args in compiled.launches] == [(other.data_ptr(), 1),
-                                                          (other.data_ptr(), 3)]
+    plan.run([other])  # direct, the descriptor step too
+    assert len(seen) == 3 and [args[1] for _, _, args in compiled.launches] == [1, 2, 3]
+    (_, _, plain_args), (grid, stream, (descriptor, n)), _ = compiled.launches
+    assert plain_args == (other.data_ptr(), 1) and grid == (2, 1, 1) and stream == 7
+    # What Triton's launcher reads of a host descriptor (make_tensordesc_arg).
+    assert descriptor.base.data_ptr() == other.data_ptr()
+    assert descriptor.base.dtype == torch.float16
+    assert list(descriptor.shape) == [64, 32] and list(descriptor.strides) == [32, 1]
+    assert list(descriptor.block_shape) == [16, 32] and descriptor.padding == "zero"
 
 
 def test_ref_views_read_the_bytes_they_name():

@@ -204,11 +204,12 @@ class Ref:
 
 
 class DescriptorRef:
-    """A TMA tensor descriptor argument of a planned launch: the 2-d tensor ``ref`` names, in
-    ``block_shape`` boxes (`triton.tools.tensor_descriptor.TensorDescriptor`, built per launch
-    on the host). A step with one always launches through Triton (its arguments are not plain
-    pointers); the other steps of its plan still launch directly. Only the prefill GEMMs take
-    descriptors, where a launch's host time hides behind their GPU time."""
+    """A TMA tensor descriptor argument of a planned launch: the tensor ``ref`` names, in
+    ``block_shape`` boxes. The first launch builds a `triton.tools.tensor_descriptor.
+    TensorDescriptor` and goes through Triton; direct launches (`LaunchPlan`) pass a
+    `_PlannedDescriptor` of the call's address instead, whose CUtensorMap Triton's launcher
+    fills from it on the host (the shape, strides and box are the plan's: fixed per
+    signature)."""
 
     __slots__ = ("ref", "block_shape")
 
@@ -221,8 +222,38 @@ class DescriptorRef:
 
         return TensorDescriptor.from_tensor(self.ref.materialize(tensors), self.block_shape)
 
+    def planned(self, address: int) -> "_PlannedDescriptor":
+        """The descriptor of this tensor at ``address`` (a direct launch's argument)."""
+        ref = self.ref
+        return _PlannedDescriptor(_Address(address, ref.dtype), list(ref.shape),
+                                  list(ref.strides), self.block_shape)
+
     def __repr__(self) -> str:
         return f"DescriptorRef({self.ref!r}, {self.block_shape})"
+
+
+class _Address:
+    """A device address where Triton's launcher wants a tensor: ``data_ptr()`` and ``dtype``."""
+
+    __slots__ = ("address", "dtype")
+
+    def __init__(self, address: int, dtype: torch.dtype):
+        self.address, self.dtype = address, dtype
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+class _PlannedDescriptor:
+    """What Triton 3.6's launcher reads of a host `TensorDescriptor` (``base``, ``shape``,
+    ``strides``, ``block_shape``, ``padding``), without its per-call validation: the plan's
+    signature fixed the shape, strides and 16-byte alignment when it was first checked."""
+
+    __slots__ = ("base", "shape", "strides", "block_shape", "padding")
+
+    def __init__(self, base: _Address, shape, strides, block_shape):
+        self.base, self.shape, self.strides = base, shape, strides
+        self.block_shape, self.padding = block_shape, "zero"
 
 
 #: Byte alignment of each buffer in a workspace: more than any kernel's vector accesses want.
@@ -252,24 +283,21 @@ class Step:
     """One kernel launch of a plan: a `Launcher`, its grid and its arguments by name (`Ref`s
     for tensors, plain values for the rest)."""
 
-    __slots__ = ("launcher", "grid", "arguments", "compiled", "direct")
+    __slots__ = ("launcher", "grid", "arguments", "compiled")
 
     def __init__(self, launcher: Launcher, grid: tuple, arguments: dict):
         self.launcher = launcher
         self.grid = (*grid, 1, 1)[:3]
         self.arguments = arguments
         self.compiled = None  # set by the first launch when direct launches are possible
-        # A descriptor is built per launch by Triton's own path: never a direct launch.
-        self.direct = not any(isinstance(v, DescriptorRef) for v in arguments.values())
 
     def launch_with_tensors(self, tensors) -> None:
         """Launch through the `Launcher` with real tensors (compiling on first use); remember
         the compiled kernel for `LaunchPlan`'s direct launches when they are possible."""
         named = {k: v.materialize(tensors) if isinstance(v, (Ref, DescriptorRef)) else v
                  for k, v in self.arguments.items()}
-        if not self.direct:
-            self.launcher.kernel[self.grid](**named)
-            return
+        # (A TensorDescriptor is not hashable: the Launcher's key misses and Triton's own path
+        # launches, returning the compiled kernel all the same.)
         compiled = self.launcher.launch_and_return_compiled(self.grid, named)
         if self.compiled is None:
             self.compiled = compiled
@@ -297,10 +325,10 @@ class LaunchPlan:
         if direct is None:
             for step in self.steps:
                 step.launch_with_tensors(tensors)
-            if all(step.compiled is not None for step in self.steps if step.direct):
+            if all(step.compiled is not None for step in self.steps):
                 self._direct = self._direct_launches()
             return
-        pointers, scalars, launches = direct
+        pointers, scalars, descriptors, launches = direct
         if stream is None:
             active = runtime[0]
             stream = active.get_current_stream(active.get_current_device())
@@ -308,10 +336,9 @@ class LaunchPlan:
         addresses = [tensors[source].data_ptr() for source in sources]
         pool = [addresses[index] + offset for index, offset in pointers]
         pool += scalars
+        # Descriptors last: each from its tensor's address in the pool.
+        pool += [descriptor.planned(pool[at]) for at, descriptor in descriptors]
         for run, grid_x, grid_y, grid_z, function, metadata, arguments in launches:
-            if run is None:  # a step with a descriptor: Triton's own path (`function`)
-                function.launch_with_tensors(tensors)
-                continue
             run(grid_x, grid_y, grid_z, stream, function, metadata, None, None, None,
                 *arguments(pool))
 
@@ -321,36 +348,38 @@ class LaunchPlan:
         descriptor) keeps its place in the order and goes through Triton."""
         pointers: dict = {}  # (source, offset) -> its place in the pool
         scalars: list = []
+        descriptors: list = []  # (the pointer's place in the pool, DescriptorRef)
         slots = []
         for step in self.steps:
-            if not step.direct:
-                slots.append(None)
-                continue
             indices = []
             for name in step.launcher._names:
                 value = step.arguments[name]
                 if isinstance(value, Ref):
                     indices.append(pointers.setdefault((value.source, value.offset),
                                                        len(pointers)))
+                elif isinstance(value, DescriptorRef):
+                    at = pointers.setdefault((value.ref.source, value.ref.offset), len(pointers))
+                    indices.append(("descriptor", len(descriptors)))
+                    descriptors.append((at, value))
                 else:
                     indices.append(-1 - len(scalars))
                     scalars.append(value)
             slots.append(indices)
-        # The pool is [pointers..., scalars...]: scalar i sits at len(pointers) + i.
+        # The pool is [pointers..., scalars..., descriptors...]: scalar i sits at
+        # len(pointers) + i, descriptor j at len(pointers) + len(scalars) + j.
         base = len(pointers)
+        first_descriptor = base + len(scalars)
         launches = []
         for step, indices in zip(self.steps, slots):
-            if indices is None:
-                launches.append((None, 0, 0, 0, step, None, None))
-                continue
-            indices = [i if i >= 0 else base - 1 - i for i in indices]
+            indices = [first_descriptor + i[1] if isinstance(i, tuple)
+                       else i if i >= 0 else base - 1 - i for i in indices]
             compiled = step.compiled
             launches.append((compiled.run, *step.grid, compiled.function,
                              compiled.packed_metadata, _getter(indices)))
         # Each source tensor's address is read once a run; its pointers add their offsets.
         sources = sorted({source for source, _ in pointers})
         by_index = tuple((sources.index(source), offset) for source, offset in pointers)
-        return (tuple(sources), by_index), scalars, tuple(launches)
+        return (tuple(sources), by_index), scalars, tuple(descriptors), tuple(launches)
 
 
 def _hooked(hooks) -> bool:

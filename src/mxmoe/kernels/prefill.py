@@ -183,7 +183,7 @@ def _check_weight(layout, packed_shape: tuple, n: int, k: int, gated: bool) -> N
         raise ValueError(f"a gated GEMM needs an even N (gate and up rows), got {n}")
 
 
-# TMA steps launch through Triton's own path (a descriptor per launch), the others directly.
+# Planned launches go direct, TMA steps too (a host descriptor of the call's address: launch.py).
 _gemm = Launcher(prefill_gemm_kernel)
 _gather = Launcher(gather_rows_kernel)
 
