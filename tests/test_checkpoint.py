@@ -279,7 +279,7 @@ def test_format_can_be_named_and_is_checked(tmp_path):
     layer = mxmoe.MXFP4MoE.from_pretrained(path, 1, format="gpt-oss", dtype=torch.float32)
     assert torch.equal(layer.w13.dequantize(), moes[1].w13)
     with pytest.raises(ValueError, match=r"format must be one of \['gpt-oss', "
-                                         r"'compressed-tensors'\] or None"):
+                                         r"'compressed-tensors', 'quark'\] or None"):
         mxmoe.MXFP4MoE.from_pretrained(path, 1, format="mxfp4")
     with pytest.raises(ValueError, match="is not .mxfp4-pack-quantized."):
         mxmoe.MXFP4MoE.from_pretrained(path, 1, format="compressed-tensors")

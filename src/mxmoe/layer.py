@@ -334,7 +334,8 @@ class MXFP4MoE(nn.Module):
             backend: the layer's backend (see `mxmoe.backends`).
             ep_group / tp_group: read only this rank's experts / slice of I (see
                 `mxmoe.distributed`); the partial outputs are summed over the groups.
-            format: ``"gpt-oss"`` or ``"compressed-tensors"`` to insist on one; None detects.
+            format: ``"gpt-oss"``, ``"compressed-tensors"`` or ``"quark"`` to insist on one;
+                None detects.
             activation: the layout of the w13 rows when the format's own is not meant: a
                 gpt-oss-named checkpoint of a silu model (``mxmoe quantize --pattern``) is
                 ``"silu"``. None: the format's (gpt-oss ``"swigluoai"``, interleaved rows).

@@ -6,12 +6,13 @@ slice, in whichever MXFP4 format wrote it.
 | gpt-oss, HF transformers names | ``quant_method: mxfp4`` or ``model.layers.{i}.mlp.experts.gate_up_proj_blocks`` | `gpt_oss` |
 | gpt-oss, OpenAI's original names | ``block.{i}.mlp.mlp1_weight.blocks`` | `gpt_oss` |
 | compressed-tensors ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16; Qwen3-MoE, Mixtral) | ``quant_method: compressed-tensors`` | `compressed_tensors` |
+| AMD Quark ``real_quantized`` export, weights ``fp4`` per_group 32 ``e8m0`` (``mxfp4_weight_only``; Qwen3-MoE, Mixtral) | ``quant_method: quark`` | `quark` |
 
-AMD Quark checkpoints (``quant_method: quark``) are recognised and refused with a message:
-their reader is not written yet. `detect_format` says which applies; `read_pretrained` reads
-one layer's MoE for this rank (`PretrainedMoE`, the arguments ``MXFP4MoE.from_pretrained``
-builds the layer from): each format gives a spec (names and sizes, checked from the headers
-and config.json, nothing read) and a ``read_layer`` of this rank's part.
+The last two store one Linear per expert (`per_expert`). `detect_format` says which applies;
+`read_pretrained` reads one layer's MoE for this rank (`PretrainedMoE`, the arguments
+``MXFP4MoE.from_pretrained`` builds the layer from): each format gives a spec (names and sizes,
+checked from the headers and config.json, nothing read) and a ``read_layer`` of this rank's
+part.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ..activations import Activation
 
-from . import compressed_tensors, gpt_oss
+from . import compressed_tensors, gpt_oss, quark
 from .device import resolve_device
 from .files import SafetensorsCheckpoint
 from .gpt_oss import (CONFIG_KEYS, NAMINGS, GptOssCheckpoint, GptOssMoEWeights,
@@ -40,13 +41,14 @@ __all__ = [
 _READERS = {
     "gpt-oss": (gpt_oss.read_spec, gpt_oss.read_layer),
     "compressed-tensors": (compressed_tensors.read_ct_spec, compressed_tensors.read_layer),
+    "quark": (quark.read_quark_spec, quark.read_layer),
 }
 FORMATS = tuple(_READERS)
 
 
 def detect_format(ckpt: SafetensorsCheckpoint, layer: int) -> str:
-    """``"gpt-oss"`` or ``"compressed-tensors"``, from config.json's ``quantization_config``
-    and the tensor names; ValueError naming what was found otherwise."""
+    """``"gpt-oss"``, ``"compressed-tensors"`` or ``"quark"``, from config.json's
+    ``quantization_config`` and the tensor names; ValueError naming what was found otherwise."""
     qc = ckpt.config.get("quantization_config") or {}
     if not isinstance(qc, dict):
         raise ValueError(f"{ckpt.path}: config.json quantization_config must be an object")
@@ -54,16 +56,12 @@ def detect_format(ckpt: SafetensorsCheckpoint, layer: int) -> str:
     if method == "compressed-tensors":
         return "compressed-tensors"
     if method == "quark":
-        raise ValueError(
-            f"{ckpt.path}: an AMD Quark checkpoint (quant_method 'quark'): mxmoe does not read "
-            f"Quark's export yet; re-export it with llm-compressor (MXFP4A16) or convert the "
-            f"bf16 model with `mxmoe quantize`"
-        )
+        return "quark"
     if method not in (None, "mxfp4"):
         raise ValueError(
             f"{ckpt.path}: config.json quantization_config.quant_method = {method!r} is not an "
             f"MXFP4 format mxmoe reads (gpt-oss 'mxfp4', 'compressed-tensors' "
-            f"mxfp4-pack-quantized)"
+            f"mxfp4-pack-quantized, 'quark' fp4 per_group e8m0)"
         )
     # gpt-oss's own MXFP4 (or no config at all): its names decide, with a message that lists
     # what was looked for when they are absent.
