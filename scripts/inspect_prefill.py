@@ -96,8 +96,8 @@ def compile_variant(constexprs, options):
             signature[name] = (f"tensordesc<bf16[{constexprs['BLOCK_M']}, "
                                f"{constexprs['BLOCK_K']}]>" if constexprs["A_TMA"] else "*bf16")
         elif name == "w_desc":
-            signature[name] = (f"tensordesc<u8[1, {constexprs['BLOCK_N']}, "
-                               f"{constexprs['BLOCK_K'] // 2}]>" if constexprs["W_TMA"]
+            signature[name] = (f"tensordesc<i32[1, {constexprs['BLOCK_N']}, "
+                               f"{constexprs['BLOCK_K'] // 8}]>" if constexprs["W_TMA"]
                                else "*u8")
         elif name == "s_desc":
             signature[name] = (f"tensordesc<u8[1, {constexprs['BLOCK_K'] // 32}, "

@@ -52,3 +52,33 @@ def test_ptx_conversion_equals_portable(monkeypatch, split_dot, swap, scales, m)
     ref = fused_experts_reference(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point()
                                      else v for k, v in kw.items()})
     assert rel_err(outs["1"], ref) < 2e-2
+
+
+@pytest.mark.parametrize("scales", [(118, 130), (0, 140)], ids=["typical", "down to 2^-127"])
+@pytest.mark.parametrize("path", ["general", "prefill", "decode"])
+def test_mma_lanes_ptx_conversion_equals_portable(monkeypatch, path, scales):
+    """MMA_LANES words (each operand register a rotation of the word): the PTX conversion and
+    the portable one agree bit for bit in the general kernel (a forced config), the prefill
+    GEMMs (auto, many pairs per expert) and the decode GEMV (auto, one token)."""
+    from mxmoe.kernels.fused_moe import use_dequant_ptx
+
+    if not use_dequant_ptx(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("this GPU does not take the PTX conversion")
+    m = {"general": 37, "prefill": 600, "decode": 1}[path]
+    if path == "general":
+        monkeypatch.setenv("MXMOE_CONFIG", json.dumps(dict(
+            block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)))
+    kw = make_moe(m, 320, 224, 6, 2, dtype=torch.bfloat16, device="cuda", seed=m)
+    low, high = scales
+    _every_code_and_scale(kw["w13"], low, high, seed=1)
+    _every_code_and_scale(kw["w2"], 118, 130, seed=2)
+    kw["w13_bias"] = kw["w2_bias"] = None
+    lanes = dict(kw, w13=kw["w13"].to_layout("mma_lanes"), w2=kw["w2"].to_layout("mma_lanes"))
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MXMOE_DEQUANT_PTX", flag)
+        outs[flag] = mxmoe.fused_experts(**lanes, backend="triton_dequant")
+    assert torch.equal(outs["1"], outs["0"]), (outs["1"] - outs["0"]).abs().max()
+    ref = fused_experts_reference(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point()
+                                     else v for k, v in kw.items()})
+    assert rel_err(outs["1"], ref) < 2e-2

@@ -52,22 +52,35 @@ def test_mma_lanes_round_trip_is_bit_exact(shape):
                        plain.dequantize(torch.float32).nan_to_num(7.0))
 
 
-def test_mma_lanes_puts_each_element_where_the_kernel_reads_it():
-    """Element 32g + 8h + 2q + j (+16) is the low (high) nibble of byte 16g + 4q + 2h + j."""
-    k = 64
-    codes = torch.arange(k, dtype=torch.uint8) % 16  # element e has code e % 16
-    codes[16:32] = 15 - codes[16:32]  # tell the two halves of group 0 apart
+def _rotl(word: int, r: int) -> int:
+    return ((word << r) | (word >> (32 - r))) & 0xFFFFFFFF if r else word
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mma_lanes_puts_each_element_where_the_kernel_reads_it(seed):
+    """Word t of group g (bytes 16g + 4t .. + 3, little-endian) gives operand register i as
+    rotl(word, 0 / 4 / 10) & 0x81C081C0 (register 3: bits {6, 7, 15, 22, 23, 31} of rotl 6,
+    bits {8, 24} of rotl 14), whose half j holds element 32g + 8i + 2t + j as a bf16 pattern of
+    E2M1 * 2**-126: sign at bit 15, magnitude bits e1 e0 m at 8, 7, 6 (the kernels' decoders
+    hard-code this; written out here independently of the layout's tables)."""
+    k = 96
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (k,), generator=gen, dtype=torch.uint8)
     plain = MXFP4Tensor((codes[0::2] | (codes[1::2] << 4)).reshape(1, k // 2),
                         torch.full((1, k // 32), 127, dtype=torch.uint8))
-    lanes = plain.to_layout(MMA_LANES).blocks[0]
-    for g in range(2):
-        for q in range(4):
-            for h in range(2):
+    lanes = plain.to_layout(MMA_LANES).blocks[0].tolist()
+    mask = 0x81C081C0
+    for g in range(k // 32):
+        for t in range(4):
+            word = int.from_bytes(bytes(lanes[16 * g + 4 * t:16 * g + 4 * t + 4]), "little")
+            registers = [word & mask, _rotl(word, 4) & mask, _rotl(word, 10) & mask,
+                         (_rotl(word, 6) & 0x80C080C0) | (_rotl(word, 14) & 0x01000100)]
+            for i, register in enumerate(registers):
                 for j in range(2):
-                    byte = int(lanes[16 * g + 4 * q + 2 * h + j])
-                    element = 32 * g + 8 * h + 2 * q + j
-                    assert byte & 0xF == int(codes[element])
-                    assert byte >> 4 == int(codes[element + 16])
+                    half = register >> (16 * j) & 0xFFFF
+                    code = ((half >> 15) << 3) | (((half >> 6) & 0x7))
+                    assert half & ~0x81C0 == 0
+                    assert code == int(codes[32 * g + 8 * i + 2 * t + j]), (g, t, i, j)
 
 
 def test_mma_lanes_keeps_scales_k_major():

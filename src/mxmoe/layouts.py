@@ -19,7 +19,7 @@ import torch
 from .constants import BYTES_PER_BLOCK
 
 __all__ = ["Layout", "PlainLayout", "GroupHalvesLayout", "MmaLanesLayout", "PLAIN", "GROUP_HALVES",
-           "MMA_LANES", "LAYOUTS", "get_layout"]
+           "MMA_LANES", "MMA_LANES_ROTATIONS", "LAYOUTS", "get_layout"]
 
 
 class Layout:
@@ -93,45 +93,87 @@ class GroupHalvesLayout(Layout):
         return plain.reshape(blocks.shape), scales
 
 
-#: Byte ``4q + 2h + j`` of an MMA_LANES group is byte ``8h + 2q + j`` of its GROUP_HALVES
-#: group (q = 0..3, h, j = 0..1), and the inverse order.
-_MMA_LANES_ORDER = [8 * h + 2 * q + j for q in range(4) for h in range(2) for j in range(2)]
-_MMA_LANES_INVERSE = [_MMA_LANES_ORDER.index(i) for i in range(BYTES_PER_BLOCK)]
+#: MMA_LANES: where each code bit of a lane's word sits. Word ``t`` (0..3) of a row's 32-group
+#: holds the eight codes lane ``t`` of a 16-bit MMA operand fragment needs: elements
+#: ``8i + 2t + j`` (i = 0..3, j = 0, 1), which are operand registers ``i`` (bf16 pairs, j = 0 the
+#: low half). Register ``i`` is ``rotl(word, ROTATION[i]) & 0x81C081C0``: each code's sign at
+#: bit 15 (j = 0) or 31 and its magnitude bits e1 e0 m at 8..6 or 24..22, the pair's values times
+#: 2**-126 as bf16 bit patterns. Register 3 is two pieces: bits {6, 7, 15, 22, 23, 31} of
+#: ``rotl(word, 6)`` and bits {8, 24} of ``rotl(word, 14)`` (no bit order makes all four single
+#: rotations: scripts/search_word_layouts.py). The kernels' decoders hard-code these rotations.
+MMA_LANES_ROTATIONS = (0, 4, 10, (6, 14))
+#: Where code bit b (0: m, 1: e0, 2: e1, 3: sign) of element j of a pair lands in its register.
+_REGISTER_BITS = (6, 7, 8, 15)
+
+
+def _mma_lanes_word_bit(i: int, j: int, b: int) -> int:
+    """The bit of a lane's word holding code bit ``b`` of element ``8i + 2t + j``."""
+    target = _REGISTER_BITS[b] + 16 * j
+    rotation = MMA_LANES_ROTATIONS[i]
+    if isinstance(rotation, tuple):
+        rotation = rotation[1] if b == 2 else rotation[0]
+    return (target - rotation) % 32
+
+
+#: [element e = 2i + j of the word][code bit b] -> the word bit (a permutation of 0..31).
+_MMA_LANES_WORD_BITS = [[_mma_lanes_word_bit(e // 2, e % 2, b) for b in range(4)]
+                        for e in range(8)]
+#: Groups converted at a time (bounded temporaries for whole-model tensors).
+_CHUNK_GROUPS = 1 << 20
 
 
 class MmaLanesLayout(Layout):
-    """Within every 32-element scale group, byte ``4q + 2h + j`` (q = 0..3, h, j = 0..1) holds
-    element ``8h + 2q + j`` in its low nibble and element ``8h + 2q + j + 16`` in its high
-    nibble: GROUP_HALVES with the 16 bytes of a group reordered. The scales keep their values
-    and logical shape ``[..., N, K/32]`` but are stored K-major (a transposed view: stride 1
-    along N), so that the scales of consecutive rows are contiguous bytes.
+    """Within every 32-element scale group, the 16 bytes are four little-endian 32-bit words,
+    one per lane of a 16-bit tensor-core operand fragment (mma.sync / wgmma, the register
+    operand: lane ``l`` of a row takes elements ``2(l % 4) + {0, 1}`` and ``+ 8`` of every 16
+    along K). Word ``t`` holds elements ``8i + 2t + j`` (i = 0..3, j = 0, 1) with its 32 bits
+    permuted (`MMA_LANES_ROTATIONS`) so that each of the lane's four bf16x2 operand registers
+    is a rotation and a mask of the word. The scales keep their values and logical shape
+    ``[..., N, K/32]`` but are stored K-major (a transposed view: stride 1 along N), so that the
+    scales of consecutive rows are contiguous bytes.
 
-    Why: a 16-bit tensor-core operand fragment (mma.sync / wgmma, the register operand) gives
-    lane ``l`` of a row the elements ``2(l % 4) + {0, 1}`` and ``+ 8`` of every 16 along K. Here
-    the eight codes one lane needs from a group of a row are one aligned 32-bit word (word
-    ``q = l % 4``), and each byte pair ``j = 0, 1`` decodes into one bf16x2 operand register:
-    the prefill GEMM (`mxmoe.kernels._prefill_gemm`) loads words and upcasts them in place. Its
-    tile's scales (a few groups of BLOCK_N rows) are then whole 16-byte runs, which it copies to
-    shared memory asynchronously like the codes (row-major scales give 2-4 byte runs at odd
-    addresses: synchronous byte loads).
+    Why: the prefill GEMM (`mxmoe.kernels._prefill_gemm`) loads each lane's word and turns it
+    into its operand registers in place, nine logic operations for eight codes (a nibble per
+    byte takes eighteen: shifts and masks to move each nibble's bits apart); the decode GEMV
+    gets each code's fp32 pattern from a register with one more operation. Its tile's scales (a
+    few groups of BLOCK_N rows) are whole 16-byte runs, which it copies to shared memory
+    asynchronously like the codes (row-major scales give 2-4 byte runs at odd addresses).
     """
 
     name = "mma_lanes"
-    description = ("in each 32-group byte 4q+2h+j holds elements 8h+2q+j (low nibble) and that "
-                   "+16 (high): each MMA lane's codes are one 32-bit word; scales K-major")
+    description = ("each 32-group is four 32-bit words, one per MMA lane (elements 8i+2t+j), "
+                   "bits ordered so each bf16x2 operand register is a rotation of the word; "
+                   "scales K-major")
 
     def from_plain(self, blocks, scales):
-        halves, scales = GROUP_HALVES.from_plain(blocks, scales)
-        groups = halves.reshape(*blocks.shape[:-1], -1, BYTES_PER_BLOCK)
-        index = torch.tensor(_MMA_LANES_ORDER, device=blocks.device)
+        groups = blocks.reshape(-1, BYTES_PER_BLOCK)
+        out = torch.empty_like(groups)
+        for start in range(0, groups.shape[0], _CHUNK_GROUPS):
+            part = groups[start:start + _CHUNK_GROUPS]
+            # K element 2p + c is the nibble c of byte p; as (n, i, t, j): element 8i + 2t + j.
+            codes = torch.stack([part & 0x0F, part >> 4], dim=-1).reshape(-1, 4, 4, 2)
+            codes = codes.permute(0, 2, 1, 3).reshape(-1, 4, 8)  # (n, t, e = 2i + j)
+            words = torch.zeros(codes.shape[0], 4, 4, dtype=torch.uint8, device=blocks.device)
+            for e, bits in enumerate(_MMA_LANES_WORD_BITS):
+                for b, bit in enumerate(bits):
+                    words[:, :, bit // 8] |= ((codes[:, :, e] >> b) & 1) << (bit % 8)
+            out[start:start + _CHUNK_GROUPS] = words.reshape(-1, BYTES_PER_BLOCK)
         k_major = scales.transpose(-1, -2).contiguous().transpose(-1, -2)
-        return groups[..., index].reshape(blocks.shape), k_major
+        return out.reshape(blocks.shape), k_major
 
     def to_plain(self, blocks, scales):
-        groups = blocks.reshape(*blocks.shape[:-1], -1, BYTES_PER_BLOCK)
-        index = torch.tensor(_MMA_LANES_INVERSE, device=blocks.device)
-        halves = groups[..., index].reshape(blocks.shape)
-        return GROUP_HALVES.to_plain(halves, scales.contiguous())
+        groups = blocks.reshape(-1, BYTES_PER_BLOCK)
+        out = torch.empty_like(groups)
+        for start in range(0, groups.shape[0], _CHUNK_GROUPS):
+            words = groups[start:start + _CHUNK_GROUPS].reshape(-1, 4, 4)  # (n, t, byte)
+            codes = torch.zeros(words.shape[0], 4, 8, dtype=torch.uint8, device=blocks.device)
+            for e, bits in enumerate(_MMA_LANES_WORD_BITS):
+                for b, bit in enumerate(bits):
+                    codes[:, :, e] |= ((words[:, :, bit // 8] >> (bit % 8)) & 1) << b
+            # (n, t, i, j) -> K order (n, i, t, j), then two codes a byte.
+            codes = codes.reshape(-1, 4, 4, 2).permute(0, 2, 1, 3).reshape(-1, 16, 2)
+            out[start:start + _CHUNK_GROUPS] = codes[..., 0] | (codes[..., 1] << 4)
+        return out.reshape(blocks.shape), scales.contiguous()
 
 
 PLAIN = PlainLayout()

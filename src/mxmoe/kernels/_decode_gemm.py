@@ -3,10 +3,10 @@
 Two kernels, one inner loop (the weights read as int32 words of 8 nibbles, in either layout of
 `mxmoe.layouts`, ``W_LAYOUT``): nibble ``n`` of word ``w`` of a row is K element ``8w + n`` in
 the plain layout, element ``32 (w // 4) + 4 (w % 4) + n // 2 + 16 (n % 2)`` in GROUP_HALVES
-(byte ``j`` of a 32-group holds elements ``j`` and ``j + 16``), and element
-``32 (w // 4) + 2 (w % 4) + 8 (n // 4) + (n // 2) % 2 + 16 (n % 2)`` in MMA_LANES (byte
-``4q + 2h + j`` holds ``8h + 2q + j`` and that ``+ 16``; its K-major scales are only other
-strides). The activations of each nibble position are gathered from L1 either way.
+(byte ``j`` of a 32-group holds elements ``j`` and ``j + 16``), and code ``n`` of word ``w`` is
+element ``32 (w // 4) + 2 (w % 4) + 8 (n // 2) + n % 2`` in MMA_LANES (its bits spread over
+the word so that each pair of codes is a rotation and a mask; its K-major scales are only
+other strides). The activations of each code position are gathered from L1 either way.
 
 - `decode_gemv_kernel` takes the aligned pairs (`mxmoe.routing.Alignment`): a program per M
   block of 1, 2 or 4 pairs of one expert, the weights decoded once for all of them.
@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ._grouped import (_block_rows, _epilogue, _k_range,
                        _store_rows, _tile_rows, _weight_and_bias)
-from ._moe_gemm import _e8m0_to_f32
+from ._moe_gemm import _e8m0_to_f32, _mma_lanes_pair_f32, _mma_lanes_register
 
 __all__ = ["decode_gemv_kernel", "decode_token_kernel"]
 
@@ -71,6 +71,22 @@ def _nibble_to_f32(words, NIBBLE: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def _code_to_f32(words, NIBBLE: tl.constexpr, W_LAYOUT: tl.constexpr):
+    """Code ``NIBBLE`` (0..7) of each int32 word -> the fp32 bit pattern worth E2M1 * 2**-126.
+    MMA_LANES: code 2i + j is half j of the word's operand register i (a rotation and a mask,
+    shared by the two codes of the pair), moved to the top half; the others: the nibble."""
+    if W_LAYOUT == LAYOUT_MMA_LANES:
+        low, high = _mma_lanes_pair_f32(_mma_lanes_register(words, NIBBLE // 2))
+        if NIBBLE % 2 == 0:
+            value = low
+        else:
+            value = high
+    else:
+        value = _nibble_to_f32(words, NIBBLE)
+    return value
+
+
 #: W_LAYOUT: the byte order of the words (as `_moe_gemm`'s).
 LAYOUT_PLAIN = tl.constexpr(0)
 LAYOUT_GROUP_HALVES = tl.constexpr(1)
@@ -85,10 +101,9 @@ def _nibble_k(offs_w, k0, NIBBLE: tl.constexpr, W_LAYOUT: tl.constexpr):
         # element 4w + n // 2) or high half (n odd: element 16 + 4w + n // 2).
         return k0 + (offs_w // 4) * 32 + (offs_w % 4) * 4 + (NIBBLE % 2) * 16 + NIBBLE // 2
     elif W_LAYOUT == LAYOUT_MMA_LANES:
-        # Word q of a group holds its bytes 4q + 2h + j (h, j = 0, 1): byte n // 2 of the word
-        # is h = n // 4, j = (n // 2) % 2, holding element 8h + 2q + j (+ 16 when n is odd).
-        return (k0 + (offs_w // 4) * 32 + (offs_w % 4) * 2 + (NIBBLE // 4) * 8
-                + (NIBBLE // 2) % 2 + (NIBBLE % 2) * 16)
+        # Word t of a group holds lane t's codes: "nibble" n = 2i + j is element 8i + 2t + j
+        # (its bits are spread over the word: `_code_to_f32`).
+        return k0 + (offs_w // 4) * 32 + (offs_w % 4) * 2 + (NIBBLE // 2) * 8 + NIBBLE % 2
     else:
         return k0 + offs_w * 8 + NIBBLE
 
@@ -112,7 +127,7 @@ def _gemv_words_row(acc, words, scale_f, a_ptr, sorted_ids_ptr, slot, num_pairs,
             x = tl.load(row + k * stride_ak, mask=valid, other=0.0)
         else:
             x = tl.load(row + k * stride_ak, mask=valid & (k < k_end), other=0.0)
-        part += _nibble_to_f32(words, n) * (x.to(tl.float32) * X_PRESCALE)[None, :]
+        part += _code_to_f32(words, n, W_LAYOUT) * (x.to(tl.float32) * X_PRESCALE)[None, :]
     # A group's 4 words are one thread's 4 consecutive registers: this sum stays in the thread.
     part = tl.sum(tl.reshape(part, (BLOCK_N, GROUPS, 4)), axis=2)
     # Two exact power-of-two multiplies: 2**62 * 2**(s - 127) overflows fp32 past s = 192.
@@ -363,7 +378,7 @@ def decode_token_kernel(
                     x = tl.load(rows + k * stride_ak, mask=mask_x, other=0.0)
                 else:
                     x = tl.load(rows + k * stride_ak, mask=mask_x & (k < k_end), other=0.0)
-                part += _nibble_to_f32(words, n) * (x.to(tl.float32) * X_PRESCALE)
+                part += _code_to_f32(words, n, W_LAYOUT) * (x.to(tl.float32) * X_PRESCALE)
             # A group's 4 words are one thread's 4 consecutive registers: this sum stays in
             # the thread (where the compiler keeps the word tile's layout for the reshape).
             part = tl.sum(tl.reshape(part, (BLOCK_J, BLOCK_N, GROUPS, 4)), axis=3)

@@ -32,21 +32,8 @@ MODE_DENSE = tl.constexpr(2)  # dense weights in the dot dtype
 # W_LAYOUT (MXFP4 modes): the byte order of the weights (`mxmoe.layouts`)
 LAYOUT_PLAIN = tl.constexpr(0)  # byte j = elements 2j (low nibble), 2j+1 (high)
 LAYOUT_GROUP_HALVES = tl.constexpr(1)  # in each 32-group byte j = elements j (low), j+16 (high)
-LAYOUT_MMA_LANES = tl.constexpr(2)  # byte 4q+2h+j of a group = elements 8h+2q+j, +16 (K-major scales)
+LAYOUT_MMA_LANES = tl.constexpr(2)  # int32 words, one per MMA lane (bits: layouts.py; K-major scales)
 
-
-
-@triton.jit
-def _mma_lanes_k_order(w_lo, w_hi, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The decoded low and high nibbles (BLOCK_N, BLOCK_K / 2) of MMA_LANES bytes -> the
-    (BLOCK_N, BLOCK_K) tile in K order. Byte ``p = 4q + 2h + j`` of group ``g`` holds K element
-    ``32g + 8h + 2q + j`` (low nibble, c = 0) and that ``+ 16`` (c = 1): the join, permute and
-    reshape only rename which element is which (no data moves when each thread holds whole
-    groups' bytes, as for the MMA operand)."""
-    w = tl.join(w_lo, w_hi)  # (n, byte, c)
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2))  # (n, g, q, h, j, c)
-    w = tl.permute(w, (0, 1, 5, 3, 2, 4))  # (n, g, c, h, q, j): K order
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -111,6 +98,150 @@ def _mxfp4_to_bf16_ptx(packed, scale_bf16):
         is_pure=True,
         pack=4,
     )
+
+
+# --- MMA_LANES words (`mxmoe.layouts.MmaLanesLayout`: the rotations are its MMA_LANES_ROTATIONS)
+
+#: Sign at bits 15 / 31, magnitude at 8..6 / 24..22 of a bf16x2 register: 0x81C081C0 (and the
+#: two pieces of register 3, 0x80C080C0 and 0x01000100) as the signed int32 Triton takes.
+_REGISTER_MASK = tl.constexpr(0x81C081C0 - (1 << 32))
+_PIECE_MASK_6 = tl.constexpr(0x80C080C0 - (1 << 32))
+_PIECE_MASK_14 = tl.constexpr(0x01000100)
+
+
+@triton.jit
+def _rotl32(words, R: tl.constexpr):
+    """Left rotation of int32 words by R (1..31): the arithmetic right shift masked."""
+    return (words << R) | ((words >> (32 - R)) & ((1 << R) - 1))
+
+
+@triton.jit
+def _mma_lanes_register(words, I: tl.constexpr):
+    """Operand register ``I`` (0..3) of MMA_LANES words (int32): the bf16x2 bit patterns of
+    elements ``8I + 2t + {0, 1}`` times 2**-126 (element 0 in the low half)."""
+    if I == 0:
+        bits = words & _REGISTER_MASK
+    elif I == 1:
+        bits = _rotl32(words, 4) & _REGISTER_MASK
+    elif I == 2:
+        bits = _rotl32(words, 10) & _REGISTER_MASK
+    else:
+        bits = (_rotl32(words, 6) & _PIECE_MASK_6) | (_rotl32(words, 14) & _PIECE_MASK_14)
+    return bits
+
+
+@triton.jit
+def _mma_lanes_pair_f32(register):
+    """A register of `_mma_lanes_register` -> its two values times 2**-126 as float32 (bf16
+    patterns moved to the top half: exact)."""
+    low = (register << 16).to(tl.float32, bitcast=True)
+    high = (register & -65536).to(tl.float32, bitcast=True)
+    return low, high
+
+
+#: $0..$7: elements 8i + 2t + j (output 2i + j) of the word $8, bf16, times the scale whose
+#: bf16 pattern is in both halves of $9. Register i is a rotation and a mask of the word
+#: (shf.l.wrap: a funnel shift of the word with itself), register 3 two of them; each is then
+#: a bf16x2 pair worth value * 2**-126, which two fma.rn.bf16x2 (with -0 addend: a plain product
+#: that keeps the sign of zero) multiply by 2**126 and by the scale, as in `_mxfp4_to_bf16_ptx`.
+_MMA_LANES_TO_BF16_PTX = tl.constexpr("""
+        {
+        .reg .b32 a, b, o, k126, nz;
+        mov.b32 k126, 0x7E807E80;
+        mov.b32 nz, 0x80008000;
+        and.b32 o, $8, 0x81C081C0;
+        fma.rn.bf16x2 o, o, k126, nz;
+        fma.rn.bf16x2 o, o, $9, nz;
+        mov.b32 {$0, $1}, o;
+        shf.l.wrap.b32 a, $8, $8, 4;
+        and.b32 o, a, 0x81C081C0;
+        fma.rn.bf16x2 o, o, k126, nz;
+        fma.rn.bf16x2 o, o, $9, nz;
+        mov.b32 {$2, $3}, o;
+        shf.l.wrap.b32 a, $8, $8, 10;
+        and.b32 o, a, 0x81C081C0;
+        fma.rn.bf16x2 o, o, k126, nz;
+        fma.rn.bf16x2 o, o, $9, nz;
+        mov.b32 {$4, $5}, o;
+        shf.l.wrap.b32 a, $8, $8, 6;
+        shf.l.wrap.b32 b, $8, $8, 14;
+        and.b32 a, a, 0x80C080C0;
+        and.b32 b, b, 0x01000100;
+        or.b32 o, a, b;
+        fma.rn.bf16x2 o, o, k126, nz;
+        fma.rn.bf16x2 o, o, $9, nz;
+        mov.b32 {$6, $7}, o;
+        }
+        """)
+
+
+@triton.jit
+def _mma_lanes_to_bf16_ptx(words, scale_pairs):
+    """(rows, W) MMA_LANES words (int32) and their scales as bf16x2 patterns (int32, the bf16
+    scale in both halves) -> eight (rows, W) bf16 tensors, output ``2i + j`` = element
+    ``8i + 2t + j`` of the word's lane t. NVIDIA PTX (sm_80+); one word per invocation."""
+    return tl.inline_asm_elementwise(
+        asm=_MMA_LANES_TO_BF16_PTX,
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+        args=[words, scale_pairs],
+        dtype=(tl.bfloat16,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _mma_lanes_words_k_order(o0, o1, o2, o3, o4, o5, o6, o7, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """Eight (BLOCK_N, BLOCK_K / 8) tensors, ``o[2i + j]`` element ``8i + 2t + j`` of word
+    ``4g + t`` -> the (BLOCK_N, BLOCK_K) tile in K order (element ``32g + 8i + 2t + j``). Joins,
+    a permute and reshapes: only which element is which (no data moves when each thread holds
+    its lanes' words, as for the MMA operand)."""
+    w = tl.join(tl.join(tl.join(o0, o1), tl.join(o2, o3)),
+                tl.join(tl.join(o4, o5), tl.join(o6, o7)))  # (n, word, j, i % 2, i // 2)
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2))  # (n, g, t, j, i % 2, i // 2)
+    w = tl.permute(w, (0, 1, 5, 4, 2, 3))  # (n, g, i // 2, i % 2, t, j): K order
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _e8m0_to_bf16_pairs(scales):
+    """E8M0 bytes -> int32 whose halves are both the bfloat16 2**(s - 127): the byte is bf16's
+    exponent field (s = 0: the subnormal 2**-127, mantissa bit 6; s = 255: NaN)."""
+    s = scales.to(tl.int32)
+    bits = tl.where(s == 0, 0x0040, s << 7)
+    bits = tl.where(s == 255, 0x7FC0, bits)
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _upcast_mma_lanes_words(words, scale, DEQUANT_PTX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K / 8) MMA_LANES words (int32) and (BLOCK_N, BLOCK_K / 32) E8M0 scales
+    (uint8) -> the (BLOCK_N, BLOCK_K) weights in DOT_DTYPE, in K order: the PTX conversion
+    (bf16 on NVIDIA) or the same bits through float32 (elsewhere, the interpreter)."""
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    if DEQUANT_PTX:
+        pairs = tl.reshape(tl.broadcast_to(_e8m0_to_bf16_pairs(scale)[:, :, None],
+                                           (BLOCK_N, GROUPS, 4)), (BLOCK_N, BLOCK_K // 8))
+        o0, o1, o2, o3, o4, o5, o6, o7 = _mma_lanes_to_bf16_ptx(words, pairs)
+    else:
+        scale_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(scale.to(tl.int32))[:, :, None],
+                                             (BLOCK_N, GROUPS, 4)), (BLOCK_N, BLOCK_K // 8))
+        o0, o1 = _mma_lanes_pair_f32(_mma_lanes_register(words, 0))
+        o2, o3 = _mma_lanes_pair_f32(_mma_lanes_register(words, 1))
+        o4, o5 = _mma_lanes_pair_f32(_mma_lanes_register(words, 2))
+        o6, o7 = _mma_lanes_pair_f32(_mma_lanes_register(words, 3))
+        # Times 2**126 (exact), then the scale (the one rounding).
+        o0 = (o0 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o1 = (o1 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o2 = (o2 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o3 = (o3 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o4 = (o4 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o5 = (o5 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o6 = (o6 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o7 = (o7 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+    return _mma_lanes_words_k_order(o0, o1, o2, o3, o4, o5, o6, o7, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -211,12 +342,20 @@ def moe_gemm_kernel(
             else:
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
         else:
-            offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            mask_kb = offs_kb < K // 2
-            packed = tl.load(
-                b_expert_ptr + rows64[:, None] * stride_bn + offs_kb[None, :] * stride_bk,
-                mask=mask_n[:, None] & mask_kb[None, :], other=0,
-            )  # (BLOCK_N, BLOCK_K // 2) uint8
+            if W_LAYOUT == LAYOUT_MMA_LANES:
+                # The launcher's int32 view: one word per MMA lane (strides in words).
+                offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                packed = tl.load(
+                    b_expert_ptr + rows64[:, None] * stride_bn + offs_kw[None, :] * stride_bk,
+                    mask=mask_n[:, None] & (offs_kw[None, :] < K // 8), other=0,
+                )  # (BLOCK_N, BLOCK_K // 8) int32
+            else:
+                offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                mask_kb = offs_kb < K // 2
+                packed = tl.load(
+                    b_expert_ptr + rows64[:, None] * stride_bn + offs_kb[None, :] * stride_bk,
+                    mask=mask_n[:, None] & mask_kb[None, :], other=0,
+                )  # (BLOCK_N, BLOCK_K // 2) uint8
             scale = tl.load(
                 s_expert_ptr + rows64[:, None] * stride_sn + offs_g[None, :] * stride_sk,
                 mask=mask_n[:, None] & (offs_g[None, :] < K // 32), other=0,
@@ -234,7 +373,8 @@ def moe_gemm_kernel(
             else:
                 codes = packed.to(tl.int32)
                 scale_f = _e8m0_to_f32(scale.to(tl.int32))
-                if SPLIT_DOT or W_LAYOUT == LAYOUT_GROUP_HALVES:
+                if (SPLIT_DOT or W_LAYOUT == LAYOUT_GROUP_HALVES) and \
+                        W_LAYOUT != LAYOUT_MMA_LANES:
                     # Two dots over K/2 each, one for the low nibbles and one for the high. Plain
                     # layout: the low nibbles are the even K indices, the high the odd, so A is
                     # read at stride 2. Group halves: they are the first and the second 16 of
@@ -242,15 +382,6 @@ def moe_gemm_kernel(
                     offs_h = tl.arange(0, BLOCK_K // 2)
                     if W_LAYOUT == LAYOUT_GROUP_HALVES:  # the halves of each 32-group
                         offs_k2 = k0 + (offs_h // 16) * 32 + offs_h % 16
-                        step_hi = 16
-                    elif W_LAYOUT == LAYOUT_MMA_LANES:
-                        # Byte p = 4q + 2h + j of a group holds elements 8h + 2q + j (low
-                        # nibble) and that + 16 (high): A is gathered in that order (pairs of
-                        # adjacent elements) and the weight bytes stay one contiguous load.
-                        # (The dot sums over K in any order; the K-major scales are strides.)
-                        p = offs_h % 16
-                        offs_k2 = (k0 + (offs_h // 16) * 32 + ((p % 4) // 2) * 8 + (p // 4) * 2
-                                   + p % 2)
                         step_hi = 16
                     else:
                         offs_k2 = k0 + 2 * offs_h
@@ -282,15 +413,9 @@ def moe_gemm_kernel(
                         mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0,
                     ).to(DOT_DTYPE)
                     if W_LAYOUT == LAYOUT_MMA_LANES:
-                        # Decoded per byte, then renamed into K order (registers only).
-                        if DEQUANT_PTX:
-                            scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
-                            w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
-                        else:
-                            scale_h = _per_byte(scale_f, BLOCK_N, GROUPS)
-                            w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
-                            w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
-                        w = _mma_lanes_k_order(w_lo, w_hi, BLOCK_N, BLOCK_K)
+                        # Words decoded into K order (registers only).
+                        w = _upcast_mma_lanes_words(packed, scale, DEQUANT_PTX, DOT_DTYPE,
+                                                    BLOCK_N, BLOCK_K)
                     elif DEQUANT_PTX:
                         scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
                         w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)

@@ -23,10 +23,10 @@ Structure:
   ``tl.range(warp_specialize=True)``, does not take this loop on sm_90 even with every load a
   descriptor: with 8 warps it is not applied (not even to bf16 operands), with 4 its pass fails
   on the register-operand upcast; scripts/inspect_warp_specialize.py.)
-- Weights upcast in registers: each lane's eight codes of a row and 32-group are one byte-aligned
-  32-bit word of the MMA_LANES layout; `_mxfp4_to_bf16_ptx` turns the word into four bf16x2
-  operand registers with the E8M0 scale folded into the conversion (bf16 on NVIDIA), or the
-  portable fp32 bit decode (fp16/fp32, the interpreter).
+- Weights upcast in registers: each lane's eight codes of a row and 32-group are one 32-bit
+  word of the MMA_LANES layout, loaded as an int32; `_upcast_mma_lanes_words` turns it into
+  its four bf16x2 operand registers (a rotation and a mask each, then the E8M0 scale: PTX, bf16
+  on NVIDIA) or the same bits through float32 (fp16/fp32, the interpreter).
 - Gated epilogue without a shuffle: a tile's weight rows are ordered so that the gate and up
   rows of an output column are rows ``r`` and ``r + 8`` of a 16-row group, which the MMA
   accumulator layout gives to the same thread.
@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._grouped import WEIGHT_AFTER_BIAS, WEIGHT_BEFORE_BIAS, WEIGHT_NONE
-from ._moe_gemm import _e2m1_to_f32, _e8m0_to_f32, _mma_lanes_k_order, _mxfp4_to_bf16_ptx
+from ._moe_gemm import _upcast_mma_lanes_words
 
 # A_ROWS / OUT_ROWS: how the rows of A and of the output are indexed
 ROWS_PAIR = tl.constexpr(0)  # A: a[pair // A_ROW_DIV]; out: out[pair]
@@ -119,49 +119,12 @@ def _tile_scales(s_ptr, pid_n, N, k0, K, stride_sn, stride_sk, BLOCK_N: tl.const
 
 
 @triton.jit
-def _e8m0_to_bf16(scales):
-    """E8M0 bytes -> bfloat16 2**(s - 127), built as bits: the byte is bf16's exponent field
-    (s = 0: the subnormal 2**-127, mantissa bit 6; s = 255: NaN)."""
-    s = scales.to(tl.int32)
-    bits = tl.where(s == 0, 0x0040, s << 7)
-    bits = tl.where(s == 255, 0x7FC0, bits)
-    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _upcast_mma_lanes(packed, scale, DEQUANT_PTX: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K / 2) MMA_LANES bytes and (BLOCK_N, BLOCK_K / 32) E8M0 scales ->
-    (BLOCK_N, BLOCK_K) weights in DOT_DTYPE, in K order.
-
-    Byte ``p = 4q + 2h + j`` of group ``g`` holds K element ``32g + 8h + 2q + j`` (low nibble,
-    c = 0) and that ``+ 16`` (high nibble, c = 1). Decoding is elementwise over the bytes; the
-    join/permute/reshape only renames which element is which. Backward from the dot operand,
-    that leaves each lane the words of its own rows, and each decoded pair j = 0, 1 is one
-    operand register.
-    """
-    GROUPS: tl.constexpr = BLOCK_K // 32
-    if DEQUANT_PTX:
-        scale_b = tl.reshape(tl.broadcast_to(_e8m0_to_bf16(scale)[:, :, None],
-                                             (BLOCK_N, GROUPS, 16)), (BLOCK_N, BLOCK_K // 2))
-        w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)
-    else:
-        scale_f = _e8m0_to_f32(scale.to(tl.int32))
-        codes = packed.to(tl.int32)
-        scale_h = tl.reshape(tl.broadcast_to(scale_f[:, :, None], (BLOCK_N, GROUPS, 16)),
-                             (BLOCK_N, BLOCK_K // 2))
-        w_lo = (_e2m1_to_f32(codes & 0xF) * scale_h).to(DOT_DTYPE)
-        w_hi = (_e2m1_to_f32(codes >> 4) * scale_h).to(DOT_DTYPE)
-    return _mma_lanes_k_order(w_lo, w_hi, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
 def prefill_gemm_kernel(
     a_ptr,  # (A_rows, K) activation dtype (ROWS_PAIR: row of pair p is p // A_ROW_DIV)
     a_desc,  # tensor descriptor of a, block (BLOCK_M, BLOCK_K), when A_TMA (else a_ptr again)
-    w_desc,  # W_TMA: descriptor of the codes (E, N, K // 2), block (1, BLOCK_N, BLOCK_K // 2)
+    w_desc,  # W_TMA: descriptor of the words (E, N, K // 8), block (1, BLOCK_N, BLOCK_K // 8)
     s_desc,  # W_TMA: descriptor of the K-major scales (E, K // 32, N), block (1, GROUPS, BLOCK_N)
-    w_ptr,  # (E, N, K // 2) uint8 MXFP4 codes, MMA_LANES layout; DENSE: (E, N, K) DOT_DTYPE
+    w_ptr,  # (E, N, K // 2) uint8 MXFP4 codes, MMA_LANES (read as words); DENSE: (E, N, K)
     w_scale_ptr,  # (E, N, K // 32) uint8 E8M0, K-major (MMA_LANES): stride 1 along N
     bias_ptr,  # (E, N) float (unused without HAS_BIAS)
     out_ptr,  # (out rows, N // 2 if GATED else N) activation dtype
@@ -245,6 +208,10 @@ def prefill_gemm_kernel(
             rows, mask_n = _paired_tile_rows(pid_n, N, BLOCK_N, GATED, INTERLEAVED)
         rows64 = rows.to(tl.int64)
         w_rows = w_ptr + expert * stride_we + rows64[:, None] * stride_wn
+        if not DENSE:
+            # The codes as int32 words, one per MMA lane (rows are 16-byte aligned: strides
+            # in bytes keep that known to the compiler, so the copies stay 16 bytes wide).
+            w_rows = w_rows.to(tl.pointer_type(tl.int32))
         s_expert = w_scale_ptr + expert * stride_se
         a_rows = a_ptr + a_row[:, None] * stride_am
 
@@ -259,11 +226,12 @@ def prefill_gemm_kernel(
             if W_TMA:
                 # Out of the box (rows past N, K past its end) TMA reads zeros.
                 e32 = expert.to(tl.int32)
-                packed = tl.reshape(w_desc.load([e32, pid_n * BLOCK_N, k0 // 2]),
-                                    (BLOCK_N, BLOCK_K // 2))
+                words = tl.reshape(w_desc.load([e32, pid_n * BLOCK_N, k0 // 8]),
+                                   (BLOCK_N, BLOCK_K // 8))
                 scale = tl.trans(tl.reshape(s_desc.load([e32, k0 // 32, pid_n * BLOCK_N]),
                                             (BLOCK_K // 32, BLOCK_N)))
-                w = _upcast_mma_lanes(packed, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N, BLOCK_K)
+                w = _upcast_mma_lanes_words(words, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N,
+                                            BLOCK_K)
             elif DENSE:
                 w = tl.load(w_rows + offs_k[None, :] * stride_wk,
                             mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -272,15 +240,15 @@ def prefill_gemm_kernel(
                 next_scale = _tile_scales(s_expert, pid_n, N, k0 + BLOCK_K, K, stride_sn,
                                           stride_sk, BLOCK_N, BLOCK_K, GATED, INTERLEAVED,
                                           False)
-                offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 if EVEN_K:
-                    packed = tl.load(w_rows + offs_b[None, :] * stride_wk,
-                                     mask=mask_n[:, None], other=0)
+                    words = tl.load(w_rows + offs_w[None, :], mask=mask_n[:, None], other=0)
                 else:
-                    packed = tl.load(w_rows + offs_b[None, :] * stride_wk,
-                                     mask=mask_n[:, None] & (offs_b[None, :] < K // 2),
-                                     other=0)
-                w = _upcast_mma_lanes(packed, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N, BLOCK_K)
+                    words = tl.load(w_rows + offs_w[None, :],
+                                    mask=mask_n[:, None] & (offs_w[None, :] < K // 8),
+                                    other=0)
+                w = _upcast_mma_lanes_words(words, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N,
+                                            BLOCK_K)
             if A_TMA:
                 a = a_desc.load([pid_m * BLOCK_M, k0])
             elif EVEN_K:

@@ -101,6 +101,8 @@ class _Gemm(GroupedGemm):
         """One grouped GEMM, the weight as ``blocks`` [E, N, K/2] uint8 + ``scales``
         [E, N, K/32] in ``layout`` (or, for the dense inner product, ``blocks`` [E, N, K] and
         ``scales`` unused); the rest as `GroupedGemm.contract_arguments`. All `Ref`s."""
+        if layout == MMA_LANES and self.inner is not InnerProduct.DENSE:
+            blocks = blocks.viewed_as(torch.int32)  # read as one int32 word per MMA lane
         grid, arguments = self.contract_arguments(
             a, a_row_div, blocks, scales, bias, out, n=n, k=k, gated=gated,
             router_weight=router_weight, cfg=cfg, splits=splits, k_per_split=k_per_split)

@@ -223,6 +223,9 @@ class PrefillGemm:
             scales = blocks
         else:
             _check_weight(layout, tuple(blocks.shape), n, k, gated)
+            if blocks.stride()[-1] != 1:
+                raise ValueError(f"the prefill GEMM reads each row's codes as contiguous words, "
+                                 f"got strides {blocks.stride()}")
         tma = cfg.tma and a_rows == ROWS_SORTED
         w_tma = (cfg.weights_tma and not dense
                  and (not gated or self.call.activation.interleaved))
@@ -234,8 +237,9 @@ class PrefillGemm:
         aligned = self.aligned
         return Step(_gemm, (programs,), dict(
             a_ptr=a, a_desc=DescriptorRef(a, (cfg.block_m, cfg.block_k)) if tma else a,
-            w_desc=(DescriptorRef(blocks, (1, cfg.block_n, cfg.block_k // 2)) if w_tma
-                    else blocks),
+            # TMA boxes of the codes as int32 words (one per MMA lane).
+            w_desc=(DescriptorRef(blocks.viewed_as(torch.int32),
+                                  (1, cfg.block_n, cfg.block_k // 8)) if w_tma else blocks),
             s_desc=(DescriptorRef(_k_major_view(scales), (1, cfg.block_k // 32, cfg.block_n))
                     if w_tma else scales),
             w_ptr=blocks, w_scale_ptr=scales,
