@@ -318,11 +318,12 @@ class MXFP4MoE(nn.Module):
     ) -> "MXFP4MoE":
         """Read layer ``layer``'s MoE from an MXFP4 safetensors checkpoint of any format mxmoe
         knows, detected from config.json and the tensor names (`mxmoe.checkpoints`): gpt-oss
-        (HF or OpenAI names; swigluoai, router with bias) or compressed-tensors
-        ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16) of Qwen3-MoE or Mixtral (silu with
-        ``[gate | up]`` halves, router without bias, renormalised as config.json says). The
-        packed bytes are the file's, never requantized; only this layer's tensors (and with
-        ``ep_group``/``tp_group`` only this rank's part) are read.
+        (HF or OpenAI names; swigluoai, router with bias), compressed-tensors
+        ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16) or AMD Quark (``mxfp4_weight_only``)
+        of Qwen3-MoE or Mixtral (silu with ``[gate | up]`` halves, router without bias,
+        renormalised as config.json says). The packed bytes are the file's, never requantized;
+        only this layer's tensors (and with ``ep_group``/``tp_group`` only this rank's part) are
+        read.
 
         Args:
             path: a checkpoint directory (``model.safetensors`` or sharded through
