@@ -73,8 +73,10 @@ def _direct(j, n, k, warps, gemm1=False, even=True, layout=0):
 VARIANTS = [
     _direct(4, 16, 256, 4, gemm1=True),
     _direct(4, 16, 256, 4, gemm1=True, layout=1),
+    _direct(4, 16, 256, 4, gemm1=True, layout=2),
     _direct(4, 8, 512, 4, gemm1=True),
     _direct(1, 32, 256, 4),
+    _direct(1, 32, 256, 4, layout=2),
     _direct(1, 64, 256, 4),
     _direct(1, 64, 128, 4),
     _direct(2, 16, 256, 4),
