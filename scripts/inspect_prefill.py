@@ -42,15 +42,14 @@ DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_s
 
 
 def _variant(gemm1, block_m, block_n, block_k=64, warps=8, stages=4, tma=False, flatten=False,
-             dense=False, w_tma=False, fold=True):
+             dense=False, w_tma=False):
     name = (f"{'GEMM1' if gemm1 else 'GEMM2'} {block_m}x{block_n}x{block_k} w{warps} s{stages} "
             f"{'TMA' if tma else 'gathered' if gemm1 else 'rows'}{' flat' if flatten else ''}"
-            f"{' dense bf16' if dense else ''}{' W-TMA' if w_tma else ''}"
-            f"{' no-fold' if not fold and not dense else ''}")
+            f"{' dense bf16' if dense else ''}{' W-TMA' if w_tma else ''}")
     constexprs = dict(A_ROW_DIV=1 if tma or not gemm1 else 4, A_ROWS=1 if tma or not gemm1 else 0,
                       OUT_ROWS=1 if gemm1 else 0, A_TMA=tma, GATED=gemm1, INTERLEAVED=True,
                       ACT_FN=swiglu_oai, ROUTER_WEIGHT=0 if gemm1 else 2, HAS_BIAS=True,
-                      DENSE=dense, DEQUANT_PTX=True, SCALE_FOLD=fold, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None,
+                      DENSE=dense, DEQUANT_PTX=True, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None,
                       EVEN_K=2880 % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_K=block_k, GROUP_M=8, NUM_STAGES=stages, FLATTEN=flatten,
                       W_TMA=w_tma)
@@ -64,7 +63,6 @@ VARIANTS = [
     _variant(True, 128, 256, tma=True, w_tma=True),
     # Small token tiles for the memory-bound middle (a few to tens of pairs per expert).
     _variant(True, 16, 128, 128, warps=4),
-    _variant(True, 16, 128, 128, warps=4, fold=False),
     _variant(False, 16, 128, 128, warps=4, tma=True),
     _variant(True, 32, 128, 128, warps=4),
     _variant(False, 32, 128, 128, warps=4, tma=True),
@@ -80,7 +78,6 @@ VARIANTS = [
     _variant(True, 256, 128, tma=True, flatten=True),
     _variant(False, 256, 128, tma=True, flatten=True),
     _variant(True, 128, 256, tma=True),
-    _variant(True, 128, 256, tma=True, fold=False),
     _variant(False, 128, 256, tma=True),
     _variant(True, 64, 256, stages=6),
     _variant(True, 128, 256, tma=True, dense=True),

@@ -201,7 +201,7 @@ class PrefillGemm:
 
     def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
              router_weight, cfg, splits=1, k_per_split=None, a_rows=ROWS_PAIR,
-             out_rows=ROWS_PAIR, scale_fold=False) -> Step:
+             out_rows=ROWS_PAIR) -> Step:
         """``a`` [A_rows, K]: row of pair p is ``p // a_row_div`` (``a_rows=ROWS_PAIR``) or row i
         of the alignment (``ROWS_SORTED``: [max_blocks * block_m, K]); ``blocks`` [E, N, K/2]
         and ``scales`` [E, N, K/32] of a weight in MMA_LANES ``layout`` (or ``layout`` None:
@@ -209,8 +209,7 @@ class PrefillGemm:
         without the upcast); ``bias`` [E, N] or None; ``out`` [num_pairs, N // 2 if gated
         else N] (``out_rows=ROWS_PAIR``) or [max_blocks * block_m, ...] (``ROWS_SORTED``;
         padding rows are not written). ``router_weight``: 0 none, 1 before the bias, 2 after
-        it. ``scale_fold``: every scale byte is <= 128 (`layouts.scales_fold`), so the PTX
-        conversion folds 2**126 into the scale."""
+        it."""
         if splits != 1:
             raise ValueError("the prefill GEMM has no split-K")
         if self.aligned.block_m != cfg.block_m:
@@ -257,9 +256,7 @@ class PrefillGemm:
             A_ROW_DIV=a_row_div, A_ROWS=a_rows, OUT_ROWS=out_rows, A_TMA=tma,
             GATED=gated, INTERLEAVED=self.call.activation.interleaved, ACT_FN=self.act_fn,
             ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None, DENSE=dense,
-            DEQUANT_PTX=self.dequant_ptx,
-            SCALE_FOLD=bool(scale_fold and self.dequant_ptx and not dense),
-            DOT_DTYPE=_DOT_DTYPES[a.dtype],
+            DEQUANT_PTX=self.dequant_ptx, DOT_DTYPE=_DOT_DTYPES[a.dtype],
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
             EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
