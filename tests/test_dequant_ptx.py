@@ -27,6 +27,26 @@ def _every_code_and_scale(w: mxmoe.MXFP4Tensor, low: int, high: int, seed: int):
     w.scales.copy_(scales.to(torch.uint8))
 
 
+def _ptx_equals_portable(monkeypatch, m: int, scales: tuple[int, int], layout: str):
+    """The layer at M = m (H 320, I 224, E 6, k 2) with every code and the w13 scale bytes in
+    ``scales``, in ``layout``: the PTX and the portable conversion agree bit for bit, and both
+    match the fp32 reference."""
+    kw = make_moe(m, 320, 224, 6, 2, dtype=torch.bfloat16, device="cuda", seed=m)
+    low, high = scales
+    _every_code_and_scale(kw["w13"], low, high, seed=1)
+    _every_code_and_scale(kw["w2"], 118, 130, seed=2)
+    kw["w13_bias"] = kw["w2_bias"] = None
+    laid = dict(kw, w13=kw["w13"].to_layout(layout), w2=kw["w2"].to_layout(layout))
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MXMOE_DEQUANT_PTX", flag)
+        outs[flag] = mxmoe.fused_experts(**laid, backend="triton_dequant")
+    assert torch.equal(outs["1"], outs["0"]), (outs["1"] - outs["0"]).abs().max()
+    ref = fused_experts_reference(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point()
+                                     else v for k, v in kw.items()})
+    assert rel_err(outs["1"], ref) < 2e-2
+
+
 @pytest.mark.parametrize("split_dot", [False, True], ids=["one dot", "two half-dots"])
 @pytest.mark.parametrize("swap", [False, True], ids=["A x W^T", "swap-AB"])
 @pytest.mark.parametrize("scales", [(118, 130), (0, 140)], ids=["typical", "down to 2^-127"])
@@ -39,19 +59,7 @@ def test_ptx_conversion_equals_portable(monkeypatch, split_dot, swap, scales, m)
     monkeypatch.setenv("MXMOE_CONFIG", json.dumps(dict(
         block_m=16 if m < 64 else 64, block_n=64, block_k=128, num_warps=4, num_stages=3,
         swap_ab=swap, split_dot=split_dot)))
-    kw = make_moe(m, 320, 224, 6, 2, dtype=torch.bfloat16, device="cuda", seed=m)
-    low, high = scales
-    _every_code_and_scale(kw["w13"], low, high, seed=1)
-    _every_code_and_scale(kw["w2"], 118, 130, seed=2)
-    kw["w13_bias"] = kw["w2_bias"] = None
-    outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("MXMOE_DEQUANT_PTX", flag)
-        outs[flag] = mxmoe.fused_experts(**kw, backend="triton_dequant")
-    assert torch.equal(outs["1"], outs["0"]), (outs["1"] - outs["0"]).abs().max()
-    ref = fused_experts_reference(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point()
-                                     else v for k, v in kw.items()})
-    assert rel_err(outs["1"], ref) < 2e-2
+    _ptx_equals_portable(monkeypatch, m, scales, "plain")
 
 
 @pytest.mark.parametrize("scales", [(118, 130), (0, 140)], ids=["typical", "down to 2^-127"])
@@ -68,17 +76,4 @@ def test_mma_lanes_ptx_conversion_equals_portable(monkeypatch, path, scales):
     if path == "general":
         monkeypatch.setenv("MXMOE_CONFIG", json.dumps(dict(
             block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, swap_ab=True)))
-    kw = make_moe(m, 320, 224, 6, 2, dtype=torch.bfloat16, device="cuda", seed=m)
-    low, high = scales
-    _every_code_and_scale(kw["w13"], low, high, seed=1)
-    _every_code_and_scale(kw["w2"], 118, 130, seed=2)
-    kw["w13_bias"] = kw["w2_bias"] = None
-    lanes = dict(kw, w13=kw["w13"].to_layout("mma_lanes"), w2=kw["w2"].to_layout("mma_lanes"))
-    outs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("MXMOE_DEQUANT_PTX", flag)
-        outs[flag] = mxmoe.fused_experts(**lanes, backend="triton_dequant")
-    assert torch.equal(outs["1"], outs["0"]), (outs["1"] - outs["0"]).abs().max()
-    ref = fused_experts_reference(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point()
-                                     else v for k, v in kw.items()})
-    assert rel_err(outs["1"], ref) < 2e-2
+    _ptx_equals_portable(monkeypatch, m, scales, "mma_lanes")

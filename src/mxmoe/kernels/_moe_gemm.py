@@ -139,6 +139,15 @@ def _mma_lanes_pair_f32(register):
     return low, high
 
 
+@triton.jit
+def _mma_lanes_pair_scaled(words, I: tl.constexpr, scale_f, DOT_DTYPE: tl.constexpr):
+    """Elements ``8I + 2t + {0, 1}`` of MMA_LANES words in DOT_DTYPE, through float32: times
+    2**126 (exact), then the scale (the one rounding)."""
+    low, high = _mma_lanes_pair_f32(_mma_lanes_register(words, I))
+    return ((low * 8.507059173023462e37 * scale_f).to(DOT_DTYPE),
+            (high * 8.507059173023462e37 * scale_f).to(DOT_DTYPE))
+
+
 #: $0..$7: elements 8i + 2t + j (output 2i + j) of the word $8, bf16, times the scale whose
 #: bf16 pattern is in both halves of $9. Register i is a rotation and a mask of the word
 #: (shf.l.wrap: a funnel shift of the word with itself), register 3 two of them; each is then
@@ -228,19 +237,10 @@ def _upcast_mma_lanes_words(words, scale, DEQUANT_PTX: tl.constexpr, DOT_DTYPE: 
     else:
         scale_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(scale.to(tl.int32))[:, :, None],
                                              (BLOCK_N, GROUPS, 4)), (BLOCK_N, BLOCK_K // 8))
-        o0, o1 = _mma_lanes_pair_f32(_mma_lanes_register(words, 0))
-        o2, o3 = _mma_lanes_pair_f32(_mma_lanes_register(words, 1))
-        o4, o5 = _mma_lanes_pair_f32(_mma_lanes_register(words, 2))
-        o6, o7 = _mma_lanes_pair_f32(_mma_lanes_register(words, 3))
-        # Times 2**126 (exact), then the scale (the one rounding).
-        o0 = (o0 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o1 = (o1 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o2 = (o2 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o3 = (o3 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o4 = (o4 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o5 = (o5 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o6 = (o6 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
-        o7 = (o7 * 8.507059173023462e37 * scale_f).to(DOT_DTYPE)
+        o0, o1 = _mma_lanes_pair_scaled(words, 0, scale_f, DOT_DTYPE)
+        o2, o3 = _mma_lanes_pair_scaled(words, 1, scale_f, DOT_DTYPE)
+        o4, o5 = _mma_lanes_pair_scaled(words, 2, scale_f, DOT_DTYPE)
+        o6, o7 = _mma_lanes_pair_scaled(words, 3, scale_f, DOT_DTYPE)
     return _mma_lanes_words_k_order(o0, o1, o2, o3, o4, o5, o6, o7, BLOCK_N, BLOCK_K)
 
 
