@@ -21,35 +21,28 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inspect_decode import _cuobjdump, dump_compiled, resources  # noqa: E402
 from mxmoe.kernels._epilogues import swiglu_oai  # noqa: E402
-from mxmoe.kernels._prefill_gemm import prefill_gemm_kernel  # noqa: E402
-
-POINTERS = {"a_ptr": "*bf16", "w_ptr": "*u8", "w_scale_ptr": "*u8", "bias_ptr": "*bf16",
-            "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
-            "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32"}
-#: Scalars that are 1 at the real shapes (Triton specialises them the same way at launch):
-#: MMA_LANES scales are K-major, so stride_sn is 1.
-UNIT = {"stride_ak", "stride_wk", "stride_sn", "stride_bias_n", "stride_on"}
-#: Scalars divisible by 16 at gpt-oss shapes (specialised at launch).
-DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sk",
-         "stride_bias_e", "stride_om"}
-
+from mxmoe.kernels.sass import (  # noqa: E402
+    compile_prefill_sm90,
+    innermost_loop,
+    parse,
+    register_operand_hazards,
+)
 
 def _variant(gemm1, block_m, block_n, block_k=64, warps=8, stages=4, tma=False, flatten=False,
-             dense=False, w_tma=False):
+             dense=False, w_tma=False, fold=True):
     name = (f"{'GEMM1' if gemm1 else 'GEMM2'} {block_m}x{block_n}x{block_k} w{warps} s{stages} "
             f"{'TMA' if tma else 'gathered' if gemm1 else 'rows'}{' flat' if flatten else ''}"
-            f"{' dense bf16' if dense else ''}{' W-TMA' if w_tma else ''}")
+            f"{' dense bf16' if dense else ''}{' W-TMA' if w_tma else ''}"
+            f"{' no-fold' if not fold and not dense else ''}")
     constexprs = dict(A_ROW_DIV=1 if tma or not gemm1 else 4, A_ROWS=1 if tma or not gemm1 else 0,
                       OUT_ROWS=1 if gemm1 else 0, A_TMA=tma, GATED=gemm1, INTERLEAVED=True,
                       ACT_FN=swiglu_oai, ROUTER_WEIGHT=0 if gemm1 else 2, HAS_BIAS=True,
-                      DENSE=dense, DEQUANT_PTX=True, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None,
+                      DENSE=dense, DEQUANT_PTX=True, SCALE_FOLD=fold, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None,
                       EVEN_K=2880 % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_K=block_k, GROUP_M=8, NUM_STAGES=stages, FLATTEN=flatten,
                       W_TMA=w_tma)
@@ -63,10 +56,17 @@ VARIANTS = [
     _variant(True, 128, 256, tma=True, w_tma=True),
     # Small token tiles for the memory-bound middle (a few to tens of pairs per expert).
     _variant(True, 16, 128, 128, warps=4),
+    _variant(True, 16, 128, 128, warps=4, fold=False),
+    _variant(True, 16, 128, 128, warps=4, w_tma=True),
+    _variant(True, 16, 128, 128, warps=4, tma=True, w_tma=True),
+    _variant(True, 16, 128, 256, warps=4, stages=3, w_tma=True),
+    _variant(False, 16, 128, 128, warps=4, tma=True, w_tma=True),
     _variant(False, 16, 128, 128, warps=4, tma=True),
     _variant(True, 32, 128, 128, warps=4),
     _variant(False, 32, 128, 128, warps=4, tma=True),
     _variant(True, 256, 128),
+    _variant(True, 256, 128, fold=False),
+    _variant(False, 256, 128, tma=True, fold=False),
     _variant(True, 256, 128, tma=True),
     _variant(True, 128, 128),
     _variant(True, 128, 256),
@@ -78,59 +78,29 @@ VARIANTS = [
     _variant(True, 256, 128, tma=True, flatten=True),
     _variant(False, 256, 128, tma=True, flatten=True),
     _variant(True, 128, 256, tma=True),
+    _variant(True, 128, 256, tma=True, fold=False),
     _variant(False, 128, 256, tma=True),
     _variant(True, 64, 256, stages=6),
+    _variant(True, 256, 128, stages=2),
+    _variant(True, 256, 128, stages=3),
+    _variant(True, 64, 256, stages=6, tma=True),
+    _variant(False, 64, 256, stages=6, tma=True),
+    _variant(True, 32, 256, stages=6, tma=True),
+    _variant(False, 32, 256, stages=6, tma=True),
+    _variant(True, 16, 128, 128, warps=4, tma=True),
+    _variant(True, 16, 128, 256, warps=4, stages=3, tma=True, w_tma=True),
+    _variant(False, 16, 128, 256, warps=4, stages=3, tma=True, w_tma=True),
     _variant(True, 128, 256, tma=True, dense=True),
 ]
 
 
 def compile_variant(constexprs, options):
-    kernel = prefill_gemm_kernel
-    signature = {}
-    for name in kernel.arg_names:
-        if name in ("w_ptr", "w_scale_ptr") and constexprs["DENSE"]:
-            signature[name] = "*bf16"
-        elif name in POINTERS:
-            signature[name] = POINTERS[name]
-        elif name == "a_desc":
-            signature[name] = (f"tensordesc<bf16[{constexprs['BLOCK_M']}, "
-                               f"{constexprs['BLOCK_K']}]>" if constexprs["A_TMA"] else "*bf16")
-        elif name == "w_desc":
-            signature[name] = (f"tensordesc<i32[1, {constexprs['BLOCK_N']}, "
-                               f"{constexprs['BLOCK_K'] // 8}]>" if constexprs["W_TMA"]
-                               else "*u8")
-        elif name == "s_desc":
-            signature[name] = (f"tensordesc<u8[1, {constexprs['BLOCK_K'] // 32}, "
-                               f"{constexprs['BLOCK_N']}]>" if constexprs["W_TMA"] else "*u8")
-        elif name in constexprs or name in UNIT:
-            signature[name] = "constexpr"
-        elif name in ("alpha", "limit"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    consts = dict(constexprs, **{name: 1 for name in UNIT})
-    names = kernel.arg_names
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in list(POINTERS) + sorted(DIV16)}
-    src = ASTSource(kernel, signature, consts, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+    return compile_prefill_sm90(constexprs, options["num_warps"], options["num_stages"])
 
 
 def k_loop(sass: str) -> list[tuple[str, str]]:
-    """(opcode, operands) of the innermost backward-branch region that holds the wgmmas."""
-    instrs = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTR.finditer(sass)]
-    best = None
-    for addr, op, args in instrs:
-        target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
-        if target is None or int(target.group(1), 16) >= addr:
-            continue
-        lo = int(target.group(1), 16)
-        body = [(o, a) for x, o, a in instrs if lo <= x <= addr]
-        if any(o.startswith("HGMMA") for o, _ in body) and (best is None or len(body) < len(best)):
-            best = body
-    return best or []
+    """(opcode, operands) of the K loop: the innermost loop that holds the wgmmas."""
+    return [(i.opcode, i.operands) for i in innermost_loop(parse(sass))]
 
 
 def summarize(name, compiled, constexprs, options):
@@ -162,6 +132,7 @@ def summarize(name, compiled, constexprs, options):
         "HMUL2/HFMA2": ops["HMUL2"] + ops["HFMA2"], "LOP3+SHF+PRMT": ops["LOP3"] + ops["SHF"]
         + ops["PRMT"], "IMAD+ISETP+SEL": ops["IMAD"] + ops["ISETP"] + ops["SEL"],
         "K-loop cvt": inner.count("ttg.convert_layout"),
+        "wgmma A hazards": len(register_operand_hazards(sass)),
     }, sass
 
 

@@ -19,7 +19,8 @@ import torch
 from .constants import BYTES_PER_BLOCK
 
 __all__ = ["Layout", "PlainLayout", "GroupHalvesLayout", "MmaLanesLayout", "PLAIN", "GROUP_HALVES",
-           "MMA_LANES", "MMA_LANES_ROTATIONS", "LAYOUTS", "get_layout"]
+           "MMA_LANES", "MMA_LANES_ROTATIONS", "LAYOUTS", "get_layout", "FOLD_MAX_SCALE",
+           "scales_fold"]
 
 
 class Layout:
@@ -192,3 +193,39 @@ def get_layout(layout: "Layout | str") -> Layout:
     except (KeyError, TypeError):
         raise ValueError(f"unknown layout {layout!r}; known layouts: {list(LAYOUTS)}") from None
 
+
+
+#: E8M0 bytes up to this (scales up to 2) let a kernel fold the 2**126 of its bit-pattern
+#: decode into the scale: 2**(s - 1) is a bf16 normal for every s <= 128, one product instead
+#: of two (`mxmoe.kernels._moe_gemm._upcast_mma_lanes_words`). Real checkpoints' scales are far
+#: below it (gpt-oss's, llm-compressor's: weights of magnitude < 12).
+FOLD_MAX_SCALE = 128
+
+
+def scales_fold(scales: torch.Tensor) -> bool:
+    """Whether every E8M0 byte of ``scales`` is <= `FOLD_MAX_SCALE`: a fact about the data, so
+    the plans key on it (`mxmoe.plans.signature`) and the prefill GEMM folds only when it holds.
+
+    Remembered on the tensor object with its version counter (torch bumps it on every in-place
+    write, so ``copy_`` / ``load_state_dict`` into it asks again); worked out with one host
+    synchronisation, never during CUDA-graph capture or torch.compile tracing: there, a tensor
+    not seen before answers False (the general conversion, always exact). Inference tensors
+    have no version counter: theirs is remembered once (write them in place only before their
+    first call).
+    """
+    try:
+        version = scales._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    memo = getattr(scales, "_mxmoe_scales_fold", None)
+    if memo is not None and memo[0] == version:
+        return memo[1]
+    if torch.compiler.is_compiling() or (
+            scales.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    fold = scales.numel() == 0 or bool(scales.max() <= FOLD_MAX_SCALE)
+    try:
+        scales._mxmoe_scales_fold = (version, fold)
+    except (AttributeError, RuntimeError):  # a tensor subclass without attributes
+        pass
+    return fold

@@ -25,6 +25,7 @@ import torch
 from . import settings
 from .backends import resolve_backend
 from .format import MXFP4Tensor
+from .layouts import MMA_LANES, scales_fold
 from .problem import MoECall
 from .validation import check_fused_experts_args, check_routing_values, routing_values_checked
 
@@ -90,12 +91,21 @@ def _weight_key(w):
     return token
 
 
+def _fold_key(w) -> bool:
+    """MMA_LANES weights: whether their scales let the prefill GEMM fold (a fact of the data,
+    remembered per tensor version: `layouts.scales_fold`); plans made for one answer are wrong
+    for the other, so it is part of the key."""
+    return type(w) is MXFP4Tensor and w.layout is MMA_LANES and scales_fold(w.scales)
+
+
 def signature(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation,
               alpha, limit, expert_map, apply_router_weight_on_input, backend) -> tuple:
-    """The key of a call: every input's metadata, the parameters with their types, and the
-    process switches' generation."""
+    """The key of a call: every input's metadata, the parameters with their types, the facts
+    of the weights' data that pick a kernel (`_fold_key`), and the process switches'
+    generation."""
     return (
-        tensor_key(hidden_states), _weight_key(w13), _weight_key(w2),
+        tensor_key(hidden_states), _weight_key(w13), _weight_key(w2), _fold_key(w13),
+        _fold_key(w2),
         tensor_key(topk_weights), tensor_key(topk_ids), tensor_key(w13_bias),
         tensor_key(w2_bias), tensor_key(expert_map),
         type(activation), activation, type(alpha), alpha, type(limit), limit,

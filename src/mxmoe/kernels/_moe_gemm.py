@@ -148,55 +148,60 @@ def _mma_lanes_pair_scaled(words, I: tl.constexpr, scale_f, DOT_DTYPE: tl.conste
             (high * 8.507059173023462e37 * scale_f).to(DOT_DTYPE))
 
 
-#: $0..$7: elements 8i + 2t + j (output 2i + j) of the word $8, bf16, times the scale whose
-#: bf16 pattern is in both halves of $9. Register i is a rotation and a mask of the word
-#: (shf.l.wrap: a funnel shift of the word with itself), register 3 two of them; each is then
-#: a bf16x2 pair worth value * 2**-126, which two fma.rn.bf16x2 (with -0 addend: a plain product
-#: that keeps the sign of zero) multiply by 2**126 and by the scale, as in `_mxfp4_to_bf16_ptx`.
-_MMA_LANES_TO_BF16_PTX = tl.constexpr("""
+def _mma_lanes_ptx(fold: bool) -> str:
+    """PTX: $0..$7 = elements 8i + 2t + j (output 2i + j) of the word $8, bf16, times the scale
+    given as a bf16 pattern in both halves of $9. Register i is a rotation and a mask of the
+    word (shf.l.wrap: a funnel shift of the word with itself), register 3 two of them; each is
+    then a bf16x2 pair worth value * 2**-126, which fma.rn.bf16x2 (with -0 addend: a plain
+    product that keeps the sign of zero) multiplies by 2**126 and by the scale, as in
+    `_mxfp4_to_bf16_ptx`; ``fold``: $9 is 2**126 times the scale already (one product)."""
+    def register(out: str, bits: str) -> str:
+        scale = "" if fold else "\n        fma.rn.bf16x2 o, o, k126, nz;"
+        return (f"{bits}{scale}\n        fma.rn.bf16x2 o, o, $9, nz;"
+                f"\n        mov.b32 {{{out}}}, o;")
+    return ("""
         {
         .reg .b32 a, b, o, k126, nz;
         mov.b32 k126, 0x7E807E80;
-        mov.b32 nz, 0x80008000;
-        and.b32 o, $8, 0x81C081C0;
-        fma.rn.bf16x2 o, o, k126, nz;
-        fma.rn.bf16x2 o, o, $9, nz;
-        mov.b32 {$0, $1}, o;
+        mov.b32 nz, 0x80008000;"""
+            + register("$0, $1", """
+        and.b32 o, $8, 0x81C081C0;""")
+            + register("$2, $3", """
         shf.l.wrap.b32 a, $8, $8, 4;
-        and.b32 o, a, 0x81C081C0;
-        fma.rn.bf16x2 o, o, k126, nz;
-        fma.rn.bf16x2 o, o, $9, nz;
-        mov.b32 {$2, $3}, o;
+        and.b32 o, a, 0x81C081C0;""")
+            + register("$4, $5", """
         shf.l.wrap.b32 a, $8, $8, 10;
-        and.b32 o, a, 0x81C081C0;
-        fma.rn.bf16x2 o, o, k126, nz;
-        fma.rn.bf16x2 o, o, $9, nz;
-        mov.b32 {$4, $5}, o;
+        and.b32 o, a, 0x81C081C0;""")
+            + register("$6, $7", """
         shf.l.wrap.b32 a, $8, $8, 6;
         shf.l.wrap.b32 b, $8, $8, 14;
         and.b32 a, a, 0x80C080C0;
         and.b32 b, b, 0x01000100;
-        or.b32 o, a, b;
-        fma.rn.bf16x2 o, o, k126, nz;
-        fma.rn.bf16x2 o, o, $9, nz;
-        mov.b32 {$6, $7}, o;
+        or.b32 o, a, b;""")
+            + """
         }
         """)
 
 
+_MMA_LANES_TO_BF16_PTX = tl.constexpr(_mma_lanes_ptx(fold=False))
+_MMA_LANES_TO_BF16_FOLDED_PTX = tl.constexpr(_mma_lanes_ptx(fold=True))
+
+
 @triton.jit
-def _mma_lanes_to_bf16_ptx(words, scale_pairs):
+def _mma_lanes_to_bf16_ptx(words, scale_pairs, FOLD: tl.constexpr):
     """(rows, W) MMA_LANES words (int32) and their scales as bf16x2 patterns (int32, the bf16
-    scale in both halves) -> eight (rows, W) bf16 tensors, output ``2i + j`` = element
-    ``8i + 2t + j`` of the word's lane t. NVIDIA PTX (sm_80+); one word per invocation."""
-    return tl.inline_asm_elementwise(
-        asm=_MMA_LANES_TO_BF16_PTX,
-        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
-        args=[words, scale_pairs],
-        dtype=(tl.bfloat16,) * 8,
-        is_pure=True,
-        pack=1,
-    )
+    scale in both halves; FOLD: times 2**126) -> eight (rows, W) bf16 tensors, output
+    ``2i + j`` = element ``8i + 2t + j`` of the word's lane t. NVIDIA PTX (sm_80+); one word
+    per invocation."""
+    if FOLD:
+        out = tl.inline_asm_elementwise(
+            asm=_MMA_LANES_TO_BF16_FOLDED_PTX, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+            args=[words, scale_pairs], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        out = tl.inline_asm_elementwise(
+            asm=_MMA_LANES_TO_BF16_PTX, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+            args=[words, scale_pairs], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    return out
 
 
 @triton.jit
@@ -224,16 +229,31 @@ def _e8m0_to_bf16_pairs(scales):
 
 
 @triton.jit
+def _folded_scale_pairs(scales):
+    """E8M0 bytes s <= 128 -> int32 whose halves are both the bfloat16 2**126 * 2**(s - 127) =
+    2**(s - 1), a normal for every such s (exponent field s + 126): one multiply-add."""
+    return scales.to(tl.int32) * 0x00800080 + 0x3F003F00
+
+
+@triton.jit
 def _upcast_mma_lanes_words(words, scale, DEQUANT_PTX: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            SCALE_FOLD: tl.constexpr):
     """(BLOCK_N, BLOCK_K / 8) MMA_LANES words (int32) and (BLOCK_N, BLOCK_K / 32) E8M0 scales
     (uint8) -> the (BLOCK_N, BLOCK_K) weights in DOT_DTYPE, in K order: the PTX conversion
-    (bf16 on NVIDIA) or the same bits through float32 (elsewhere, the interpreter)."""
+    (bf16 on NVIDIA) or the same bits through float32 (elsewhere, the interpreter).
+    SCALE_FOLD (PTX only): every scale byte is <= 128 (`mxmoe.layouts.scales_fold`), so
+    2**126 and the scale are one bf16 factor: one product a register instead of two, and the
+    scale's conversion one multiply-add instead of compares and selects."""
     GROUPS: tl.constexpr = BLOCK_K // 32
     if DEQUANT_PTX:
-        pairs = tl.reshape(tl.broadcast_to(_e8m0_to_bf16_pairs(scale)[:, :, None],
-                                           (BLOCK_N, GROUPS, 4)), (BLOCK_N, BLOCK_K // 8))
-        o0, o1, o2, o3, o4, o5, o6, o7 = _mma_lanes_to_bf16_ptx(words, pairs)
+        if SCALE_FOLD:
+            factors = _folded_scale_pairs(scale)
+        else:
+            factors = _e8m0_to_bf16_pairs(scale)
+        pairs = tl.reshape(tl.broadcast_to(factors[:, :, None], (BLOCK_N, GROUPS, 4)),
+                           (BLOCK_N, BLOCK_K // 8))
+        o0, o1, o2, o3, o4, o5, o6, o7 = _mma_lanes_to_bf16_ptx(words, pairs, SCALE_FOLD)
     else:
         scale_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(scale.to(tl.int32))[:, :, None],
                                              (BLOCK_N, GROUPS, 4)), (BLOCK_N, BLOCK_K // 8))
@@ -415,7 +435,7 @@ def moe_gemm_kernel(
                     if W_LAYOUT == LAYOUT_MMA_LANES:
                         # Words decoded into K order (registers only).
                         w = _upcast_mma_lanes_words(packed, scale, DEQUANT_PTX, DOT_DTYPE,
-                                                    BLOCK_N, BLOCK_K)
+                                                    BLOCK_N, BLOCK_K, False)
                     elif DEQUANT_PTX:
                         scale_b = _per_byte(scale_f.to(tl.bfloat16), BLOCK_N, GROUPS)
                         w_lo, w_hi = _mxfp4_to_bf16_ptx(packed, scale_b)

@@ -153,7 +153,8 @@ def prefill_gemm_kernel(
     ROUTER_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DENSE: tl.constexpr,  # dense weights (the same GEMM without the upcast, to measure it)
-    DEQUANT_PTX: tl.constexpr,  # bf16 on NVIDIA: `_mxfp4_to_bf16_ptx`; else the fp32 decode
+    DEQUANT_PTX: tl.constexpr,  # bf16 on NVIDIA: the PTX conversion; else the fp32 decode
+    SCALE_FOLD: tl.constexpr,  # every scale byte <= 128 (`layouts.scales_fold`): one product
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 dots (exact), None otherwise
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
@@ -231,7 +232,7 @@ def prefill_gemm_kernel(
                 scale = tl.trans(tl.reshape(s_desc.load([e32, k0 // 32, pid_n * BLOCK_N]),
                                             (BLOCK_K // 32, BLOCK_N)))
                 w = _upcast_mma_lanes_words(words, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N,
-                                            BLOCK_K)
+                                            BLOCK_K, SCALE_FOLD)
             elif DENSE:
                 w = tl.load(w_rows + offs_k[None, :] * stride_wk,
                             mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -248,7 +249,7 @@ def prefill_gemm_kernel(
                                     mask=mask_n[:, None] & (offs_w[None, :] < K // 8),
                                     other=0)
                 w = _upcast_mma_lanes_words(words, scale, DEQUANT_PTX, DOT_DTYPE, BLOCK_N,
-                                            BLOCK_K)
+                                            BLOCK_K, SCALE_FOLD)
             if A_TMA:
                 a = a_desc.load([pid_m * BLOCK_M, k0])
             elif EVEN_K:

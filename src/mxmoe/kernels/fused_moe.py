@@ -18,7 +18,7 @@ import torch
 import triton.language as tl
 
 from .. import settings
-from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN
+from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN, scales_fold
 from ..problem import MoECall
 from ..routing import max_aligned_blocks
 from . import configs
@@ -276,13 +276,16 @@ class FusedMoEPlan:
                 a1_div, a1_rows = 1, ROWS_SORTED
                 steps.append(gemm.gather_step(x_ref, a1, p.top_k))
             act = workspace.take((sorted_rows, p.intermediate), self.dtype)
+            # (The scales' fold fact is part of the plan's key: `plans.signature`.)
             steps.append(gemm.step(a1, a1_div, *w13_parts, w13_bias, act, n=2 * p.intermediate,
                                    k=p.hidden, gated=True, router_weight=weight1, cfg=cfg,
-                                   a_rows=a1_rows, out_rows=ROWS_SORTED))
+                                   a_rows=a1_rows, out_rows=ROWS_SORTED,
+                                   scale_fold=scales_fold(call.w13.scales)))
             inter = workspace.take((num_pairs, p.hidden), self.dtype)
             steps.append(gemm.step(act, 1, *w2_parts, w2_bias, inter, n=p.hidden,
                                    k=p.intermediate, gated=False, router_weight=weight2,
-                                   cfg=cfg2, a_rows=ROWS_SORTED, out_rows=ROWS_PAIR))
+                                   cfg=cfg2, a_rows=ROWS_SORTED, out_rows=ROWS_PAIR,
+                                   scale_fold=scales_fold(call.w2.scales)))
             self._append_topk_sum(steps, inter, 1, topk_ids, expert_map, out, p, interpret)
             self.workspace_bytes = workspace.nbytes
             return

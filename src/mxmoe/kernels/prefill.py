@@ -46,8 +46,8 @@ class PrefillConfig:
     through tensor descriptors; ``gather_a``: GEMM1's tokens are first copied into expert order;
     ``flatten``: Triton flattens the tile and K loops into one pipelined loop (the next tile's
     loads start during this tile's epilogue). ``weights_tma``: the codes and scales by TMA
-    boxes too (not for gated GEMMs with ``[gate | up]`` halves, which keep their loads); off
-    by default: not measured yet.
+    boxes too (not for gated GEMMs with ``[gate | up]`` halves, which keep their loads): faster
+    for the 16-token tiles, slower for the large ones (NOTES.md section 20).
     """
 
     block_m: int = 128
@@ -94,21 +94,30 @@ class PrefillConfig:
 PREFILL_MIN_PAIRS_PER_EXPERT = DECODE_MAX_PAIRS_PER_EXPERT
 
 #: (at least this many pairs per expert, tiles), the largest first: each the fastest measured on
-#: the H200 from there up to the previous entry (NOTES.md sections 16 and 17). Fewer tokens a
+#: the H200 from there up to the previous entry (NOTES.md sections 16, 17 and 20). Fewer tokens a
 #: tile where experts hold fewer pairs (less padding in each expert's last tile), two programs
-#: an SM for the smallest; 128 x 256 with the tokens gathered into expert order, then 256 x 128
-#: once experts hold many pairs.
+#: an SM for the smallest, whose codes and scales come by TMA boxes 256 wide in K (fewer, larger
+#: copies: 9-11% faster than 128-wide cp.async steps); 128 x 256, then 256 x 128 once experts
+#: hold many pairs.
+#:
+#: Every entry gathers GEMM1's tokens into expert order (``gather_a``), so that both GEMMs read
+#: their token tiles by TMA: with ``cp.async`` token tiles Triton 3.6 lets the next K step's
+#: upcast overwrite the registers that the last wgmmas still read (`mxmoe.kernels.sass.
+#: register_operand_hazards`), which made the 256 x 128 tile's results change from run to run
+#: on the H200 (rel err 0.8-1.3e-2 instead of 4.3e-3); with TMA token tiles the SASS has no such
+#: write. The gather costs 0-4% (NOTES.md section 20); tests/test_sass.py keeps every entry free
+#: of the hazard with the installed Triton.
 PREFILL_TILES = (
     (192, PrefillConfig(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=4,
-                        tma=True)),
+                        tma=True, gather_a=True)),
     (64, PrefillConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=4,
                        tma=True, gather_a=True)),
     (32, PrefillConfig(block_m=64, block_n=256, block_k=64, num_warps=8, num_stages=6,
-                       tma=True)),
+                       tma=True, gather_a=True)),
     (16, PrefillConfig(block_m=32, block_n=256, block_k=64, num_warps=8, num_stages=6,
-                       tma=True)),
-    (0, PrefillConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4,
-                      tma=True, per_sm=2)),
+                       tma=True, gather_a=True)),
+    (0, PrefillConfig(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=3,
+                      tma=True, gather_a=True, weights_tma=True, per_sm=2)),
 )
 
 
@@ -201,7 +210,7 @@ class PrefillGemm:
 
     def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
              router_weight, cfg, splits=1, k_per_split=None, a_rows=ROWS_PAIR,
-             out_rows=ROWS_PAIR) -> Step:
+             out_rows=ROWS_PAIR, scale_fold=False) -> Step:
         """``a`` [A_rows, K]: row of pair p is ``p // a_row_div`` (``a_rows=ROWS_PAIR``) or row i
         of the alignment (``ROWS_SORTED``: [max_blocks * block_m, K]); ``blocks`` [E, N, K/2]
         and ``scales`` [E, N, K/32] of a weight in MMA_LANES ``layout`` (or ``layout`` None:
@@ -209,7 +218,8 @@ class PrefillGemm:
         without the upcast); ``bias`` [E, N] or None; ``out`` [num_pairs, N // 2 if gated
         else N] (``out_rows=ROWS_PAIR``) or [max_blocks * block_m, ...] (``ROWS_SORTED``;
         padding rows are not written). ``router_weight``: 0 none, 1 before the bias, 2 after
-        it."""
+        it. ``scale_fold``: every scale byte is <= 128 (`layouts.scales_fold`), so the PTX
+        conversion folds 2**126 into the scale."""
         if splits != 1:
             raise ValueError("the prefill GEMM has no split-K")
         if self.aligned.block_m != cfg.block_m:
@@ -256,7 +266,9 @@ class PrefillGemm:
             A_ROW_DIV=a_row_div, A_ROWS=a_rows, OUT_ROWS=out_rows, A_TMA=tma,
             GATED=gated, INTERLEAVED=self.call.activation.interleaved, ACT_FN=self.act_fn,
             ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None, DENSE=dense,
-            DEQUANT_PTX=self.dequant_ptx, DOT_DTYPE=_DOT_DTYPES[a.dtype],
+            DEQUANT_PTX=self.dequant_ptx,
+            SCALE_FOLD=bool(scale_fold and self.dequant_ptx and not dense),
+            DOT_DTYPE=_DOT_DTYPES[a.dtype],
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
             EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
