@@ -45,7 +45,7 @@ def _variant(gemm1, block_m, block_n, block_k=64, warps=8, stages=4, tma=False, 
                       DENSE=dense, DEQUANT_PTX=True, SCALE_FOLD=fold, DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None,
                       EVEN_K=2880 % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n,
                       BLOCK_K=block_k, GROUP_M=8, NUM_STAGES=stages, FLATTEN=flatten,
-                      W_TMA=w_tma)
+                      W_TMA=w_tma, RETIRE_DOTS=False)
     return name, constexprs, dict(num_warps=warps, num_stages=stages)
 
 

@@ -111,7 +111,7 @@ def _tile_names():
     from mxmoe.kernels.prefill import PREFILL_TILES
 
     for least, cfg in PREFILL_TILES:
-        for part in ("GEMM1", "GEMM1 halves", "GEMM2"):
+        for part in ("GEMM1", "GEMM1 halves", "GEMM2", "GEMM1 portable", "GEMM2 portable"):
             yield f"{least}+ pairs {cfg.block_m}x{cfg.block_n}x{cfg.block_k} {part}"
 
 

@@ -119,6 +119,17 @@ def _tile_scales(s_ptr, pid_n, N, k0, K, stride_sn, stride_sk, BLOCK_N: tl.const
 
 
 @triton.jit
+def _retired(acc):
+    """``acc`` through an empty inline asm (no instruction): a use that is not a dot, so Triton
+    waits for every pending wgmma here. The portable upcast needs it on Triton 3.6, which
+    otherwise lets the next K step's upcast write the registers of wgmmas still in flight
+    (`mxmoe.kernels.sass.register_operand_hazards`; the PTX upcast compiles without that write
+    when the token tiles come by TMA, as every shipped tile's do)."""
+    return tl.inline_asm_elementwise("", "=f,0", [acc], dtype=tl.float32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
 def prefill_gemm_kernel(
     a_ptr,  # (A_rows, K) activation dtype (ROWS_PAIR: row of pair p is p // A_ROW_DIV)
     a_desc,  # tensor descriptor of a, block (BLOCK_M, BLOCK_K), when A_TMA (else a_ptr again)
@@ -165,6 +176,7 @@ def prefill_gemm_kernel(
     NUM_STAGES: tl.constexpr,
     FLATTEN: tl.constexpr,  # flatten the tile and K loops into one pipelined loop
     W_TMA: tl.constexpr,  # codes and scales by TMA (ungated, or gated with INTERLEAVED rows)
+    RETIRE_DOTS: tl.constexpr,  # compiled NVIDIA, portable upcast: every K step's dots retired
 ):
     num_m_blocks = tl.load(num_post_padded_ptr) // BLOCK_M
     if GATED:
@@ -259,6 +271,8 @@ def prefill_gemm_kernel(
                 a = tl.load(a_rows + offs_k[None, :] * stride_ak,
                             mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
             acc = tl.dot(w, tl.trans(a.to(DOT_DTYPE)), acc, input_precision=DOT_PRECISION)
+            if RETIRE_DOTS:
+                acc = _retired(acc)
 
         # Epilogue, in the accumulator's (weight row, token) orientation.
         if ROUTER_WEIGHT != WEIGHT_NONE:

@@ -206,6 +206,10 @@ class PrefillGemm:
         self.call, self.aligned, self.topk_weights = call, aligned, topk_weights
         self.dequant_ptx, self.act_fn = dequant_ptx, act_fn
         self.max_blocks = max_blocks
+        device = call.device
+        # Compiled for an NVIDIA GPU (where the dots are wgmmas with the weights in registers).
+        self.nvidia = (device.type == "cuda" and not settings.current().interpret
+                       and not settings.device_facts(device).is_hip)
         self.num_pairs = call.problem.num_pairs
 
     def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
@@ -272,7 +276,12 @@ class PrefillGemm:
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
             EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, W_TMA=w_tma, num_warps=cfg.num_warps,
+            NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, W_TMA=w_tma,
+            # Only the PTX upcast with TMA token tiles is known to compile (Triton 3.6) without
+            # overwriting the registers of wgmmas in flight (tests/test_sass.py); every other
+            # combination retires each K step's dots before the next step's upcast.
+            RETIRE_DOTS=self.nvidia and not dense and not (tma and self.dequant_ptx),
+            num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         ))
 

@@ -175,9 +175,11 @@ _PREFILL_DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_se", 
 
 
 def prefill_constexprs(cfg, gemm1: bool, *, k: int = 2880, fold: bool = True,
-                       dense: bool = False, interleaved: bool = True) -> dict:
+                       dense: bool = False, interleaved: bool = True,
+                       dequant_ptx: bool = True) -> dict:
     """The constexprs `PrefillGemm.step` gives `prefill_gemm_kernel` for ``cfg`` (a
-    `PrefillConfig`) at a gpt-oss-like shape (bf16, biases, the PTX upcast; ``interleaved``:
+    `PrefillConfig`) at a gpt-oss-like shape (bf16, biases, the PTX upcast or with
+    ``dequant_ptx=False`` the portable one; ``interleaved``:
     gpt-oss's swiglu with interleaved gate/up rows, else silu with ``[gate | up]`` halves):
     GEMM1 (gated, router weight none) or GEMM2 (router weight after the bias)."""
     import triton.language as tl
@@ -191,11 +193,13 @@ def prefill_constexprs(cfg, gemm1: bool, *, k: int = 2880, fold: bool = True,
                 OUT_ROWS=ROWS_SORTED if gemm1 else ROWS_PAIR, A_TMA=a_tma, GATED=gemm1,
                 INTERLEAVED=interleaved, ACT_FN=swiglu_oai if interleaved else silu_and_mul,
                 ROUTER_WEIGHT=0 if gemm1 else 2,
-                HAS_BIAS=True, DENSE=dense, DEQUANT_PTX=True, SCALE_FOLD=fold and not dense,
+                HAS_BIAS=True, DENSE=dense, DEQUANT_PTX=dequant_ptx,
+                SCALE_FOLD=fold and dequant_ptx and not dense,
                 DOT_DTYPE=tl.bfloat16, DOT_PRECISION=None, EVEN_K=k % cfg.block_k == 0,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten,
-                W_TMA=cfg.weights_tma and not dense and (interleaved or not gemm1))
+                W_TMA=cfg.weights_tma and not dense and (interleaved or not gemm1),
+                RETIRE_DOTS=not dense and not (a_tma and dequant_ptx))
 
 
 def compile_prefill_sm90(constexprs: dict, num_warps: int, num_stages: int):
@@ -240,7 +244,8 @@ def compile_prefill_sm90(constexprs: dict, num_warps: int, num_stages: int):
 
 
 def check_prefill_tiles(extra: dict | None = None) -> dict:
-    """For every shipped tile (`PREFILL_TILES`; GEMM1 with both gate/up row layouts, GEMM2) and
+    """For every shipped tile (`PREFILL_TILES`; GEMM1 with both gate/up row layouts, GEMM2; the
+    PTX upcast and the portable one) and
     the named ``extra`` configs (name -> (PrefillConfig, gemm1)): whether the K loop's wgmmas
     take A from registers, and the register-operand hazards of its SASS (as text). Compiled for
     sm_90 with the installed Triton; run outside ``TRITON_INTERPRET`` (`main`)."""
@@ -248,16 +253,21 @@ def check_prefill_tiles(extra: dict | None = None) -> dict:
 
     cases = {}
     for least, cfg in PREFILL_TILES:
-        for gemm1, interleaved in ((True, True), (True, False), (False, True)):
+        for gemm1, interleaved, ptx in ((True, True, True), (True, False, True),
+                                        (False, True, True), (True, True, False),
+                                        (False, True, False)):
             name = (f"{least}+ pairs {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
-                    f"{'GEMM1' if gemm1 else 'GEMM2'}{'' if interleaved else ' halves'}")
-            cases[name] = (cfg, gemm1, interleaved)
+                    f"{'GEMM1' if gemm1 else 'GEMM2'}{'' if interleaved else ' halves'}"
+                    f"{'' if ptx else ' portable'}")
+            cases[name] = (cfg, gemm1, interleaved, ptx)
     for name, (cfg, gemm1) in (extra or {}).items():
-        cases[name] = (cfg, gemm1, True)
+        cases[name] = (cfg, gemm1, True, True)
     results = {}
-    for name, (cfg, gemm1, interleaved) in cases.items():
-        compiled = compile_prefill_sm90(prefill_constexprs(cfg, gemm1, interleaved=interleaved),
-                                        cfg.num_warps, cfg.num_stages)
+    for name, (cfg, gemm1, interleaved, ptx) in cases.items():
+        constexprs = prefill_constexprs(cfg, gemm1, interleaved=interleaved, dequant_ptx=ptx)
+        if name.startswith("control:"):
+            constexprs["RETIRE_DOTS"] = False  # as before the fix: the hazard shows
+        compiled = compile_prefill_sm90(constexprs, cfg.num_warps, cfg.num_stages)
         sass = cuobjdump(compiled.asm["cubin"])
         wgmmas = [i for i in innermost_loop(parse(sass)) if i.opcode.startswith("HGMMA")]
         results[name] = {
