@@ -141,25 +141,22 @@ def test_triton_3_6_overwrites_registers_with_cp_async_token_tiles(compiled_tile
 def test_every_tile_is_repeatable_and_compiled_without_the_hazard():
     import mxmoe
     from mxmoe.kernels import _prefill_gemm
-    from mxmoe.kernels.prefill import PREFILL_TILES, choose_prefill_config
+    from mxmoe.kernels.prefill import PREFILL_TILES, default_prefill_config
     from mxmoe.kernels.sass import cuobjdump
     from mxmoe.testing import random_moe
-    from mxmoe.validation import check_fused_experts_args
 
     _nvidia_backend_or_skip()
     e, k = 16, 4
-    seen = set()
-    for least, _ in PREFILL_TILES:
+    for least, cfg in PREFILL_TILES:
         m = max(4, (least + 4) * e // k)  # just past the entry's bound
+        assert default_prefill_config(m * k / e) == cfg
         p = random_moe(m, 512, 384, e, k, dtype=torch.bfloat16, device="cuda", seed=m)
         call = dict(p.kwargs(), w13=p.w13.to_layout("mma_lanes"), w2=p.w2.to_layout("mma_lanes"))
-        cfg = choose_prefill_config(check_fused_experts_args(**call))
-        seen.add(cfg)
         outs = [mxmoe.fused_experts(**call) for _ in range(4)]
         assert all(torch.equal(outs[0], o) for o in outs[1:]), cfg
-    assert seen == {cfg for _, cfg in PREFILL_TILES}
     compiled = [c for cache in _prefill_gemm.prefill_gemm_kernel.device_caches.values()
                 for c in (cache[0] if isinstance(cache, tuple) else cache).values()]
-    assert compiled
+    # Both GEMMs of every tile went through the prefill kernel.
+    assert len(compiled) >= 2 * len(PREFILL_TILES)
     for kernel in compiled:
         assert register_operand_hazards(cuobjdump(kernel.asm["cubin"])) == []
