@@ -48,6 +48,15 @@ VARIANTS = {
         replace(cfg, tma=True, gather_a=True)),
     "gather, 128x256": lambda cfg: (replace(cfg, block_m=128, block_n=256, tma=True, gather_a=True)
                                     if cfg.block_m == 256 else replace(cfg, tma=True, gather_a=True)),
+    # The 32- and 64-token tiles (16 to 64 pairs per expert) with codes and scales by TMA boxes
+    # twice or four times as wide in K.
+    "mid TMA K128": lambda cfg: (replace(cfg, block_k=128, num_stages=3 if cfg.block_m == 64
+                                         else 4, weights_tma=True)
+                                 if cfg.block_m in (32, 64) else cfg),
+    "mid TMA K128, 32x128x256": lambda cfg: (
+        replace(cfg, block_k=128, num_stages=3, weights_tma=True) if cfg.block_m == 64 else
+        replace(cfg, block_n=128, block_k=256, num_warps=4, num_stages=3, weights_tma=True,
+                per_sm=2) if cfg.block_m == 32 else cfg),
     "weights TMA": lambda cfg: replace(cfg, weights_tma=True),
     "weights TMA, K 256 small": lambda cfg: replace(_wide_k(cfg), weights_tma=True),
     "K 256 small": _wide_k,
@@ -58,7 +67,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["20b", "120b"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[8, 64, 256, 1024, 4096])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:5])
+    parser.add_argument("--variants", nargs="+", default=["shipped", "mid TMA K128",
+                                                           "mid TMA K128, 32x128x256"])
     args = parser.parse_args()
     for model in args.models:
         e = EXPERTS[model]
