@@ -95,10 +95,12 @@ PREFILL_MIN_PAIRS_PER_EXPERT = DECODE_MAX_PAIRS_PER_EXPERT
 
 #: (at least this many pairs per expert, tiles), the largest first: each the fastest measured on
 #: the H200 from there up to the previous entry (NOTES.md sections 16, 17 and 20). Fewer tokens a
-#: tile where experts hold fewer pairs (less padding in each expert's last tile), two programs
-#: an SM for the smallest, whose codes and scales come by TMA boxes 256 wide in K (fewer, larger
-#: copies: 9-11% faster than 128-wide cp.async steps); 128 x 256, then 256 x 128 once experts
-#: hold many pairs.
+#: tile where experts hold fewer pairs (less padding in each expert's last tile). Up to 64
+#: tokens a tile the codes and scales come by TMA boxes 128-256 wide in K (fewer, larger copies
+#: and no per-row predicates: 9-11% faster than cp.async for 16 tokens, 14-15% for 64, 34-39%
+#: for 32, where one warpgroup a program and two programs an SM also beat 8 warps on 32 x 256);
+#: 128 x 256, then 256 x 128 once experts hold many pairs, with cp.async weights (TMA boxes
+#: were slower there).
 #:
 #: Every entry gathers GEMM1's tokens into expert order (``gather_a``), so that both GEMMs read
 #: their token tiles by TMA: with ``cp.async`` token tiles Triton 3.6 lets the next K step's
