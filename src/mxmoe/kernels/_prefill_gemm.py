@@ -121,10 +121,10 @@ def _tile_scales(s_ptr, pid_n, N, k0, K, stride_sn, stride_sk, BLOCK_N: tl.const
 @triton.jit
 def _retired(acc):
     """``acc`` through an empty inline asm (no instruction): a use that is not a dot, so Triton
-    waits for every pending wgmma here. The portable upcast needs it on Triton 3.6, which
-    otherwise lets the next K step's upcast write the registers of wgmmas still in flight
-    (`mxmoe.kernels.sass.register_operand_hazards`; the PTX upcast compiles without that write
-    when the token tiles come by TMA, as every shipped tile's do)."""
+    waits for every pending wgmma here. The portable upcast, and any tile whose tokens come by
+    cp.async, need it on Triton 3.6, which otherwise lets the next K step's upcast write the
+    registers of wgmmas still in flight (`mxmoe.kernels.sass.register_operand_hazards`); the
+    PTX upcast with TMA token tiles, as every shipped tile has, compiles without that write."""
     return tl.inline_asm_elementwise("", "=f,0", [acc], dtype=tl.float32, is_pure=False,
                                      pack=1)
 
@@ -176,7 +176,8 @@ def prefill_gemm_kernel(
     NUM_STAGES: tl.constexpr,
     FLATTEN: tl.constexpr,  # flatten the tile and K loops into one pipelined loop
     W_TMA: tl.constexpr,  # codes and scales by TMA (ungated, or gated with INTERLEAVED rows)
-    RETIRE_DOTS: tl.constexpr,  # compiled NVIDIA, portable upcast: every K step's dots retired
+    RETIRE_DOTS: tl.constexpr,  # compiled NVIDIA, unless PTX upcast + TMA tokens: dots retired
+    # at the end of every K step (`_retired`)
 ):
     num_m_blocks = tl.load(num_post_padded_ptr) // BLOCK_M
     if GATED:

@@ -47,7 +47,7 @@ class PrefillConfig:
     ``flatten``: Triton flattens the tile and K loops into one pipelined loop (the next tile's
     loads start during this tile's epilogue). ``weights_tma``: the codes and scales by TMA
     boxes too (not for gated GEMMs with ``[gate | up]`` halves, which keep their loads): faster
-    for the 16-token tiles, slower for the large ones (NOTES.md section 20).
+    for tiles of up to 64 tokens, slower for the large ones (NOTES.md section 20).
     """
 
     block_m: int = 128
