@@ -58,6 +58,14 @@ def test_no_hazard_once_retired_or_not_read(change):
     assert register_operand_hazards(_loop(trip)) == []
 
 
+def test_a_pair_written_by_a_wide_instruction_counts():
+    trip = list(TRIP)
+    trip[0] = "IMAD.WIDE.U32 R10, R4, 0x4, R2"  # writes R10 and R11
+    assert [h.registers for h in register_operand_hazards(_loop(trip))] == [(10, 11)]
+    trip[0] = "IMAD.WIDE.U32 R6, R4, 0x4, R2"  # R6, R7: below the operand
+    assert register_operand_hazards(_loop(trip)) == []
+
+
 def test_newer_wgmmas_retire_older_ones():
     # Two wgmmas a trip and "at most one pending": the first is retired by the second's wait,
     # the second is not when the next trip writes its registers.

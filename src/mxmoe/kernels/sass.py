@@ -119,7 +119,7 @@ def _written_registers(instruction: Instruction) -> set[int]:
         return set()
     base = int(match.group(1))
     width = 1
-    for bits, regs in ((".128", 4), (".64", 2)):
+    for bits, regs in ((".128", 4), (".64", 2), (".WIDE", 2)):  # IMAD.WIDE: a register pair
         if bits in instruction.opcode:
             width = regs
     if instruction.opcode.startswith("LDSM"):  # LDSM.16.M88.4: four matrices, four registers
