@@ -13,11 +13,8 @@ the dot. Needs Triton 3.6 (the GPU's version) on the path before the venv's, e.g
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mxmoe.kernels._decode_gemm import decode_gemv_kernel, decode_token_kernel  # noqa: E402
 from mxmoe.kernels._epilogues import swiglu_oai  # noqa: E402
+from mxmoe.kernels.sass import cuobjdump  # noqa: E402
 
 POINTERS = {"a_ptr": "*bf16", "b_ptr": "*u8", "b_scale_ptr": "*u8", "bias_ptr": "*bf16",
             "out_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
@@ -97,10 +95,6 @@ VARIANTS = [
 ]
 
 
-def _bin(tool: str) -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
-
-
 def compile_variant(kernel, constexprs, options):
     import triton.language as tl
 
@@ -127,15 +121,7 @@ def compile_variant(kernel, constexprs, options):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        return subprocess.run([_bin("cuobjdump"), flag, path], capture_output=True,
-                              text=True, check=True).stdout
-    finally:
-        os.unlink(path)
+_cuobjdump = cuobjdump  # the one in mxmoe.kernels.sass
 
 
 def resources(cubin: bytes) -> dict:
