@@ -286,6 +286,20 @@ def test_other_layouts_are_rejected():
                               config=CONFIGS["gathered rows"])
 
 
+def test_halves_run_the_shipped_tma_tiles_as_their_cp_async_predecessors():
+    from mxmoe.kernels.prefill import PREFILL_TILES, gemm_tile
+
+    for _, cfg in PREFILL_TILES:
+        halves = gemm_tile(cfg, gated=True, interleaved=False)
+        assert halves.block_m == cfg.block_m and halves.tma and halves.gather_a
+        assert not halves.weights_tma and halves.block_k <= 128
+        assert halves == cfg or cfg.weights_tma
+        # GEMM2 and interleaved GEMM1 run the shipped tile; a caller's config runs as given.
+        assert gemm_tile(cfg, gated=False, interleaved=False) == cfg
+        assert gemm_tile(cfg, gated=True, interleaved=True) == cfg
+    assert gemm_tile(CONFIGS["gathered rows"], True, False) == CONFIGS["gathered rows"]
+
+
 @pytest.mark.parametrize("field, value", [("block_m", 8), ("block_n", 48), ("block_k", 16),
                                           ("num_stages", 0), ("programs", 0),
                                           ("per_sm", 0)])

@@ -123,6 +123,29 @@ PREFILL_TILES = (
 )
 
 
+#: For a gated GEMM whose w13 rows are ``[gate | up]`` halves (silu models), whose codes stay
+#: cp.async loads (a TMA box holds consecutive rows): each shipped tile that reads its weights by
+#: TMA boxes -> the cp.async tile of the same token count it replaced (NOTES.md sections 17 and
+#: 20; the 128-256-wide K steps chosen for TMA boxes were slower by cp.async: 20b M = 64, 282
+#: against 228 µs). Same ``block_m``, so the alignment fits both GEMMs.
+_HALVES_TILES = {
+    cfg: PrefillConfig(block_m=cfg.block_m, block_n=256 if cfg.block_m > 16 else 128,
+                       block_k=64 if cfg.block_m > 16 else 128, num_warps=8 if cfg.block_m > 16
+                       else 4, num_stages=6 if cfg.block_m > 16 else 4, tma=True,
+                       gather_a=True, per_sm=1 if cfg.block_m > 16 else 2)
+    for _, cfg in PREFILL_TILES if cfg.weights_tma
+}
+
+
+def gemm_tile(cfg: PrefillConfig, gated: bool, interleaved: bool) -> PrefillConfig:
+    """The tile one GEMM of ``cfg`` runs: ``cfg``, except that a gated GEMM with ``[gate | up]``
+    halves runs a shipped TMA-weight tile as its cp.async predecessor (`_HALVES_TILES`). Other
+    configs (given by a caller) run as given."""
+    if gated and not interleaved:
+        return _HALVES_TILES.get(cfg, cfg)
+    return cfg
+
+
 def default_prefill_config(pairs_per_expert: float) -> PrefillConfig:
     """The tiles for this many pairs per expert (`PREFILL_TILES`; the interpreter's are tiny)."""
     if settings.current().interpret:
@@ -242,6 +265,8 @@ class PrefillGemm:
             if blocks.stride()[-1] != 1:
                 raise ValueError(f"the prefill GEMM reads each row's codes as contiguous words, "
                                  f"got strides {blocks.stride()}")
+        if not dense:
+            cfg = gemm_tile(cfg, gated, self.call.activation.interleaved)
         tma = cfg.tma and a_rows == ROWS_SORTED
         w_tma = (cfg.weights_tma and not dense
                  and (not gated or self.call.activation.interleaved))

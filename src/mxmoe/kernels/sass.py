@@ -249,7 +249,7 @@ def check_prefill_tiles(extra: dict | None = None) -> dict:
     the named ``extra`` configs (name -> (PrefillConfig, gemm1)): whether the K loop's wgmmas
     take A from registers, and the register-operand hazards of its SASS (as text). Compiled for
     sm_90 with the installed Triton; run outside ``TRITON_INTERPRET`` (`main`)."""
-    from .prefill import PREFILL_TILES
+    from .prefill import PREFILL_TILES, gemm_tile
 
     cases = {}
     for least, cfg in PREFILL_TILES:
@@ -264,6 +264,7 @@ def check_prefill_tiles(extra: dict | None = None) -> dict:
         cases[name] = (cfg, gemm1, True, True)
     results = {}
     for name, (cfg, gemm1, interleaved, ptx) in cases.items():
+        cfg = gemm_tile(cfg, gemm1, interleaved)  # what the launcher runs for this GEMM
         constexprs = prefill_constexprs(cfg, gemm1, interleaved=interleaved, dequant_ptx=ptx)
         if name.startswith("control:"):
             constexprs["RETIRE_DOTS"] = False  # as before the fix: the hazard shows
