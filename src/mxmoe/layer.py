@@ -1,4 +1,5 @@
-"""`MXFP4MoE`: a drop-in MoE block (router + MXFP4 experts) as a torch.nn.Module."""
+"""`MXFP4MoE`: a drop-in MoE block (router + MXFP4 experts) as a torch.nn.Module; `GatedMLP`
+and `MXFP4GatedMLP`, the shared-experts MLP some families (DeepSeek-V3) add to it."""
 
 from __future__ import annotations
 
@@ -12,77 +13,26 @@ from .layouts import Layout, get_layout
 from .api import fused_experts
 from .ops import fused_experts_op
 from .problem import OP_ARG_NAMES
-from .router import route
-from .validation import check_layer_args, check_layer_input
+from .router import route, route_grouped_sigmoid
+from .routing import GroupedSigmoidRouting
+from .validation import (check_correction_bias, check_expert_weights, check_grouped_routing,
+                         check_layer_args, check_layer_input)
 
-__all__ = ["MXFP4MoE"]
+__all__ = ["MXFP4MoE", "MXFP4GatedMLP", "GatedMLP"]
 
 
-class MXFP4MoE(nn.Module):
-    """Router (a Linear with bias, as gpt-oss) and MXFP4 experts.
+class _MXFP4Weights(nn.Module):
+    """What every module holding MXFP4 expert weights shares: the four weight buffers in one
+    layout (``weight_layout``), their `MXFP4Tensor` views, the backend (whose setter converts
+    the weights to a layout it reads) and the fused experts call. Subclasses set
+    ``activation``, ``alpha``, ``limit``, and the ``w13_bias``/``w2_bias``/``expert_map``
+    buffers (None where absent)."""
 
-    ``forward(x [..., H]) -> [..., H]``: routes each token to ``top_k`` experts and returns the
-    routing-weighted sum of their outputs. No norm and no residual: gpt-oss's block is
-    ``x + moe(norm(x))``, and those belong to the caller.
-
-    The expert weights are buffers (``w13_blocks``, ``w13_scales``, ``w2_blocks``,
-    ``w2_scales``): they move with ``.to()`` and appear in ``state_dict``; ``.w13`` and ``.w2``
-    view them as `MXFP4Tensor`. They are held in one weight layout (`mxmoe.layouts`; the given
-    weights' own unless ``layout`` names another, converted once here or by `to_layout`;
-    ``"auto"``: `mxmoe.backends.fastest_layout` for the weights' device and the backend, e.g.
-    MMA_LANES on Hopper, which the prefill GEMMs need); the buffers hold that layout's bytes,
-    so a ``state_dict`` loads back into a layer of the same layout (``layer.weight_layout``;
-    checkpoint writers take ``layer.w13.plain()``).
-    """
-
-    def __init__(
-        self,
-        w13: MXFP4Tensor,
-        w2: MXFP4Tensor,
-        router_weight: torch.Tensor,
-        router_bias: torch.Tensor | None = None,
-        w13_bias: torch.Tensor | None = None,
-        w2_bias: torch.Tensor | None = None,
-        *,
-        top_k: int,
-        activation: Activation | str = Activation.SWIGLUOAI,
-        alpha: float = GPT_OSS_SWIGLU_ALPHA,
-        limit: float = GPT_OSS_SWIGLU_LIMIT,
-        renormalize: bool = True,
-        backend: str = "auto",
-        expert_map: torch.Tensor | None = None,
-        ep_group=None,
-        tp_group=None,
-        layout: Layout | str | None = None,
-    ):
-        super().__init__()
-        check_layer_args(
-            w13, w2, router_weight, router_bias, w13_bias, w2_bias, top_k=top_k,
-            activation=activation, alpha=alpha, limit=limit, renormalize=renormalize,
-            backend=backend, expert_map=expert_map,
-        )
-        num_experts, two_i, hidden = w13.shape
-        num_global = router_weight.shape[0]
-        self.hidden_size = hidden
-        self.intermediate_size = two_i // 2
-        self.num_experts = num_global
-        self.top_k = top_k
-        self.activation = Activation.parse(activation)
-        self.alpha = float(alpha)
-        self.limit = float(limit)
-        self.renormalize = renormalize
-        self.backend = backend
-
-        self.router = nn.Linear(hidden, num_global, bias=router_bias is not None,
-                                dtype=router_weight.dtype, device=router_weight.device)
-        with torch.no_grad():
-            self.router.weight.copy_(router_weight)
-            if router_bias is not None:
-                self.router.bias.copy_(router_bias)
+    def _hold_weights(self, w13: MXFP4Tensor, w2: MXFP4Tensor, layout) -> None:
         if layout == "auto":
             from .backends import fastest_layout
 
-            layout = fastest_layout(w13.blocks.device, backend)
+            layout = fastest_layout(w13.blocks.device, self.backend)
         if layout is not None:
             w13, w2 = w13.to_layout(layout), w2.to_layout(layout)
         if w13.layout != w2.layout:
@@ -93,18 +43,6 @@ class MXFP4MoE(nn.Module):
         self.register_buffer("w13_scales", w13.scales)
         self.register_buffer("w2_blocks", w2.blocks)
         self.register_buffer("w2_scales", w2.scales)
-        self.register_buffer("w13_bias", w13_bias)
-        self.register_buffer("w2_bias", w2_bias)
-        self.register_buffer("expert_map", expert_map)
-        # Process groups whose ranks hold other experts (ep) or other slices of I (tp): the
-        # partial outputs are summed over each. The weights given are already the local ones.
-        if ep_group is not None or tp_group is not None:
-            from .distributed import check_local_layer
-
-            check_local_layer(num_global, expert_map, w2_bias, ep_group, tp_group)
-        self.ep_group = ep_group
-        self.tp_group = tp_group
-        del num_experts
 
     @property
     def backend(self) -> str:
@@ -115,6 +53,8 @@ class MXFP4MoE(nn.Module):
     @backend.setter
     def backend(self, name: str) -> None:
         self._backend = name
+        for follower in self._followers():
+            follower.backend = name
         if "w13_blocks" not in self._buffers or name == "auto":
             return
         from .backends import get_backend
@@ -125,6 +65,10 @@ class MXFP4MoE(nn.Module):
             return
         if self.weight_layout.name not in readable:
             self.to_layout(readable[0])
+
+    def _followers(self) -> list["_MXFP4Weights"]:
+        """Submodules whose MXFP4 weights keep this module's backend and layout."""
+        return []
 
     def _weight_objects(self) -> tuple[MXFP4Tensor, MXFP4Tensor]:
         """(w13, w2) as `MXFP4Tensor`, built once and again only when a buffer was replaced
@@ -149,7 +93,7 @@ class MXFP4MoE(nn.Module):
     def w2(self) -> MXFP4Tensor:
         return self._weight_objects()[1]
 
-    def to_layout(self, layout: Layout | str) -> "MXFP4MoE":
+    def to_layout(self, layout: Layout | str):
         """Convert the expert weights to ``layout`` in place (once; bit-exact); returns self.
         ``"auto"``: `mxmoe.backends.fastest_layout` for the weights' device and the backend."""
         if layout == "auto":
@@ -163,7 +107,219 @@ class MXFP4MoE(nn.Module):
             self.w2_blocks, self.w2_scales = w2.blocks, w2.scales
             self.weight_layout = layout
             self._weights = None
+        for follower in self._followers():
+            follower.to_layout(layout)
         return self
+
+    def _experts(self, x, topk_weights, topk_ids):
+        if torch.compiler.is_compiling():
+            # Traced: to the operator with the weights as their buffers. (A weight object made
+            # inside the graph holds a layout object that some dynamo versions cannot wrap.)
+            layout = self.weight_layout.name
+            named = dict(
+                hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
+                w13_blocks=self.w13_blocks, w13_scales=self.w13_scales,
+                w2_blocks=self.w2_blocks, w2_scales=self.w2_scales, w13_bias=self.w13_bias,
+                w2_bias=self.w2_bias, expert_map=self.expert_map, w13_layout=layout,
+                w2_layout=layout, activation=self.activation.value, alpha=float(self.alpha),
+                limit=float(self.limit), apply_router_weight_on_input=False,
+                backend=self.backend,
+            )
+            return fused_experts_op(*(named[name] for name in OP_ARG_NAMES))
+        w13, w2 = self._weight_objects()
+        return fused_experts(
+            x, w13, w2, topk_weights, topk_ids, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
+            activation=self.activation, alpha=self.alpha, limit=self.limit,
+            expert_map=self.expert_map, backend=self.backend,
+        )
+
+
+class GatedMLP(nn.Module):
+    """A dense silu gated MLP of float Linears (``gate_proj``, ``up_proj`` ``[I, H]``,
+    ``down_proj`` ``[H, I]``, no biases): ``down(silu(gate(x)) * up(x))``, as DeepSeek-V3's
+    shared experts when a checkpoint leaves them unquantized. The input is cast to the weights'
+    dtype and the output back to the input's."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        super().__init__()
+        for name, w in (("gate", gate), ("up", up), ("down", down)):
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+                raise TypeError(f"{name} must be a floating 2D tensor, got "
+                                f"{getattr(w, 'dtype', type(w).__name__)}")
+        inter, hidden = gate.shape
+        for name, w, shape in (("up", up, (inter, hidden)), ("down", down, (hidden, inter))):
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)} like gate [I, H] = "
+                                 f"{[inter, hidden]}, got {list(w.shape)}")
+        self.gate_proj, self.up_proj, self.down_proj = (
+            self._linear(w) for w in (gate, up, down))
+
+    @staticmethod
+    def _linear(w: torch.Tensor) -> nn.Linear:
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.gate_proj.weight.dtype)
+        out = self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return out.to(x.dtype)
+
+
+class MXFP4GatedMLP(_MXFP4Weights):
+    """A dense gated MLP on MXFP4 weights, ``w13 [1, 2I, H]`` (rows ``[gate | up]`` for
+    ``"silu"``) and ``w2 [1, H, I]``: DeepSeek-V3's shared experts when a checkpoint quantizes
+    them (llm-compressor's MXFP4A16 does: they are Linears).
+
+    It runs as a MoE of one expert that every token picks with weight 1, through the same
+    fused experts call (`mxmoe.fused_experts`, any backend) as the routed experts. Why not
+    dequantize at load: the file's bytes stay the weights (never requantized, 26.6% of bf16's
+    memory: some 5 GB less over DeepSeek-V3's 58 MoE layers), one code path computes every
+    MXFP4 product, and the result equals the dequantized MLP up to fp32 summation order (the
+    weight 1 multiplies exactly). Held in the layout of the layer that owns it, which sets its
+    backend and layout (`MXFP4MoE`).
+    """
+
+    def __init__(self, w13: MXFP4Tensor, w2: MXFP4Tensor, *,
+                 activation: Activation | str = Activation.SILU, backend: str = "auto",
+                 layout: Layout | str | None = None):
+        super().__init__()
+        shapes = check_expert_weights(w13, w2, None, None)
+        if shapes.num_experts != 1:
+            raise ValueError(f"w13 and w2 of a gated MLP must hold one expert ([1, 2I, H], "
+                             f"[1, H, I]), got w13 {list(w13.shape)}")
+        self.hidden_size = shapes.hidden
+        self.intermediate_size = shapes.intermediate
+        self.activation = Activation.parse(activation)
+        self.alpha, self.limit = GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
+        self.backend = backend
+        self._hold_weights(w13, w2, layout)
+        self.w13_bias = self.w2_bias = self.expert_map = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        flat = x.reshape(-1, self.hidden_size)
+        tokens = flat.shape[0]
+        ids = torch.zeros(tokens, 1, dtype=torch.int32, device=flat.device)
+        weights = torch.ones(tokens, 1, dtype=torch.float32, device=flat.device)
+        return self._experts(flat, weights, ids).reshape(*leading, self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+                f"activation={self.activation.value}, backend={self.backend!r}, "
+                f"layout={self.weight_layout.name}")
+
+
+class MXFP4MoE(_MXFP4Weights):
+    """Router (a Linear with bias, as gpt-oss) and MXFP4 experts.
+
+    ``forward(x [..., H]) -> [..., H]``: routes each token to ``top_k`` experts and returns the
+    routing-weighted sum of their outputs. No norm and no residual: gpt-oss's block is
+    ``x + moe(norm(x))``, and those belong to the caller.
+
+    The expert weights are buffers (``w13_blocks``, ``w13_scales``, ``w2_blocks``,
+    ``w2_scales``): they move with ``.to()`` and appear in ``state_dict``; ``.w13`` and ``.w2``
+    view them as `MXFP4Tensor`. They are held in one weight layout (`mxmoe.layouts`; the given
+    weights' own unless ``layout`` names another, converted once here or by `to_layout`;
+    ``"auto"``: `mxmoe.backends.fastest_layout` for the weights' device and the backend, e.g.
+    MMA_LANES on Hopper, which the prefill GEMMs need); the buffers hold that layout's bytes,
+    so a ``state_dict`` loads back into a layer of the same layout (``layer.weight_layout``;
+    checkpoint writers take ``layer.w13.plain()``).
+
+    DeepSeek-V3's MoE is the same layer with two options: ``routing`` (a
+    `GroupedSigmoidRouting`, with ``router_correction_bias [E]``: the router is
+    `mxmoe.router.route_grouped_sigmoid` instead of the softmax top-k) and ``shared_experts``
+    (any module ``[..., H] -> [..., H]``, e.g. `GatedMLP` or `MXFP4GatedMLP`), whose output is
+    added to every token's routed one, after the partial outputs of the ranks are summed (every
+    rank holds all of it). An `MXFP4GatedMLP` there keeps the layer's backend and layout.
+    """
+
+    def __init__(
+        self,
+        w13: MXFP4Tensor,
+        w2: MXFP4Tensor,
+        router_weight: torch.Tensor,
+        router_bias: torch.Tensor | None = None,
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
+        *,
+        top_k: int,
+        activation: Activation | str = Activation.SWIGLUOAI,
+        alpha: float = GPT_OSS_SWIGLU_ALPHA,
+        limit: float = GPT_OSS_SWIGLU_LIMIT,
+        renormalize: bool = True,
+        backend: str = "auto",
+        expert_map: torch.Tensor | None = None,
+        ep_group=None,
+        tp_group=None,
+        layout: Layout | str | None = None,
+        routing: GroupedSigmoidRouting | None = None,
+        router_correction_bias: torch.Tensor | None = None,
+        shared_experts: nn.Module | None = None,
+    ):
+        super().__init__()
+        check_layer_args(
+            w13, w2, router_weight, router_bias, w13_bias, w2_bias, top_k=top_k,
+            activation=activation, alpha=alpha, limit=limit, renormalize=renormalize,
+            backend=backend, expert_map=expert_map,
+        )
+        num_experts, two_i, hidden = w13.shape
+        num_global = router_weight.shape[0]
+        if routing is not None:
+            check_grouped_routing(routing, num_global, top_k)
+            if router_correction_bias is None:
+                raise ValueError("routing (grouped sigmoid) needs router_correction_bias [E] "
+                                 "(DeepSeek-V3's e_score_correction_bias; zeros for none)")
+            check_correction_bias(router_correction_bias, num_global, w13.blocks.device)
+        elif router_correction_bias is not None:
+            raise ValueError("router_correction_bias is DeepSeek-V3's grouped sigmoid router's: "
+                             "pass routing=GroupedSigmoidRouting(...) with it")
+        if shared_experts is not None and not isinstance(shared_experts, nn.Module):
+            raise TypeError(f"shared_experts must be a torch.nn.Module or None, got "
+                            f"{type(shared_experts).__name__}")
+        self.hidden_size = hidden
+        self.intermediate_size = two_i // 2
+        self.num_experts = num_global
+        self.top_k = top_k
+        self.activation = Activation.parse(activation)
+        self.alpha = float(alpha)
+        self.limit = float(limit)
+        self.renormalize = renormalize
+        self.backend = backend
+
+        self.router = nn.Linear(hidden, num_global, bias=router_bias is not None,
+                                dtype=router_weight.dtype, device=router_weight.device)
+        with torch.no_grad():
+            self.router.weight.copy_(router_weight)
+            if router_bias is not None:
+                self.router.bias.copy_(router_bias)
+        self._hold_weights(w13, w2, layout)
+        self.register_buffer("w13_bias", w13_bias)
+        self.register_buffer("w2_bias", w2_bias)
+        self.register_buffer("expert_map", expert_map)
+        # Process groups whose ranks hold other experts (ep) or other slices of I (tp): the
+        # partial outputs are summed over each. The weights given are already the local ones.
+        if ep_group is not None or tp_group is not None:
+            from .distributed import check_local_layer
+
+            check_local_layer(num_global, expert_map, w2_bias, ep_group, tp_group)
+        self.ep_group = ep_group
+        self.tp_group = tp_group
+        self.routing = routing
+        self.register_buffer("router_correction_bias", router_correction_bias)
+        self.shared_experts = shared_experts
+        if isinstance(shared_experts, MXFP4GatedMLP):
+            if shared_experts.hidden_size != hidden:
+                raise ValueError(f"shared_experts has hidden size {shared_experts.hidden_size}, "
+                                 f"the experts {hidden}")
+            shared_experts.backend = self.backend
+            shared_experts.to_layout(self.weight_layout)
+        del num_experts
+
+    def _followers(self) -> list[_MXFP4Weights]:
+        shared = self._modules.get("shared_experts")
+        return [shared] if isinstance(shared, MXFP4GatedMLP) else []
 
     @classmethod
     def from_dense(
@@ -236,6 +392,9 @@ class MXFP4MoE(nn.Module):
             ep_group=ep_group,
             tp_group=tp_group,
             layout=self.weight_layout,
+            routing=self.routing,
+            router_correction_bias=self.router_correction_bias,
+            shared_experts=self.shared_experts,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -250,36 +409,21 @@ class MXFP4MoE(nn.Module):
         leading = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, self.hidden_size)
         logits = self.router(x.to(self.router.weight.dtype))
-        topk_weights, topk_ids = route(logits, self.top_k, renormalize=self.renormalize)
+        if self.routing is None:
+            topk_weights, topk_ids = route(logits, self.top_k, renormalize=self.renormalize)
+        else:
+            topk_weights, topk_ids = route_grouped_sigmoid(
+                logits, self.router_correction_bias, self.top_k, self.routing,
+                renormalize=self.renormalize)
         if self.w13_blocks.shape[0] == 0:
             # This rank holds no experts (an expert-parallel group larger than E).
             out = torch.zeros_like(x)
         else:
             out = self._experts(x, topk_weights, topk_ids)
         out = self._sum_partial_outputs(out)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         return out.reshape(*leading, self.hidden_size), logits, topk_weights
-
-    def _experts(self, x, topk_weights, topk_ids):
-        if torch.compiler.is_compiling():
-            # Traced: to the operator with the weights as their buffers. (A weight object made
-            # inside the graph holds a layout object that some dynamo versions cannot wrap.)
-            layout = self.weight_layout.name
-            named = dict(
-                hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
-                w13_blocks=self.w13_blocks, w13_scales=self.w13_scales,
-                w2_blocks=self.w2_blocks, w2_scales=self.w2_scales, w13_bias=self.w13_bias,
-                w2_bias=self.w2_bias, expert_map=self.expert_map, w13_layout=layout,
-                w2_layout=layout, activation=self.activation.value, alpha=float(self.alpha),
-                limit=float(self.limit), apply_router_weight_on_input=False,
-                backend=self.backend,
-            )
-            return fused_experts_op(*(named[name] for name in OP_ARG_NAMES))
-        w13, w2 = self._weight_objects()
-        return fused_experts(
-            x, w13, w2, topk_weights, topk_ids, w13_bias=self.w13_bias, w2_bias=self.w2_bias,
-            activation=self.activation, alpha=self.alpha, limit=self.limit,
-            expert_map=self.expert_map, backend=self.backend,
-        )
 
     def _sum_partial_outputs(self, out: torch.Tensor) -> torch.Tensor:
         groups = [g for g in (self.tp_group, self.ep_group) if g is not None]
@@ -298,6 +442,9 @@ class MXFP4MoE(nn.Module):
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
             f"experts={self.num_experts}, top_k={self.top_k}, activation={self.activation.value}, "
             f"backend={self.backend!r}, layout={self.weight_layout.name}"
+            + ("" if self.routing is None else
+               f", routing=grouped sigmoid ({self.routing.n_group} groups, "
+               f"{self.routing.topk_group} kept, x{self.routing.scaling_factor:g})")
         )
 
     @classmethod

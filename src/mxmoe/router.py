@@ -1,6 +1,10 @@
 """`mxmoe.route`, the public router: its arguments validated, then the fused Triton router
 (eager CUDA) or the pure-torch one (`mxmoe.routing.route_torch`, everywhere else). An eager
-call reuses the plan of its signature, validated when made."""
+call reuses the plan of its signature, validated when made.
+
+`route_grouped_sigmoid` is DeepSeek-V3's router (sigmoid scores, a correction bias for the
+choice, groups of experts): validated, then pure torch (`route_grouped_sigmoid_torch`) on every
+device."""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ import torch
 
 from . import settings
 from .plans import SignatureCache, tensor_key
-from .routing import route_torch
-from .validation import check_route_args
+from .routing import GroupedSigmoidRouting, route_grouped_sigmoid_torch, route_torch
+from .validation import check_grouped_route_args, check_route_args
 
-__all__ = ["route"]
+__all__ = ["route", "route_grouped_sigmoid"]
 
 #: Above this many experts the fused router would hold too wide a row in registers.
 _TRITON_ROUTER_MAX_EXPERTS = 1024
@@ -66,3 +70,33 @@ def _use_triton_router(router_logits: torch.Tensor) -> bool:
     switches = settings.current()
     return (not switches.interpret and router_logits.shape[1] <= _TRITON_ROUTER_MAX_EXPERTS
             and not switches.torch_router)
+
+
+def route_grouped_sigmoid(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    routing: GroupedSigmoidRouting,
+    *,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's experts the way DeepSeek-V3 does (``topk_method: noaux_tc``).
+
+    Args:
+        router_logits: ``[M, E]`` float (DeepSeek-V3 computes them in float32).
+        correction_bias: ``[E]`` float, ``e_score_correction_bias``: added to the sigmoid
+            scores to choose the experts, never to their weights.
+        top_k: experts per token, at most the experts of the ``routing.topk_group`` groups kept.
+        routing: the groups and the scaling factor (`GroupedSigmoidRouting`).
+        renormalize: divide the chosen scores by their sum (``norm_topk_prob``) before scaling.
+
+    Returns:
+        ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, ordered by the
+        corrected score, highest first; see `route_grouped_sigmoid_torch`.
+
+    Raises:
+        TypeError / ValueError: naming the argument whose type, shape or value does not fit.
+    """
+    check_grouped_route_args(router_logits, correction_bias, top_k, routing, renormalize)
+    return route_grouped_sigmoid_torch(router_logits, correction_bias, top_k, routing,
+                                       renormalize)

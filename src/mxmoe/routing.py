@@ -2,7 +2,9 @@
 pairs by expert: the contracts the kernels implement.
 
 `route_torch` is the router's math (the public router, `mxmoe.route`, validates its arguments
-and dispatches to it or to the Triton router: `mxmoe.router`). `align_by_expert` is the
+and dispatches to it or to the Triton router: `mxmoe.router`); `route_grouped_sigmoid_torch` is
+DeepSeek-V3's grouped sigmoid router (`GroupedSigmoidRouting`; validated by
+`mxmoe.router.route_grouped_sigmoid`, pure torch everywhere). `align_by_expert` is the
 device-side pure-torch alignment (no host synchronisation, static output sizes, so a forward
 that uses it can be captured in a CUDA graph); `align_by_expert_reference` is the plain loop it
 is tested against. The Triton kernels use the same output contract (see `Alignment`).
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["route_torch", "Alignment", "align_by_expert", "align_by_expert_reference",
+__all__ = ["route_torch", "GroupedSigmoidRouting", "route_grouped_sigmoid_torch", "Alignment", "align_by_expert", "align_by_expert_reference",
            "max_aligned_blocks"]
 
 
@@ -36,6 +38,61 @@ def route_torch(
         weights = torch.softmax(top_logits, dim=-1)
     else:
         weights = torch.softmax(logits, dim=-1).gather(-1, ids)
+    return weights, ids.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class GroupedSigmoidRouting:
+    """DeepSeek-V3's router settings (config.json ``n_group``, ``topk_group``,
+    ``routed_scaling_factor``; ``norm_topk_prob`` is the layer's ``renormalize``).
+
+    The E experts form ``n_group`` groups of ``E / n_group`` consecutive experts; only the
+    ``topk_group`` best groups are candidates for a token's top-k; the chosen weights are
+    multiplied by ``scaling_factor``.
+    """
+
+    n_group: int
+    topk_group: int
+    scaling_factor: float = 1.0
+
+
+def route_grouped_sigmoid_torch(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    routing: GroupedSigmoidRouting,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's router ("noaux_tc") in pure torch, on arguments
+    `mxmoe.router.route_grouped_sigmoid` validated.
+
+    1. ``scores = sigmoid(logits)`` in float32; ``choice = scores + correction_bias`` (the
+       bias only steers the choice, it never enters a weight).
+    2. Each group's worth is the sum of its two largest ``choice`` values; the
+       ``routing.topk_group`` best groups stay, the others' experts are out.
+    3. The top-k experts by ``choice`` among those left; their weights are their *uncorrected*
+       ``scores``, divided by their sum (plus 1e-20, as DeepSeek) when ``renormalize``, then
+       multiplied by ``routing.scaling_factor``.
+
+    Returns ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, ordered by the
+    corrected score, highest first (so the weights need not be descending). Ties are broken as
+    ``torch.topk`` breaks them.
+    """
+    num_tokens, num_experts = router_logits.shape
+    per_group = num_experts // routing.n_group
+    scores = torch.sigmoid(router_logits.to(torch.float32))
+    choice = scores + correction_bias.to(torch.float32)
+    grouped = choice.view(num_tokens, routing.n_group, per_group)
+    # A group of one expert has no second best: its worth is that expert alone.
+    group_worth = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+    kept_groups = group_worth.topk(routing.topk_group, dim=-1).indices
+    kept = torch.zeros_like(group_worth, dtype=torch.bool).scatter_(1, kept_groups, True)
+    candidates = grouped.masked_fill(~kept.unsqueeze(-1), float("-inf"))
+    ids = candidates.view(num_tokens, num_experts).topk(top_k, dim=-1, sorted=True).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routing.scaling_factor
     return weights, ids.to(torch.int32)
 
 

@@ -19,6 +19,7 @@ from .activations import Activation
 from .constants import MXFP4_BLOCK_SIZE
 from .format import MXFP4Tensor
 from .problem import MoECall, MoEProblem
+from .routing import GroupedSigmoidRouting
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64)
@@ -72,6 +73,55 @@ def check_route_args(router_logits, top_k, renormalize: bool = True) -> None:
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, E={num_experts}], got {top_k}")
     _require_bool("renormalize", renormalize)
+
+
+def check_grouped_routing(routing, num_experts: int, top_k: int) -> None:
+    """A `GroupedSigmoidRouting` that fits E experts and top-k: ``n_group`` divides E,
+    ``1 <= topk_group <= n_group``, and the kept groups hold at least top-k experts."""
+    if not isinstance(routing, GroupedSigmoidRouting):
+        raise TypeError(f"routing must be an mxmoe.routing.GroupedSigmoidRouting, got "
+                        f"{type(routing).__name__}")
+    n_group = _require_int("routing.n_group", routing.n_group)
+    topk_group = _require_int("routing.topk_group", routing.topk_group)
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"routing.n_group must divide E = {num_experts}, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"routing.topk_group must be in [1, n_group={n_group}], got "
+                         f"{topk_group}")
+    candidates = topk_group * (num_experts // n_group)
+    if top_k > candidates:
+        raise ValueError(f"top_k = {top_k} is more than the {candidates} experts of the "
+                         f"topk_group = {topk_group} groups kept (E = {num_experts}, "
+                         f"n_group = {n_group})")
+    factor = routing.scaling_factor
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real):
+        raise TypeError(f"routing.scaling_factor must be a float, got {type(factor).__name__} "
+                        f"{factor!r}")
+    if not torch.compiler.is_compiling() and not math.isfinite(factor):
+        raise ValueError(f"routing.scaling_factor must be finite, got {factor}")
+
+
+def check_correction_bias(correction_bias, num_experts: int, device: torch.device) -> None:
+    """DeepSeek-V3's ``e_score_correction_bias``: a floating ``[E]`` tensor on ``device``."""
+    _require_tensor("correction_bias", correction_bias)
+    if not correction_bias.is_floating_point():
+        raise TypeError(f"correction_bias must be a floating tensor, got "
+                        f"{correction_bias.dtype}")
+    if _shape(correction_bias) != (num_experts,):
+        raise ValueError(f"correction_bias must be [E] = ({num_experts},), got "
+                         f"{_shape(correction_bias)}")
+    if correction_bias.device != device:
+        raise ValueError(f"correction_bias is on {correction_bias.device} but the router "
+                         f"logits are on {device}: expected one device")
+
+
+def check_grouped_route_args(router_logits, correction_bias, top_k, routing,
+                             renormalize) -> None:
+    """`mxmoe.router.route_grouped_sigmoid`'s arguments."""
+    check_route_args(router_logits, top_k, renormalize)
+    num_experts = router_logits.shape[1]
+    check_grouped_routing(routing, num_experts, top_k)
+    check_correction_bias(correction_bias, num_experts, router_logits.device)
 
 
 @dataclass(frozen=True)

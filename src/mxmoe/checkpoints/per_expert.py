@@ -14,6 +14,18 @@ suffixes (compressed-tensors ``weight_packed``/``weight_scale``, Quark ``weight`
 ``model.layers.{i}.block_sparse_moe`` with ``w1``/``w3``/``w2`` (Mixtral's own names). These are
 the bytes `MXFP4Tensor` holds: the experts are stacked, never requantized. w13 is ``[gate | up]``
 along its rows (``activation="silu"``).
+
+DeepSeek-V3 (``model.layers.{i}.mlp``, ``gate_proj``/``up_proj``/``down_proj``) adds
+
+    {prefix}.gate.e_score_correction_bias          float [E]        the router's choice bias
+    {prefix}.shared_experts.{proj}.{blocks,scales}  as an expert's, I_s = moe_intermediate_size * n_shared_experts
+    {prefix}.shared_experts.{proj}.weight          float, where the shared experts stay unquantized
+
+MXFP4 shared experts become an `MXFP4GatedMLP` of the file's bytes, float ones a `GatedMLP` in the
+``dtype`` asked for; both are read whole on every rank. The router and its correction bias are
+read in float32 whatever ``dtype`` says, as transformers keeps them
+(``_keep_in_fp32_modules_strict``): the sigmoid scores choose the experts, and bf16 would
+change the choice.
 """
 
 from __future__ import annotations
@@ -79,6 +91,14 @@ class PerExpertMoESpec:
     router_bias: str | None
     family: MoEFamily
     format: PerExpertFormat
+    #: DeepSeek-V3: the router's e_score_correction_bias.
+    correction_bias: str | None = None
+    #: DeepSeek-V3: the shared experts' module prefix, and whether they are MXFP4 (else float).
+    shared: str | None = None
+    shared_quantized: bool = False
+
+    def shared_name(self, proj: int, suffix: str) -> str:
+        return f"{self.shared}.{self.projections[proj]}.{suffix}"
 
     def name(self, expert: int, proj: int, suffix: str) -> str:
         return f"{self.prefix}.experts.{expert}.{self.projections[proj]}.{suffix}"
@@ -174,7 +194,50 @@ def read_per_expert_spec(ckpt: SafetensorsCheckpoint, layer: int,
         if header(spec.router_bias, _FLOAT_DTYPES) != (num_experts,):
             raise ValueError(f"tensor {spec.router_bias!r} has shape "
                              f"{list(ckpt.header(spec.router_bias)[1])}, expected [{num_experts}]")
+    if family.routing is not None:
+        spec.correction_bias = f"{prefix}.gate.e_score_correction_bias"
+        if header(spec.correction_bias, _FLOAT_DTYPES) != (num_experts,):
+            raise ValueError(f"tensor {spec.correction_bias!r} has shape "
+                             f"{list(ckpt.header(spec.correction_bias)[1])}, expected "
+                             f"[{num_experts}]")
+    if family.shared_intermediate:
+        _check_shared(ckpt, spec, header)
     return spec
+
+
+def _check_shared(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec, header) -> None:
+    """Find the shared experts' tensors (MXFP4 or float) and check them against H and the
+    config's width; fills ``spec.shared`` and ``spec.shared_quantized``."""
+    fmt, hidden, inter = spec.format, spec.hidden, spec.family.shared_intermediate
+    spec.shared = f"{spec.prefix}.shared_experts"
+    marked = [spec.shared_name(p, fmt.marker) in ckpt for p in range(3)]
+    if any(marked) and not all(marked):
+        odd = spec.shared_name(marked.index(not marked[0]), fmt.marker)
+        raise ValueError(f"layer {spec.layer}: the shared experts are partly quantized (tensor "
+                         f"{odd!r} differs from {spec.shared_name(0, fmt.marker)!r}); mxmoe "
+                         f"reads all three projections MXFP4 or all float")
+    spec.shared_quantized = all(marked)
+    expected = {0: (inter, hidden), 1: (inter, hidden), 2: (hidden, inter)}
+    why = (f"config.json moe_intermediate_size * n_shared_experts = {inter}, "
+           f"H = {hidden}")
+    for proj, (n, k) in expected.items():
+        if spec.shared_quantized:
+            for extra, meaning in fmt.foreign:
+                if spec.shared_name(proj, extra) in ckpt:
+                    raise ValueError(f"tensor {spec.shared_name(proj, extra)!r} is {meaning}")
+            if n % MXFP4_BLOCK_SIZE or k % MXFP4_BLOCK_SIZE:
+                raise ValueError(f"layer {spec.layer}: shared experts of width {inter}, not a "
+                                 f"multiple of {MXFP4_BLOCK_SIZE}, cannot be MXFP4")
+            wanted = ((spec.shared_name(proj, fmt.blocks), (n, k // 2), ("U8",)),
+                      (spec.shared_name(proj, fmt.scales), (n, k // MXFP4_BLOCK_SIZE),
+                       _SCALE_DTYPES))
+        else:
+            wanted = ((spec.shared_name(proj, "weight"), (n, k), _FLOAT_DTYPES),)
+        for name, shape, dtypes in wanted:
+            got = header(name, dtypes)
+            if got != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(got)}, expected "
+                                 f"{list(shape)} ({why})")
 
 
 @dataclass
@@ -186,6 +249,8 @@ class PerExpertMoEWeights:
     spec: PerExpertMoESpec
     experts: range
     intermediate: range
+    correction_bias: torch.Tensor | None = None  # [E] float32 (DeepSeek-V3)
+    shared_experts: torch.nn.Module | None = None  # whole, on every rank (DeepSeek-V3)
 
 
 def load_per_expert_moe(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec,
@@ -226,11 +291,33 @@ def load_per_expert_moe(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec,
     else:
         w13 = MXFP4Tensor(torch.stack(w13_blocks).to(device), torch.stack(w13_scales).to(device))
         w2 = MXFP4Tensor(torch.stack(w2_blocks).to(device), torch.stack(w2_scales).to(device))
+    # DeepSeek-V3's router stays float32 (see the module's docstring).
+    router_dtype = torch.float32 if spec.family.routing is not None else dtype
     router_bias = None
     if spec.router_bias is not None:
-        router_bias = read(spec.router_bias).to(device).to(dtype)
-    return PerExpertMoEWeights(w13, w2, read(spec.router).to(device).to(dtype), router_bias,
-                               spec, experts, inter)
+        router_bias = read(spec.router_bias).to(device).to(router_dtype)
+    correction_bias = None
+    if spec.correction_bias is not None:
+        correction_bias = read(spec.correction_bias).to(device).to(torch.float32)
+    shared = None
+    if spec.shared is not None:
+        shared = _load_shared(spec, read, read_bytes, device, dtype)
+    return PerExpertMoEWeights(w13, w2, read(spec.router).to(device).to(router_dtype),
+                               router_bias, spec, experts, inter, correction_bias, shared)
+
+
+def _load_shared(spec: PerExpertMoESpec, read, read_bytes, device, dtype) -> torch.nn.Module:
+    from ..layer import GatedMLP, MXFP4GatedMLP
+
+    if not spec.shared_quantized:
+        return GatedMLP(*(read(spec.shared_name(p, "weight")).to(device).to(dtype)
+                          for p in range(3)))
+    fmt = spec.format
+    blocks = [read_bytes(spec.shared_name(p, fmt.blocks)) for p in range(3)]
+    scales = [read_bytes(spec.shared_name(p, fmt.scales)) for p in range(3)]
+    w13 = MXFP4Tensor(torch.cat(blocks[:2])[None].to(device), torch.cat(scales[:2])[None].to(device))
+    w2 = MXFP4Tensor(blocks[2][None].to(device), scales[2][None].to(device))
+    return MXFP4GatedMLP(w13, w2, activation=Activation.SILU)
 
 
 def read_layer(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec, part: RankPart, *,
@@ -251,4 +338,6 @@ def read_layer(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec, part: RankPa
                             dtype=dtype)
     return PretrainedMoE(w.w13, w.w2, w.router_weight, w.router_bias, None, None, top_k=top_k,
                          activation=family.activation, renormalize=family.renormalize,
-                         expert_map=part.expert_map_on(w.w13.device))
+                         expert_map=part.expert_map_on(w.w13.device), routing=family.routing,
+                         router_correction_bias=w.correction_bias,
+                         shared_experts=w.shared_experts)

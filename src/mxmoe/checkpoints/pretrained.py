@@ -9,6 +9,7 @@ import torch
 from ..activations import Activation
 from ..constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
 from ..format import MXFP4Tensor
+from ..routing import GroupedSigmoidRouting
 
 __all__ = ["PretrainedMoE"]
 
@@ -30,6 +31,11 @@ class PretrainedMoE:
     alpha: float = GPT_OSS_SWIGLU_ALPHA
     limit: float = GPT_OSS_SWIGLU_LIMIT
     expert_map: torch.Tensor | None = None  # [E] int32 when the experts are split over ranks
+    #: DeepSeek-V3: its grouped sigmoid router and e_score_correction_bias [E].
+    routing: GroupedSigmoidRouting | None = None
+    router_correction_bias: torch.Tensor | None = None
+    #: DeepSeek-V3: the shared-experts MLP (`GatedMLP` or `MXFP4GatedMLP`), whole on every rank.
+    shared_experts: torch.nn.Module | None = None
 
     def layer_arguments(self) -> dict:
         """The fields as keyword arguments of `MXFP4MoE` (the tensors themselves, no copy)."""
