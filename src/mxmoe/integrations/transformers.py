@@ -1,5 +1,5 @@
 """Run a Hugging Face transformers MoE model on mxmoe: ``use_mxmoe(model)``, for gpt-oss,
-Qwen3-MoE and Mixtral.
+Qwen3-MoE, Mixtral and DeepSeek-V3.
 
 Qwen3-MoE and Mixtral (`Qwen3MoeSparseMoeBlock`, `MixtralSparseMoeBlock`) become a
 `SparseMXFP4MoE`: their experts ``gate_up_proj [E, 2I, H]`` (rows ``[gate | up]``) and
@@ -10,6 +10,13 @@ experts held as per-expert Linears (llm-compressor's linearized ``experts.{j}.ga
 are stacked, their ``weight_packed``/``weight_scale`` bytes taken as they are when compressed.
 The router keeps its weight and its rule (Mixtral renormalises the top-k, Qwen3-MoE when
 ``norm_topk_prob``); the block returns a plain tensor, as transformers 5's does.
+
+DeepSeek-V3 (`DeepseekV3MoE`) becomes a `DeepseekV3MXFP4MoE`: its experts as Qwen3-MoE's, its
+router's float32 weight, ``e_score_correction_bias`` and group settings driving
+`mxmoe.router.route_grouped_sigmoid`, and its own ``shared_experts`` module kept as it is (float
+Linears, or compressed-tensors' compressed ones) and added to the routed output. Its dense
+layers (`DeepseekV3MLP`, below ``first_k_dense_replace``) stay as they are; the block returns a
+plain tensor, as transformers' does.
 
 gpt-oss:
 
@@ -45,7 +52,9 @@ from torch import nn
 
 from ..constants import BYTES_PER_BLOCK, MXFP4_BLOCK_SIZE
 from ..format import MXFP4Tensor, quantize_mxfp4
-from ..layer import MXFP4MoE
+from ..layer import MXFP4GatedMLP, MXFP4MoE
+from ..routing import GroupedSigmoidRouting
+from ..validation import check_grouped_routing
 
 try:
     import transformers
@@ -56,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "pip install 'mxmoe[transformers]'"
     ) from exc
 
-__all__ = ["GptOssMXFP4MoE", "SparseMXFP4MoE", "use_mxmoe"]
+__all__ = ["GptOssMXFP4MoE", "SparseMXFP4MoE", "DeepseekV3MXFP4MoE", "use_mxmoe"]
 
 #: The first transformers release with gpt-oss.
 MIN_TRANSFORMERS_VERSION = (4, 55)
@@ -434,6 +443,121 @@ def _silu_replacement_for(where: str, mlp, family, router_class, experts_class, 
     return build
 
 
+def _deepseek_v3_classes():
+    """transformers' DeepSeek-V3 module, or None when this transformers lacks it."""
+    try:
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as module
+    except ImportError:
+        return None
+    names = ("DeepseekV3PreTrainedModel", "DeepseekV3DecoderLayer", "DeepseekV3MoE",
+             "DeepseekV3TopkRouter", "DeepseekV3Experts")
+    return module if all(hasattr(module, n) for n in names) else None
+
+
+class DeepseekV3MXFP4MoE(MXFP4MoE):
+    """`MXFP4MoE` in place of a DeepSeek-V3 MoE block (grouped sigmoid routing, shared
+    experts): ``forward(hidden [B, S, H]) -> hidden [B, S, H]``, a plain tensor as the replaced
+    block returned. Its router is typed as `DeepseekV3TopkRouter` and returns the float32
+    logits, so that ``output_router_logits`` still records them."""
+
+    def __init__(self, *args, router_class: type, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router = _router_logits_class(router_class)(self.router.weight.detach(), self.top_k)
+
+
+def _shared_experts(where: str, shared, hidden: int):
+    """The shared experts of the new block: compressed-tensors' compressed Linears
+    (``weight_packed``/``weight_scale`` in gate_proj, up_proj, down_proj) as an `MXFP4GatedMLP`
+    of their bytes, any other module (float Linears) kept as it is."""
+    if not isinstance(shared, nn.Module):
+        raise ValueError(f"{where}: expected a module, got {type(shared).__name__}")
+    linears = [getattr(shared, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(getattr(lin, "weight_packed", None), torch.Tensor) for lin in linears):
+        return shared
+    inter = linears[0].weight_packed.shape[0]
+    gate, up, down = (_linear_weight(f"{where}.{n}", lin, *shape) for n, lin, shape in zip(
+        ("gate_proj", "up_proj", "down_proj"), linears,
+        ((inter, hidden), (inter, hidden), (hidden, inter))))
+    return MXFP4GatedMLP(
+        MXFP4Tensor(torch.cat([gate.blocks, up.blocks])[None],
+                    torch.cat([gate.scales, up.scales])[None]),
+        MXFP4Tensor(down.blocks[None], down.scales[None]), activation="silu")
+
+
+def _deepseek_replacement_for(where: str, mlp, module, backend: str):
+    router = getattr(mlp, "gate", None)
+    if not isinstance(router, module.DeepseekV3TopkRouter):
+        raise ValueError(f"{where}.gate: expected DeepseekV3TopkRouter, got "
+                         f"{type(router).__name__}")
+    missing = [n for n in ("weight", "e_score_correction_bias", "top_k", "num_group",
+                           "topk_group", "norm_topk_prob", "routed_scaling_factor")
+               if not hasattr(router, n)]
+    if missing:
+        raise ValueError(f"{where}.gate: DeepseekV3TopkRouter lacks {missing}: not the "
+                         f"structure this version of mxmoe knows (transformers "
+                         f"{transformers.__version__})")
+    weight = router.weight
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{where}.gate.weight: expected a float [E, H] tensor")
+    num_experts, hidden = weight.shape
+    _check_tensor(f"{where}.gate", "weight", weight, (num_experts, hidden), floating=True)
+    _check_tensor(f"{where}.gate", "e_score_correction_bias", router.e_score_correction_bias,
+                  (num_experts,), floating=True)
+    shared = _shared_experts(f"{where}.shared_experts", getattr(mlp, "shared_experts", None),
+                             hidden)
+    experts = getattr(mlp, "experts", None)
+    if isinstance(experts, module.DeepseekV3Experts):
+        inter = experts.down_proj.shape[-1]
+    elif isinstance(experts, nn.ModuleList) and len(experts):
+        down = getattr(experts[0], "down_proj", None)
+        packed = getattr(down, "weight_packed", None)
+        inter = (packed.shape[-1] * 2 if isinstance(packed, torch.Tensor)
+                 else getattr(getattr(down, "weight", None), "shape", (0,))[-1])
+    else:
+        inter = 0
+    for name, size in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
+        if size % MXFP4_BLOCK_SIZE != 0:
+            raise ValueError(f"{where}: {name} = {size} is not a multiple of {MXFP4_BLOCK_SIZE}, "
+                             f"the MXFP4 block: mxmoe cannot hold these experts")
+    get_weights = _silu_expert_weights(f"{where}.experts", experts, module.DeepseekV3Experts,
+                                       num_experts, hidden, inter)
+    routing = GroupedSigmoidRouting(n_group=int(router.num_group),
+                                    topk_group=int(router.topk_group),
+                                    scaling_factor=float(router.routed_scaling_factor))
+    check_grouped_routing(routing, num_experts, int(router.top_k))
+
+    def build() -> DeepseekV3MXFP4MoE:
+        with torch.no_grad():
+            w13, w2 = get_weights()
+            return DeepseekV3MXFP4MoE(
+                w13, w2, weight.detach().float(), top_k=int(router.top_k), activation="silu",
+                renormalize=bool(router.norm_topk_prob), backend=backend,
+                router_class=module.DeepseekV3TopkRouter, layout="auto", routing=routing,
+                router_correction_bias=router.e_score_correction_bias.detach().float().clone(),
+                shared_experts=shared,
+            )
+
+    return build
+
+
+def _use_mxmoe_deepseek(model, module, backend):
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, module.DeepseekV3DecoderLayer)]
+    builders = []
+    for name, layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, DeepseekV3MXFP4MoE):
+            mlp.backend = backend
+        elif isinstance(mlp, module.DeepseekV3MoE):
+            builders.append((layer, _deepseek_replacement_for(f"{name}.mlp", mlp, module,
+                                                              backend)))
+    if not builders and not any(isinstance(getattr(m, "mlp", None), DeepseekV3MXFP4MoE)
+                                for _, m in layers):
+        raise ValueError(f"{type(model).__name__} has no DeepseekV3MoE to patch")
+    _replace_all(builders)
+    return model
+
+
 def _check_version() -> None:
     version = _version_tuple(transformers.__version__)
     if version < MIN_TRANSFORMERS_VERSION:
@@ -473,18 +597,20 @@ def _use_mxmoe_silu(model, family, layer_class, block_class, router_class, exper
 
 
 def use_mxmoe(model, *, backend: str = "auto"):
-    """Run the MoE blocks of a transformers gpt-oss, Qwen3-MoE or Mixtral model on mxmoe, in
-    place.
+    """Run the MoE blocks of a transformers gpt-oss, Qwen3-MoE, Mixtral or DeepSeek-V3 model
+    on mxmoe, in place.
 
     Args:
-        model: a transformers gpt-oss, Qwen3-MoE or Mixtral model (`GptOssForCausalLM`,
-            `Qwen3MoeForCausalLM`, `MixtralForCausalLM`, their base models, or another of
-            their `PreTrainedModel` classes), with its weights loaded on their device.
+        model: a transformers gpt-oss, Qwen3-MoE, Mixtral or DeepSeek-V3 model
+            (`GptOssForCausalLM`, `Qwen3MoeForCausalLM`, `MixtralForCausalLM`,
+            `DeepseekV3ForCausalLM`, their base models, or another of their `PreTrainedModel`
+            classes), with its weights loaded on their device.
         backend: the mxmoe backend of every block (``"auto"``, ``"torch"``, ...).
 
     Returns:
-        ``model``, whose MoE blocks (``mlp``) are now `GptOssMXFP4MoE` or `SparseMXFP4MoE`
-        (Qwen3-MoE's dense ``mlp_only_layers`` stay as they are), their weights in the layout
+        ``model``, whose MoE blocks (``mlp``) are now `GptOssMXFP4MoE`, `SparseMXFP4MoE` or
+        `DeepseekV3MXFP4MoE` (Qwen3-MoE's dense ``mlp_only_layers`` and DeepSeek-V3's dense
+        layers stay as they are), their weights in the layout
         their kernels read fastest on the weights' device (`mxmoe.backends.fastest_layout`).
         Blocks already patched only take the new ``backend``.
 
@@ -498,11 +624,15 @@ def use_mxmoe(model, *, backend: str = "auto"):
         if isinstance(model, base):
             return _use_mxmoe_silu(model, family, layer_class, block_class, router_class,
                                    experts_class, backend)
+    deepseek = _deepseek_v3_classes()
+    if deepseek is not None and isinstance(model, deepseek.DeepseekV3PreTrainedModel):
+        return _use_mxmoe_deepseek(model, deepseek, backend)
     if not isinstance(model, modeling_gpt_oss.GptOssPreTrainedModel):
         raise TypeError(
             f"use_mxmoe expects a transformers gpt-oss (GptOssForCausalLM, GptOssModel or "
-            f"another GptOssPreTrainedModel), Qwen3-MoE (Qwen3MoeForCausalLM ...) or Mixtral "
-            f"(MixtralForCausalLM ...) model, got {type(model).__name__}"
+            f"another GptOssPreTrainedModel), Qwen3-MoE (Qwen3MoeForCausalLM ...), Mixtral "
+            f"(MixtralForCausalLM ...) or DeepSeek-V3 (DeepseekV3ForCausalLM ...) model, got "
+            f"{type(model).__name__}"
         )
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, modeling_gpt_oss.GptOssDecoderLayer)]
