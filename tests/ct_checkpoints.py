@@ -1,4 +1,5 @@
-"""Tiny Qwen3-MoE, Mixtral and DeepSeek-V3 checkpoints quantized to MXFP4A16 by compressed-tensors itself.
+"""Tiny Qwen3-MoE, Mixtral and DeepSeek-V3 checkpoints quantized to MXFP4A16 by
+compressed-tensors itself.
 
 What llm-compressor does for ``QuantizationModifier(targets="Linear", scheme="MXFP4A16",
 ignore=["lm_head", "re:.*mlp.gate$"])``, step by step with compressed-tensors' own functions

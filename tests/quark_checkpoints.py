@@ -1,5 +1,5 @@
-"""Tiny Qwen3-MoE and Mixtral checkpoints quantized to MXFP4 by AMD Quark itself (the optional
-extra ``quark``; tests using this module are skipped without it).
+"""Tiny Qwen3-MoE, Mixtral and DeepSeek-V3 checkpoints quantized to MXFP4 by AMD Quark itself
+(the optional extra ``quark``; tests using this module are skipped without it).
 
 What Quark's LLM PTQ flow (``quark.experimental.cli.torch_llm_ptq``) does for a scheme, on a
 random transformers model of tests/ct_checkpoints.py: ``preprocess_for_quantization`` unfuses
@@ -77,12 +77,13 @@ def load_dequantized(path: Path, family: str):
     state = model.state_dict()
     for name in state:
         module = name.rsplit(".", 1)[0]
+        experts = range(state[name].shape[0])
         if name.endswith("experts.gate_up_proj"):
             state[name] = torch.stack([torch.cat([weights[f"{module}.{j}.gate_proj"],
                                                   weights[f"{module}.{j}.up_proj"]])
-                                       for j in range(E)])
+                                       for j in experts])
         elif name.endswith("experts.down_proj"):
-            state[name] = torch.stack([weights[f"{module}.{j}.down_proj"] for j in range(E)])
+            state[name] = torch.stack([weights[f"{module}.{j}.down_proj"] for j in experts])
         elif module in weights and name.endswith(".weight"):
             state[name] = weights[module]
         else:

@@ -234,8 +234,8 @@ def test_a_shared_experts_width_other_than_configs_is_named(ckpt, tmp_path):
     path = _copy(ckpt.path, tmp_path, edit_config=lambda c: c.update(n_shared_experts=2))
     name = f"{_mlp(1)}.shared_experts.gate_proj.weight_packed"
     with pytest.raises(ValueError, match=rf"tensor '{name}' has shape \[32, 32\], expected "
-                                         rf"\[64, 32\] \(config.json moe_intermediate_size \* "
-                                         rf"n_shared_experts = 64"):
+                                         rf"\[64, 32\] \(moe_intermediate_size 32 \* config.json "
+                                         rf"n_shared_experts 2 = 64"):
         mxmoe.MXFP4MoE.from_pretrained(path, 1)
 
 
@@ -272,3 +272,39 @@ def test_layer_arguments_are_checked():
     with pytest.raises(TypeError, match="shared_experts must be a torch.nn.Module"):
         mxmoe.MXFP4MoE.from_dense(w13=w, w2=w[:, :, :32], **moe, router_bias=None,
                                   shared_experts=lambda x: x)
+
+
+@pytest.mark.parametrize("ep_world", [2, 4])
+def test_expert_parallel_parts_summed_plus_the_shared_experts_equal_the_whole_layer(ckpt,
+                                                                                    ep_world):
+    # What each rank of an expert-parallel group reads, run without process groups: its
+    # forward is its partial routed output (global ids from the grouped router, mapped to its
+    # experts); the shared experts are whole on every rank and added once after the sum. (I =
+    # 32 is one MXFP4 block: no slices of I to split.)
+    from mxmoe.checkpoints import SafetensorsCheckpoint
+    from mxmoe.checkpoints.compressed_tensors import read_ct_spec, read_layer
+    from mxmoe.checkpoints.ranks import RankPart
+    from mxmoe.distributed import expert_range, make_expert_map
+
+    x = torch.randn(9, C.H, generator=torch.Generator().manual_seed(12))
+    whole = mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, dtype=torch.float32, backend="torch")
+    total = torch.zeros_like(x)
+    with SafetensorsCheckpoint(ckpt.path) as c:
+        spec = read_ct_spec(c, 1)
+        for rank in range(ep_world):
+            experts = expert_range(C.DS_E, ep_world, rank)
+            part = RankPart(experts, None, make_expert_map(C.DS_E, experts), True)
+            moe = read_layer(c, spec, part, dtype=torch.float32)
+            assert moe.w13.shape[0] == len(experts) and moe.routing == whole.routing
+            assert isinstance(moe.shared_experts, MXFP4GatedMLP)
+            partial = mxmoe.MXFP4MoE(**dict(moe.layer_arguments(), shared_experts=None),
+                                     backend="torch")
+            total += partial(x)
+    assert rel_err(total + whole.shared_experts(x), whole(x)) < 1e-5
+
+
+def test_compiled_layer_with_grouped_routing_and_shared_experts_equals_eager(ckpt):
+    layer = mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 2, dtype=torch.float32, backend="torch")
+    x = torch.randn(6, C.H, generator=torch.Generator().manual_seed(13))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x), layer(x)) < 1e-6

@@ -353,7 +353,8 @@ class MXFP4MoE(_MXFP4Weights):
 
         The new layer holds copies of only this rank's experts (``expert_range``) and, of
         each, its slice of I (``intermediate_range``), the w2 bias on tp rank 0 only, the
-        router replicated, and the groups. Its forward returns the whole output on every rank:
+        router replicated (with its routing and correction bias), the shared experts (the same
+        module, whole on every rank), and the groups. Its forward returns the whole output on every rank:
         every rank of both groups must call it with the same tokens. ``self`` is left intact
         and may be freed. With both groups None it returns ``self`` itself; a group of one rank
         gives an equal layer that still runs the (no-op) all-reduce.
@@ -467,8 +468,10 @@ class MXFP4MoE(_MXFP4Weights):
         knows, detected from config.json and the tensor names (`mxmoe.checkpoints`): gpt-oss
         (HF or OpenAI names; swigluoai, router with bias), compressed-tensors
         ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16) or AMD Quark (``mxfp4_weight_only``)
-        of Qwen3-MoE or Mixtral (silu with ``[gate | up]`` halves, router without bias,
-        renormalised as config.json says). The packed bytes are the file's, never requantized;
+        of Qwen3-MoE, Mixtral or DeepSeek-V3 (silu with ``[gate | up]`` halves, router without
+        bias, renormalised as config.json says; DeepSeek-V3's grouped sigmoid router, kept in
+        float32 with its correction bias, and its shared experts: `mxmoe.checkpoints.families`).
+        The packed bytes are the file's, never requantized;
         only this layer's tensors (and with ``ep_group``/``tp_group`` only this rank's part) are
         read.
 
@@ -493,9 +496,9 @@ class MXFP4MoE(_MXFP4Weights):
 
         Raises:
             ValueError: an unsupported format, family or scheme (NVFP4, MXFP4 activations), a
-                missing tensor, a shape or dtype that does not fit (naming the tensor and both
-                shapes), no top_k, a group larger than the layer can be split over, or a CUDA
-                device this torch cannot use.
+                dense layer (Qwen3-MoE's or DeepSeek-V3's), a missing tensor, a shape or dtype
+                that does not fit (naming the tensor and both shapes), no top_k, a group larger
+                than the layer can be split over, or a CUDA device this torch cannot use.
         """
         from .checkpoints import read_pretrained
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["route_torch", "GroupedSigmoidRouting", "route_grouped_sigmoid_torch", "Alignment", "align_by_expert", "align_by_expert_reference",
+__all__ = ["route_torch", "GroupedSigmoidRouting", "route_grouped_sigmoid_torch",
+           "Alignment", "align_by_expert", "align_by_expert_reference",
            "max_aligned_blocks"]
 
 

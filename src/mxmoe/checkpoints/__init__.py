@@ -5,8 +5,8 @@ slice, in whichever MXFP4 format wrote it.
 |---|---|---|
 | gpt-oss, HF transformers names | ``quant_method: mxfp4`` or ``model.layers.{i}.mlp.experts.gate_up_proj_blocks`` | `gpt_oss` |
 | gpt-oss, OpenAI's original names | ``block.{i}.mlp.mlp1_weight.blocks`` | `gpt_oss` |
-| compressed-tensors ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16; Qwen3-MoE, Mixtral) | ``quant_method: compressed-tensors`` | `compressed_tensors` |
-| AMD Quark ``real_quantized`` export, weights ``fp4`` per_group 32 ``e8m0`` (``mxfp4_weight_only``; Qwen3-MoE, Mixtral) | ``quant_method: quark`` | `quark` |
+| compressed-tensors ``mxfp4-pack-quantized`` (llm-compressor MXFP4A16; Qwen3-MoE, Mixtral, DeepSeek-V3) | ``quant_method: compressed-tensors`` | `compressed_tensors` |
+| AMD Quark ``real_quantized`` export, weights ``fp4`` per_group 32 ``e8m0`` (``mxfp4_weight_only``; Qwen3-MoE, Mixtral, DeepSeek-V3) | ``quant_method: quark`` | `quark` |
 
 The last two store one Linear per expert (`per_expert`). `detect_format` says which applies;
 `read_pretrained` reads one layer's MoE for this rank (`PretrainedMoE`, the arguments

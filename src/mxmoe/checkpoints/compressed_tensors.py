@@ -1,5 +1,6 @@
 """compressed-tensors MXFP4 checkpoints (llm-compressor's scheme ``MXFP4A16``, format
-``mxfp4-pack-quantized``): one MoE layer of a Qwen3-MoE or Mixtral model, read lazily.
+``mxfp4-pack-quantized``): one MoE layer of a Qwen3-MoE, Mixtral or DeepSeek-V3 model, read
+lazily.
 
 Per expert ``j`` of layer ``i`` and projection (gate, up, down), under the layer's MoE prefix
 (`per_expert` gives the names and how they are stacked):

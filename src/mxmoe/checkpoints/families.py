@@ -14,6 +14,7 @@ another value of either is refused); its layers below ``first_k_dense_replace``,
 ``moe_layer_freq`` (DeepSeek's own config key; transformers ignores it), are dense MLPs. Where
 its config.json leaves a routing key out, transformers' default applies (n_group 8, topk_group
 4, routed_scaling_factor 2.5, norm_topk_prob true, n_shared_experts 1, first_k_dense_replace 3).
+The moe_intermediate_size the tensors give times n_shared_experts is the shared MLP's width.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class MoEFamily:
     #: DeepSeek-V3's grouped sigmoid router (its router float32, with a correction bias);
     #: None: softmax top-k.
     routing: GroupedSigmoidRouting | None = None
-    #: Width of the shared-experts MLP added to every token's output (0: none).
-    shared_intermediate: int = 0
+    #: The shared-experts MLP added to every token's output is this many experts wide
+    #: (DeepSeek-V3's n_shared_experts; 0: none).
+    shared_experts: int = 0
 
     def key(self, what: str) -> str:
         return dict(self.keys).get(what, what)
@@ -63,8 +65,7 @@ _SILU_FAMILIES = {
 #: transformers' DeepseekV3Config defaults, for the keys a config.json may leave out.
 _DEEPSEEK_V3_DEFAULTS = {"n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
                          "norm_topk_prob": True, "n_shared_experts": 1,
-                         "first_k_dense_replace": 3, "moe_layer_freq": 1,
-                         "moe_intermediate_size": 2048}
+                         "first_k_dense_replace": 3, "moe_layer_freq": 1}
 #: What DeepSeek-V3's router is in its own config.json's words; another value is another router.
 _DEEPSEEK_V3_ROUTER = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 FAMILIES = ("gpt_oss", *_SILU_FAMILIES)
@@ -157,5 +158,6 @@ def _deepseek_v3(config: dict, layer: int, where: str) -> dict:
                                     topk_group=_int_or_none(config, "topk_group", where),
                                     scaling_factor=float(factor))
     shared = _int_or_none(config, "n_shared_experts", where)
-    return dict(routing=routing,
-                shared_intermediate=shared * _int_or_none(config, "moe_intermediate_size", where))
+    if shared < 0:
+        raise ValueError(f"{where}: config.json n_shared_experts must be >= 0, got {shared}")
+    return dict(routing=routing, shared_experts=shared)

@@ -18,7 +18,8 @@ along its rows (``activation="silu"``).
 DeepSeek-V3 (``model.layers.{i}.mlp``, ``gate_proj``/``up_proj``/``down_proj``) adds
 
     {prefix}.gate.e_score_correction_bias          float [E]        the router's choice bias
-    {prefix}.shared_experts.{proj}.{blocks,scales}  as an expert's, I_s = moe_intermediate_size * n_shared_experts
+    {prefix}.shared_experts.{proj}.{blocks,scales}  as an expert's, with
+                                                    I_s = moe_intermediate_size * n_shared_experts
     {prefix}.shared_experts.{proj}.weight          float, where the shared experts stay unquantized
 
 MXFP4 shared experts become an `MXFP4GatedMLP` of the file's bytes, float ones a `GatedMLP` in the
@@ -200,7 +201,7 @@ def read_per_expert_spec(ckpt: SafetensorsCheckpoint, layer: int,
             raise ValueError(f"tensor {spec.correction_bias!r} has shape "
                              f"{list(ckpt.header(spec.correction_bias)[1])}, expected "
                              f"[{num_experts}]")
-    if family.shared_intermediate:
+    if family.shared_experts:
         _check_shared(ckpt, spec, header)
     return spec
 
@@ -208,7 +209,8 @@ def read_per_expert_spec(ckpt: SafetensorsCheckpoint, layer: int,
 def _check_shared(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec, header) -> None:
     """Find the shared experts' tensors (MXFP4 or float) and check them against H and the
     config's width; fills ``spec.shared`` and ``spec.shared_quantized``."""
-    fmt, hidden, inter = spec.format, spec.hidden, spec.family.shared_intermediate
+    fmt, hidden = spec.format, spec.hidden
+    inter = spec.intermediate * spec.family.shared_experts
     spec.shared = f"{spec.prefix}.shared_experts"
     marked = [spec.shared_name(p, fmt.marker) in ckpt for p in range(3)]
     if any(marked) and not all(marked):
@@ -218,8 +220,8 @@ def _check_shared(ckpt: SafetensorsCheckpoint, spec: PerExpertMoESpec, header) -
                          f"reads all three projections MXFP4 or all float")
     spec.shared_quantized = all(marked)
     expected = {0: (inter, hidden), 1: (inter, hidden), 2: (hidden, inter)}
-    why = (f"config.json moe_intermediate_size * n_shared_experts = {inter}, "
-           f"H = {hidden}")
+    why = (f"moe_intermediate_size {spec.intermediate} * config.json n_shared_experts "
+           f"{spec.family.shared_experts} = {inter}, H = {hidden}")
     for proj, (n, k) in expected.items():
         if spec.shared_quantized:
             for extra, meaning in fmt.foreign:
@@ -315,7 +317,8 @@ def _load_shared(spec: PerExpertMoESpec, read, read_bytes, device, dtype) -> tor
     fmt = spec.format
     blocks = [read_bytes(spec.shared_name(p, fmt.blocks)) for p in range(3)]
     scales = [read_bytes(spec.shared_name(p, fmt.scales)) for p in range(3)]
-    w13 = MXFP4Tensor(torch.cat(blocks[:2])[None].to(device), torch.cat(scales[:2])[None].to(device))
+    w13 = MXFP4Tensor(torch.cat(blocks[:2])[None].to(device),
+                      torch.cat(scales[:2])[None].to(device))
     w2 = MXFP4Tensor(blocks[2][None].to(device), scales[2][None].to(device))
     return MXFP4GatedMLP(w13, w2, activation=Activation.SILU)
 

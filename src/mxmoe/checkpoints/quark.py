@@ -1,6 +1,6 @@
 """AMD Quark MXFP4 checkpoints (``quant_method: quark``, weights ``fp4`` per_group 32 with
 ``e8m0`` scales, activations unquantized: Quark's scheme ``mxfp4_weight_only``): one MoE layer
-of a Qwen3-MoE or Mixtral model, read lazily.
+of a Qwen3-MoE, Mixtral or DeepSeek-V3 model, read lazily.
 
 Quark quantizes the experts as one Linear each (``preprocess_for_quantization`` unfuses
 transformers' expert tensors) and ``export_safetensors(weight_format="real_quantized")`` writes,
@@ -20,7 +20,10 @@ Which config applies to an expert is Quark's ``get_layer_quant_config`` rule: an
 pattern (fnmatch on the module name) leaves it float; else the first matching
 ``layer_quant_config`` pattern, else ``layer_type_quant_config["Linear"]``, else
 ``global_quant_config``. Every expert's must be MXFP4 weights with no activation or output
-quantization (Quark's ``mxfp4`` scheme quantizes the activations to MXFP4 too: refused).
+quantization (Quark's ``mxfp4`` scheme quantizes the activations to MXFP4 too: refused). DeepSeek-V3's shared
+experts (``{prefix}.shared_experts.{proj}``, quantized by Quark's ``deepseek_v3`` template) are
+held to the same rule when they carry a ``weight_scale``, and read as float Linears when an
+``exclude`` left them without one.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ def _expert_modules(ckpt: SafetensorsCheckpoint, layer: int) -> list[str]:
             modules += [f"{prefix}.experts.{j}.{proj}" for proj in projections]
             j += 1
         if modules:
-            return modules
+            shared = [f"{prefix}.shared_experts.{proj}" for proj in projections]
+            return modules + [m for m in shared if f"{m}.weight_scale" in ckpt]
     return []
 
 
