@@ -308,3 +308,29 @@ def test_compiled_layer_with_grouped_routing_and_shared_experts_equals_eager(ckp
     x = torch.randn(6, C.H, generator=torch.Generator().manual_seed(13))
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     assert rel_err(compiled(x), layer(x)) < 1e-6
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton_dequant", "triton_scaled"])
+def test_triton_backends_equal_the_torch_layer_interpreted(ckpt, backend):
+    """fp16 activations: the interpreter computes bf16 wrongly (FACTS). The routed and the
+    shared experts both run through the backend's kernels."""
+    want = mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, dtype=torch.float16, backend="torch")
+    ours = mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, dtype=torch.float16, backend=backend)
+    assert ours.shared_experts.backend == backend
+    x = torch.randn(5, C.H, generator=torch.Generator().manual_seed(14)).half()
+    assert rel_err(ours(x), want(x)) < 2e-3
+    assert rel_err(ours.shared_experts(x), want.shared_experts(x)) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 7, 300], ids=["decode", "few tokens", "prefill"])
+def test_cuda_layer_equals_the_torch_layer(ckpt, tokens):
+    """bf16 on the GPU, the fastest layout and backend, against the fp32 torch layer on the same
+    bf16 inputs (so the router sees the same values and picks the same experts)."""
+    ours = mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, device="cuda")
+    want_layer = mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, dtype=torch.float32,
+                                                backend="torch")
+    x = torch.randn(tokens, C.H, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    got = ours(x.to("cuda")).float().cpu()
+    assert rel_err(got, want_layer(x.float())) < 2e-2
