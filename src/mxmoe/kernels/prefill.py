@@ -146,6 +146,14 @@ def gemm_tile(cfg: PrefillConfig, gated: bool, interleaved: bool) -> PrefillConf
     return cfg
 
 
+def retires_dots(dense: bool, token_tma: bool, dequant_ptx: bool) -> bool:
+    """Whether a compiled (NVIDIA) prefill GEMM retires each K step's wgmmas (``RETIRE_DOTS``):
+    only the PTX upcast with TMA token tiles is known to compile (Triton 3.6) without writing
+    the registers of wgmmas in flight (tests/test_sass.py); every other combination with
+    weights in registers waits for them before the next step's upcast."""
+    return not dense and not (token_tma and dequant_ptx)
+
+
 def default_prefill_config(pairs_per_expert: float) -> PrefillConfig:
     """The tiles for this many pairs per expert (`PREFILL_TILES`; the interpreter's are tiny)."""
     if settings.current().interpret:
@@ -304,10 +312,7 @@ class PrefillGemm:
             EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten, W_TMA=w_tma,
-            # Only the PTX upcast with TMA token tiles is known to compile (Triton 3.6) without
-            # overwriting the registers of wgmmas in flight (tests/test_sass.py); every other
-            # combination retires each K step's dots before the next step's upcast.
-            RETIRE_DOTS=self.nvidia and not dense and not (tma and self.dequant_ptx),
+            RETIRE_DOTS=self.nvidia and retires_dots(dense, tma, self.dequant_ptx),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         ))

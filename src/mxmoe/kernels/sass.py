@@ -185,7 +185,7 @@ def prefill_constexprs(cfg, gemm1: bool, *, k: int = 2880, fold: bool = True,
     import triton.language as tl
 
     from ._epilogues import silu_and_mul, swiglu_oai
-    from .prefill import ROWS_PAIR, ROWS_SORTED
+    from .prefill import ROWS_PAIR, ROWS_SORTED, retires_dots
 
     a_tma = cfg.tma and (cfg.gather_a or not gemm1)
     a_rows = ROWS_SORTED if (cfg.gather_a or not gemm1) else ROWS_PAIR
@@ -199,7 +199,7 @@ def prefill_constexprs(cfg, gemm1: bool, *, k: int = 2880, fold: bool = True,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages, FLATTEN=cfg.flatten,
                 W_TMA=cfg.weights_tma and not dense and (interleaved or not gemm1),
-                RETIRE_DOTS=not dense and not (a_tma and dequant_ptx))
+                RETIRE_DOTS=retires_dots(dense, a_tma, dequant_ptx))
 
 
 def compile_prefill_sm90(constexprs: dict, num_warps: int, num_stages: int):
