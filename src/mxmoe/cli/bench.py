@@ -76,11 +76,13 @@ def add_arguments(parser) -> None:
     e2e = parser.add_argument_group(
         "whole model (--model-e2e)", "a gpt-oss model generating in transformers, bf16 experts "
         "against use_mxmoe (mxmoe.bench.e2e); also reads --out/--committed, --tag, --dtype and "
-        "--time-limit (default 300 s on a GPU)")
+        "--time-limit (default 360 s on a GPU: compiled points that would not end by then are "
+        "skipped, with the reason)")
     e2e.add_argument("--model-e2e", action="store_true",
                      help="measure a whole model instead of one layer")
-    e2e.add_argument("--e2e-config", choices=["20b", "tiny"], default=None,
-                     help="gpt-oss-20b (default on a GPU) or a 2-layer tiny model (the CPU's)")
+    e2e.add_argument("--e2e-config", choices=["20b", "120b", "tiny"], default=None,
+                     help="gpt-oss-20b (default on a GPU), gpt-oss-120b (mxmoe only: its bf16 "
+                          "experts do not fit one card) or a 2-layer tiny model (the CPU's)")
     e2e.add_argument("--e2e-quick", action="store_true",
                      help="batches 1 and 64, 64 new tokens, prefill 2048 only")
     e2e.add_argument("--e2e-batches", nargs="+", type=int, default=None,
@@ -91,6 +93,11 @@ def add_arguments(parser) -> None:
                      help="prefill prompt lengths (default 2048 8192)")
     e2e.add_argument("--e2e-no-compile", action="store_true",
                      help="skip the static-cache (compiled) decode")
+    e2e.add_argument("--e2e-no-diagnosis", action="store_true",
+                     help="skip the per-layer comparison of the two configurations")
+    e2e.add_argument("--e2e-mxmoe-only", action="store_true",
+                     help="build and measure the use_mxmoe model only, its bf16 experts made "
+                          "one layer at a time (implied by --e2e-config 120b)")
 
 
 def _set_up_interpreter(notes: list[str]) -> None:
