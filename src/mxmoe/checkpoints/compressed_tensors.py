@@ -16,6 +16,7 @@ never requantized.
 
 from __future__ import annotations
 
+from ._foreign import ZERO_POINT
 from .files import SafetensorsCheckpoint
 from .per_expert import NAMINGS, PerExpertFormat, PerExpertMoESpec, load_per_expert_moe, \
     read_layer, read_per_expert_spec
@@ -33,7 +34,7 @@ WEIGHT_ARGS = {"num_bits": 4, "type": "float", "group_size": 32, "strategy": "gr
 CT_TENSORS = PerExpertFormat(
     name="compressed-tensors", blocks="weight_packed", scales="weight_scale",
     foreign=(("weight_global_scale", "a global scale: NVFP4, not MXFP4"),
-             ("weight_zero_point", "a zero point: asymmetric, not MXFP4"),
+             ZERO_POINT,
              ("input_global_scale", "an activation scale: not MXFP4A16")),
     router_hint=" (llm-compressor: ignore 're:.*mlp.gate$')")
 CTMoESpec = PerExpertMoESpec

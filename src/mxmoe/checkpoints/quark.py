@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatch
 
+from ._foreign import ZERO_POINT
 from .files import SafetensorsCheckpoint
 from .per_expert import NAMINGS, PerExpertFormat, PerExpertMoESpec, load_per_expert_moe, \
     read_layer, read_per_expert_spec
@@ -46,7 +47,7 @@ _K_AXES = (-1, 1)
 #: scheme than MXFP4 weights alone.
 QUARK_TENSORS = PerExpertFormat(
     name="Quark", blocks="weight", scales="weight_scale",
-    foreign=(("weight_zero_point", "a zero point: asymmetric, not MXFP4"),
+    foreign=(ZERO_POINT,
              ("input_scale", "an activation scale: the activations are quantized too"),
              ("output_scale", "an output scale: the outputs are quantized too")),
     router_hint=" (Quark: exclude '*.gate', as its qwen3_moe and mixtral templates do)")

@@ -402,6 +402,31 @@ def _silu_expert_weights(where: str, experts, experts_class, num_experts: int, h
     )
 
 
+def _experts_intermediate_size(experts, experts_class, down_names) -> int:
+    """I of a block's experts before their weights are read: the fused class's ``down_proj``
+    [E, H, I], else the first expert's down Linear (named one of ``down_names``; compressed
+    bytes hold two codes each), 0 for anything else (the block-size check then refuses it).
+    One rule for every family the integration patches, so that they agree on what I is."""
+    if isinstance(experts, experts_class):
+        return experts.down_proj.shape[-1]
+    if isinstance(experts, nn.ModuleList) and len(experts):
+        down = next((getattr(experts[0], n) for n in down_names if hasattr(experts[0], n)),
+                    None)
+        packed = getattr(down, "weight_packed", None)
+        return (packed.shape[-1] * 2 if isinstance(packed, torch.Tensor)
+                else getattr(getattr(down, "weight", None), "shape", (0,))[-1])
+    return 0
+
+
+def _check_block_multiples(where: str, sizes) -> None:
+    """Refuse a block whose sizes ((config name, value) pairs) are not whole MXFP4 blocks: the
+    same message for every family, named as the family's config names them."""
+    for name, size in sizes:
+        if size % MXFP4_BLOCK_SIZE != 0:
+            raise ValueError(f"{where}: {name} = {size} is not a multiple of {MXFP4_BLOCK_SIZE}, "
+                             f"the MXFP4 block: mxmoe cannot hold these experts")
+
+
 def _silu_replacement_for(where: str, mlp, family, router_class, experts_class, backend):
     router = getattr(mlp, "gate", None)
     if not isinstance(router, router_class):
@@ -413,20 +438,9 @@ def _silu_replacement_for(where: str, mlp, family, router_class, experts_class, 
     num_experts, hidden = weight.shape
     _check_tensor(f"{where}.gate", "weight", weight, (num_experts, hidden), floating=True)
     experts = getattr(mlp, "experts", None)
-    if isinstance(experts, experts_class):
-        inter = experts.down_proj.shape[-1]
-    elif isinstance(experts, nn.ModuleList) and len(experts):
-        down = next((getattr(experts[0], n[2]) for n in _LINEAR_EXPERT_NAMES
-                     if hasattr(experts[0], n[2])), None)
-        packed = getattr(down, "weight_packed", None)
-        inter = (packed.shape[-1] * 2 if isinstance(packed, torch.Tensor)
-                 else getattr(getattr(down, "weight", None), "shape", (0,))[-1])
-    else:
-        inter = 0
-    for name, size in (("hidden_size", hidden), ("intermediate_size", inter)):
-        if size % MXFP4_BLOCK_SIZE != 0:
-            raise ValueError(f"{where}: {name} = {size} is not a multiple of {MXFP4_BLOCK_SIZE}, "
-                             f"the MXFP4 block: mxmoe cannot hold these experts")
+    inter = _experts_intermediate_size(experts, experts_class,
+                                       [names[2] for names in _LINEAR_EXPERT_NAMES])
+    _check_block_multiples(where, (("hidden_size", hidden), ("intermediate_size", inter)))
     get_weights = _silu_expert_weights(f"{where}.experts", experts, experts_class, num_experts,
                                        hidden, inter)
     renormalize = True if family == "mixtral" else bool(getattr(router, "norm_topk_prob", False))
@@ -506,19 +520,8 @@ def _deepseek_replacement_for(where: str, mlp, module, backend: str):
     shared = _shared_experts(f"{where}.shared_experts", getattr(mlp, "shared_experts", None),
                              hidden)
     experts = getattr(mlp, "experts", None)
-    if isinstance(experts, module.DeepseekV3Experts):
-        inter = experts.down_proj.shape[-1]
-    elif isinstance(experts, nn.ModuleList) and len(experts):
-        down = getattr(experts[0], "down_proj", None)
-        packed = getattr(down, "weight_packed", None)
-        inter = (packed.shape[-1] * 2 if isinstance(packed, torch.Tensor)
-                 else getattr(getattr(down, "weight", None), "shape", (0,))[-1])
-    else:
-        inter = 0
-    for name, size in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
-        if size % MXFP4_BLOCK_SIZE != 0:
-            raise ValueError(f"{where}: {name} = {size} is not a multiple of {MXFP4_BLOCK_SIZE}, "
-                             f"the MXFP4 block: mxmoe cannot hold these experts")
+    inter = _experts_intermediate_size(experts, module.DeepseekV3Experts, ["down_proj"])
+    _check_block_multiples(where, (("hidden_size", hidden), ("moe_intermediate_size", inter)))
     get_weights = _silu_expert_weights(f"{where}.experts", experts, module.DeepseekV3Experts,
                                        num_experts, hidden, inter)
     routing = GroupedSigmoidRouting(n_group=int(router.num_group),

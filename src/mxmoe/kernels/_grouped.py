@@ -1,5 +1,6 @@
 """What the grouped GEMMs of the fused MoE share (`_moe_gemm.moe_gemm_kernel`,
-`_decode_gemm.decode_gemv_kernel`): their contract with the alignment, written once.
+`_decode_gemm.decode_gemv_kernel`): their contract with the alignment, written once; the
+prefill GEMM (`_prefill_gemm`) takes its tile's weight rows and output columns from here too.
 
 A program takes one M block of the aligned pairs (``sorted_ids`` / ``expert_ids`` /
 ``num_tokens_post_padded``, `mxmoe.routing.Alignment`), one K slice and one N tile; blocks past
@@ -41,23 +42,67 @@ def _block_rows(pid, max_blocks, num_post_padded_ptr, sorted_ids_ptr, expert_ids
     return in_use, expert, pair, mask_m, a_row, pid_k, pid_n
 
 
+#: GATE_UP: where a gated tile holds the up row of each output column beside its gate row.
+GATE_UP_ADJACENT = tl.constexpr(0)  # rows 2c and 2c + 1 of the tile (`_store_rows` splits them)
+GATE_UP_8_APART = tl.constexpr(1)  # rows r and r + 8 of each 16 (the prefill's accumulator)
+
+
+@triton.jit
+def _gated_tile_rows(pid_n, N, GATED: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, GATE_UP: tl.constexpr):
+    """The weight rows (int32) of N tile ``pid_n`` and their mask. Gated: BLOCK_N // 2 output
+    columns, each a (gate, up) pair of rows placed in the tile as GATE_UP says, the rows taken
+    from w13 as INTERLEAVED says. Every grouped GEMM picks its rows here, so that they agree on
+    which rows of w13 make an output column."""
+    t = tl.arange(0, BLOCK_N)
+    if not GATED:
+        rows = pid_n * BLOCK_N + t
+        mask = rows < N
+    else:
+        half = N // 2
+        if GATE_UP == GATE_UP_ADJACENT:
+            out_col = pid_n * (BLOCK_N // 2) + t // 2
+        else:
+            out_col = pid_n * (BLOCK_N // 2) + 8 * (t // 16) + t % 8
+        # The side inside each row expression, as the kernels computed it before sharing this:
+        # the same order of operations keeps their SASS as it was.
+        if INTERLEAVED:
+            rows = 2 * out_col + _up_side(t, GATE_UP)
+        else:
+            rows = out_col + _up_side(t, GATE_UP) * half
+        mask = out_col < half
+    return rows, mask
+
+
+@triton.jit
+def _up_side(t, GATE_UP: tl.constexpr):
+    """1 where row ``t`` of a gated tile is an up row, 0 where a gate row."""
+    if GATE_UP == GATE_UP_ADJACENT:
+        side = t % 2
+    else:
+        side = (t // 8) % 2
+    return side
+
+
 @triton.jit
 def _tile_rows(pid_n, N, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr):
     """The tile's weight rows (int64) and their mask. Gated: BLOCK_N // 2 output columns, each
     a (gate, up) pair of rows, so that the tile's rows alternate gate, up."""
-    offs_j = tl.arange(0, BLOCK_N)
-    if not GATED:
-        rows = pid_n * BLOCK_N + offs_j
-        mask_n = rows < N
-    else:
-        half = N // 2
-        out_col = pid_n * (BLOCK_N // 2) + offs_j // 2
-        if INTERLEAVED:
-            rows = 2 * out_col + offs_j % 2
-        else:
-            rows = out_col + (offs_j % 2) * half
-        mask_n = out_col < half
+    rows, mask_n = _gated_tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N, GATE_UP_ADJACENT)
     return rows.to(tl.int64), mask_n
+
+
+@triton.jit
+def _output_columns(rows64, mask_n, pid_n, N, GATED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(output columns (int64), their mask) of N tile ``pid_n``: its weight rows, or, gated, its
+    BLOCK_N // 2 activation columns, however its gate and up rows lay in the tile."""
+    if not GATED:
+        out_cols = rows64
+        mask_out = mask_n
+    else:
+        out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
+        mask_out = out_cols < N // 2
+    return out_cols, mask_out
 
 
 @triton.jit
@@ -102,14 +147,11 @@ def _store_rows(acc, pair, mask_m, rows64, mask_n, pid_k, pid_n, N, out_ptr, str
     (or their split-K plane)."""
     out_row = pair.to(tl.int64)
     if not GATED:
-        out_cols = rows64
         result = acc
-        mask_out = mask_n
     else:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
         result = ACT_FN(gate, up, alpha, limit)
-        out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
-        mask_out = out_cols < N // 2
+    out_cols, mask_out = _output_columns(rows64, mask_n, pid_n, N, GATED, BLOCK_N)
     if SPLIT_K > 1:
         out_ptr += pid_k.to(tl.int64) * stride_os
     tl.store(

@@ -42,7 +42,8 @@ shared memory): what the upcast costs is the difference.
 import triton
 import triton.language as tl
 
-from ._grouped import WEIGHT_AFTER_BIAS, WEIGHT_BEFORE_BIAS, WEIGHT_NONE
+from ._grouped import (GATE_UP_8_APART, WEIGHT_AFTER_BIAS, WEIGHT_BEFORE_BIAS, WEIGHT_NONE,
+                       _gated_tile_rows, _output_columns)
 from ._moe_gemm import _upcast_mma_lanes_words
 
 # A_ROWS / OUT_ROWS: how the rows of A and of the output are indexed
@@ -58,20 +59,7 @@ def _paired_tile_rows(pid_n, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
     """(weight rows, their mask) of N tile ``pid_n``. Gated: row ``t`` of the tile is the gate
     (``t % 16 < 8``) or the up row (``t % 16 >= 8``) of output column
     ``pid_n * BLOCK_N / 2 + 8 * (t // 16) + t % 8``."""
-    t = tl.arange(0, BLOCK_N)
-    if not GATED:
-        rows = pid_n * BLOCK_N + t
-        mask = rows < N
-    else:
-        half = N // 2
-        out_col = pid_n * (BLOCK_N // 2) + 8 * (t // 16) + t % 8
-        side = (t // 8) % 2  # 0: gate, 1: up
-        if INTERLEAVED:
-            rows = 2 * out_col + side
-        else:
-            rows = out_col + side * half
-        mask = out_col < half
-    return rows, mask
+    return _gated_tile_rows(pid_n, N, GATED, INTERLEAVED, BLOCK_N, GATE_UP_8_APART)
 
 
 @triton.jit
@@ -293,8 +281,6 @@ def prefill_gemm_kernel(
             out_row = offs_m.to(tl.int64)
         if not GATED:
             result = acc
-            out_cols = rows64
-            mask_out = mask_n
         else:
             if W_TMA:
                 # Rows 2c (gate) and 2c + 1 (up): a shuffle, once per tile.
@@ -306,8 +292,7 @@ def prefill_gemm_kernel(
                                    (0, 2, 3, 1))
                 gate, up = tl.split(pairs)
             result = tl.reshape(ACT_FN(gate, up, alpha, limit), (BLOCK_N // 2, BLOCK_M))
-            out_cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
-            mask_out = out_cols < N // 2
+        out_cols, mask_out = _output_columns(rows64, mask_n, pid_n, N, GATED, BLOCK_N)
         tl.store(
             out_ptr + out_row[None, :] * stride_om + out_cols[:, None] * stride_on,
             result.to(out_ptr.dtype.element_ty),
