@@ -51,6 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layout", default="plain")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--layer", action="store_true",
+                        help="an MXFP4MoE forward (router included, fp32 router weight as the "
+                             "benchmark's) instead of a fused_experts call")
     args = parser.parse_args()
 
     launch._RUNTIME = (_Active(), _HOOKS)
@@ -58,7 +61,7 @@ def main() -> None:
     settings._current = dataclasses.replace(settings.current(), interpret=False)
     backend = triton_dequant()
     importlib.import_module("mxmoe.backends").resolve_backend = (
-        lambda name, device, problem: backend)
+        lambda name, device, problem, *rest, **kw: backend)
 
     p = random_moe(1, 2880, 2880, 32, 4, torch.bfloat16, "cpu", seed=0)
     kw = p.kwargs()
@@ -67,8 +70,24 @@ def main() -> None:
         kw["w13"] = kw["w13"].to_layout(args.layout)
         kw["w2"] = kw["w2"].to_layout(args.layout)
 
-    def call():
+    def call_experts():
         return mxmoe.fused_experts(**kw, backend="triton_dequant")
+
+    call = call_experts
+    if args.layer:
+        # The Triton router as on a GPU (its launch stubbed like the others).
+        router = importlib.import_module("mxmoe.router")
+        router._use_triton_router = lambda logits: True
+        g = torch.Generator().manual_seed(1)
+        layer = mxmoe.MXFP4MoE(kw["w13"], kw["w2"], torch.randn(32, 2880, generator=g),
+                               torch.randn(32, generator=g), kw["w13_bias"], kw["w2_bias"],
+                               top_k=4, backend="triton_dequant")
+        x = kw["hidden_states"]
+
+        def call_layer():
+            return layer(x)
+
+        call = call_layer
 
     with torch.inference_mode():
         for _ in range(20):
@@ -76,7 +95,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(args.calls):
             call()
-        print(f"fused_experts host us per call ({args.layout}): "
+        what = "MXFP4MoE forward" if args.layer else "fused_experts"
+        print(f"{what} host us per call ({args.layout}): "
               f"{(time.perf_counter() - t0) / args.calls * 1e6:.1f}")
         t0 = time.perf_counter()
         for _ in range(args.calls):

@@ -1,12 +1,17 @@
-"""Where the host time of an eager call goes, on the GPU machine (gpt-oss-20b, M=1).
+"""Where the host time of an eager call goes on a GPU machine: gpt-oss-20b M=1.
 
-Times (median of wall times, the GPU idle before each call): `fused_experts` on plain and on
-group_halves weights, `MXFP4MoE`, and their pieces (the signature, the plan's launches, one
-allocation, a bare compiled launch); then a cProfile of the plain call.
+Times (median µs of issuing one call, the GPU idle before each, as `mxmoe bench --host`;
+the layer with gradients on, under no_grad and under inference_mode, the rest in inference mode):
+``fused_experts`` (auto), the `MXFP4MoE` forward with a float32 router (as the benchmark's)
+and with a bfloat16 one (as transformers' gpt-oss), its pieces (the cast, the router Linear,
+`mxmoe.route`), and the torch and Triton primitives they are made of; then a cProfile of each
+call, sorted by own time. Read it beside `scripts/host_profile_cpu.py` (the same Python path
+on the CPU machine, its launches stubbed).
 
-    PYTHONPATH=src python3 scripts/host_profile_gpu.py
+    PYTHONPATH=src python scripts/host_profile_gpu.py [--calls 400] [--profile-rows 25]
 """
 
+import argparse
 import cProfile
 import pstats
 import statistics
@@ -15,102 +20,92 @@ import time
 import torch
 
 import mxmoe
-from mxmoe import plans
 from mxmoe.testing import random_moe
 
 
-def median_us(fn, reps=300, sync=True):
-    times = []
+def host_us(call, reps: int) -> float:
+    seconds = []
     for _ in range(reps):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
-
-
-def main():
-    torch.manual_seed(0)
-    p = random_moe(1, 2880, 2880, 32, 4, torch.bfloat16, "cuda", seed=0)
-    kw = p.kwargs()
-    kw.pop("backend", None)
-    halves = dict(kw, w13=kw["w13"].to_layout("group_halves"),
-                  w2=kw["w2"].to_layout("group_halves"))
-    rows = {}
-    with torch.inference_mode():
-        for name, args in (("fused_experts plain", kw), ("fused_experts group_halves", halves)):
-            for _ in range(5):
-                mxmoe.fused_experts(**args)
-            rows[name] = median_us(lambda: mxmoe.fused_experts(**args))
-            rows[name + " (no sync between)"] = median_us(lambda: mxmoe.fused_experts(**args),
-                                                          sync=False)
-        key_args = (kw["hidden_states"], kw["w13"], kw["w2"], kw["topk_weights"],
-                    kw["topk_ids"], kw["w13_bias"], kw["w2_bias"], "swigluoai", 1.702, 7.0,
-                    None, False, "auto")
-        rows["signature"] = median_us(lambda: plans.signature(*key_args), sync=False)
-        key = plans.signature(*key_args)
-        plan = plans._PLANS.get(key)
-        runner_args = (kw["hidden_states"], kw["w13"], kw["w2"], kw["topk_weights"],
-                       kw["topk_ids"], kw["w13_bias"], kw["w2_bias"], None)
-        rows["CallPlan.__call__"] = median_us(lambda: plan(*runner_args))
-        rows["torch.empty"] = median_us(
-            lambda: torch.empty((1, 2880), dtype=torch.bfloat16, device="cuda"), sync=False)
-        layer = mxmoe.MXFP4MoE(kw["w13"], kw["w2"],
-                               torch.randn(32, 2880, device="cuda", dtype=torch.bfloat16),
-                               torch.randn(32, device="cuda", dtype=torch.bfloat16),
-                               kw["w13_bias"], kw["w2_bias"], top_k=4)
-        x = kw["hidden_states"]
-        for _ in range(5):
-            layer(x)
-        rows["MXFP4MoE plain"] = median_us(lambda: layer(x))
-        fp32_layer = mxmoe.MXFP4MoE(kw["w13"], kw["w2"],
-                                    torch.randn(32, 2880, device="cuda"),
-                                    torch.randn(32, device="cuda"),
-                                    kw["w13_bias"], kw["w2_bias"], top_k=4)
-        for _ in range(5):
-            fp32_layer(x)
-        rows["MXFP4MoE plain, float32 router"] = median_us(lambda: fp32_layer(x))
-        layer.to_layout("group_halves")
-        for _ in range(5):
-            layer(x)
-        rows["MXFP4MoE group_halves"] = median_us(lambda: layer(x))
-        logits = torch.randn(1, 32, device="cuda")
-        rows["route"] = median_us(lambda: mxmoe.route(logits, 4))
-        rows["router linear"] = median_us(lambda: layer.router(x))
-
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def touch(ptr):
-            tl.store(ptr + tl.program_id(0), 1.0)
-
-        buf = torch.zeros(1, device="cuda")
-        touch[(1,)](buf)
-        rows["bare kernel[grid]"] = median_us(lambda: touch[(1,)](buf))
-        compiled = touch.warmup(buf, grid=(1,))
-        launcher = compiled[(1, 1, 1)]
-        rows["bare compiled[grid]"] = median_us(lambda: launcher(buf))
-        address = buf.data_ptr()
-        rows["bare compiled[grid] int pointer"] = median_us(lambda: launcher(address))
-
-    with torch.no_grad():
-        rows["MXFP4MoE group_halves, no_grad"] = median_us(lambda: layer(x))
-        rows["fused_experts plain, no_grad"] = median_us(lambda: mxmoe.fused_experts(**kw))
-    rows["MXFP4MoE group_halves, grad enabled"] = median_us(lambda: layer(x))
-    rows["fused_experts plain, grad enabled"] = median_us(lambda: mxmoe.fused_experts(**kw))
-    for name, us in rows.items():
-        print(f"{us:8.1f} us  {name}")
-    with torch.inference_mode():
-        profile = cProfile.Profile()
-        profile.enable()
-        for _ in range(300):
-            layer(x)
         torch.cuda.synchronize()
-        profile.disable()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+        t0 = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(seconds) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--profile-rows", type=int, default=25)
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    p = random_moe(1, 2880, 2880, 32, 4, torch.bfloat16, device, seed=0)
+    kw = p.kwargs()
+    g = torch.Generator().manual_seed(1)
+    router_w = torch.randn(32, 2880, generator=g).to(device) * 2880 ** -0.5
+    router_b = torch.randn(32, generator=g).to(device) * 0.1
+    x = kw["hidden_states"]
+    layers = {
+        dtype: mxmoe.MXFP4MoE(kw["w13"], kw["w2"], router_w.to(dtype), router_b.to(dtype),
+                              kw["w13_bias"], kw["w2_bias"], top_k=4)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    logits = torch.nn.functional.linear(x.float(), router_w, router_b)
+    buf = torch.zeros(1, device=device)
+
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(out_ptr):
+        tl.store(out_ptr + tl.program_id(0), 1.0)
+
+    _touch[(1,)](buf)
+    compiled = _touch.warmup(buf, grid=(1,))[(1, 1, 1)]
+
+    calls = {
+        "fused_experts auto": lambda: mxmoe.fused_experts(**kw),
+        "MXFP4MoE fp32 router": lambda: layers[torch.float32](x),
+        "MXFP4MoE bf16 router": lambda: layers[torch.bfloat16](x),
+        "x.to(float32)": lambda: x.to(torch.float32),
+        "F.linear fp32 [1,2880]x[32,2880]": lambda: torch.nn.functional.linear(
+            x.float(), router_w, router_b),
+        "router Linear module (bf16)": lambda: layers[torch.bfloat16].router(x),
+        "mxmoe.route": lambda: mxmoe.route(logits, 4),
+        "torch.empty cuda": lambda: torch.empty((1, 2880), dtype=torch.bfloat16, device=device),
+        "kernel[grid] trivial": lambda: _touch[(1,)](buf),
+        "compiled trivial": lambda: compiled(buf),
+        "torch.cuda.current_stream": lambda: torch.cuda.current_stream(),
+    }
+    # The layer in the three autograd modes (the router's weight is a Parameter).
+    for mode_name, mode in (("grad on", torch.enable_grad), ("no_grad", torch.no_grad),
+                            ("inference_mode", torch.inference_mode)):
+        with mode():
+            for dtype in (torch.float32, torch.bfloat16):
+                layer = layers[dtype]
+                for _ in range(20):
+                    layer(x)
+                print(f"MXFP4MoE {str(dtype)[6:]} router, {mode_name:15s} "
+                      f"{host_us(lambda: layer(x), args.calls):8.1f} us")
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(20):
+                call()
+        torch.cuda.synchronize()
+        for name, call in calls.items():
+            print(f"{name:40s} {host_us(call, args.calls):8.1f} us")
+        for name in ("fused_experts auto", "MXFP4MoE fp32 router", "MXFP4MoE bf16 router"):
+            profile = cProfile.Profile()
+            call = calls[name]
+            profile.enable()
+            for _ in range(args.calls):
+                call()
+            profile.disable()
+            torch.cuda.synchronize()
+            print(f"\n===== cProfile: {name} ({args.calls} calls)")
+            pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile_rows)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,26 @@ def test_top_k_equal_to_e_selects_every_expert_once():
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(6), rtol=1e-6, atol=0)
 
 
+def test_route_passes_the_gradient_to_logits_that_want_it(monkeypatch):
+    # The fused router (chosen here as on a GPU, run by the interpreter) returns tensors with
+    # no autograd history: a router being trained must take the differentiable torch path.
+    from mxmoe import router as router_module
+
+    monkeypatch.setattr(router_module, "_use_triton_router", lambda router_logits: True)
+    leaf = logits(5, 8, seed=3).requires_grad_()
+    weights, ids = route(leaf, 2)
+    assert weights.requires_grad
+    (weights * torch.arange(2.0)).sum().backward()
+    expected_leaf = leaf.detach().clone().requires_grad_()
+    expected, expected_ids = gpt_oss_route(expected_leaf, 2)
+    (expected * torch.arange(2.0)).sum().backward()
+    assert torch.equal(ids, expected_ids.to(torch.int32))
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad)
+    with torch.no_grad():  # no gradient wanted: the fused router again, its outputs plain
+        weights, _ = route(leaf, 2)
+    assert not weights.requires_grad
+
+
 def test_route_with_no_tokens_returns_empty():
     weights, ids = route(torch.zeros(0, 8), 2)
     assert weights.shape == ids.shape == (0, 2)

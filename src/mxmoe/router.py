@@ -1,5 +1,5 @@
 """`mxmoe.route`, the public router: its arguments validated, then the fused Triton router
-(eager CUDA) or the pure-torch one (`mxmoe.routing.route_torch`, everywhere else). An eager
+(eager CUDA, no gradient wanted) or the pure-torch one (`mxmoe.routing.route_torch`, everywhere else). An eager
 call reuses the plan of its signature, validated when made.
 
 `route_grouped_sigmoid` is DeepSeek-V3's router (sigmoid scores, a correction bias for the
@@ -38,8 +38,11 @@ def route(
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``, highest weight first.
     """
-    if not torch.compiler.is_compiling() and type(router_logits) is torch.Tensor:
-        # Eager: the signature's plan (validated when made).
+    if (not torch.compiler.is_compiling() and type(router_logits) is torch.Tensor
+            and not (router_logits.requires_grad and torch.is_grad_enabled())):
+        # Eager, no gradient wanted: the signature's plan (validated when made). A gradient
+        # to the logits (a router being trained) takes the differentiable torch path: the
+        # fused router's outputs carry none.
         key = (tensor_key(router_logits), type(top_k), top_k, type(renormalize), renormalize,
                settings.generation())
         plan = _ROUTE_PLANS.get(key)

@@ -5,7 +5,8 @@ as many launches. One failing path is recorded and the run goes on.
 Paths: mxmoe backend names and ``auto`` (route + `fused_experts`), ``baseline`` (plain torch,
 dense weights), ``triton_kernels`` (the peer, `peers`), ``layer`` (`MXFP4MoE` with the default
 backend, its own router included: checked against the reference routed from its router's
-logits). The baseline, the peer and the layer are made once per model.
+logits). The baseline, the peer and the layer are made once per model. Every path is timed
+with gradients off (`torch.no_grad`), as inference runs it.
 """
 
 from __future__ import annotations
@@ -375,6 +376,11 @@ class Runner:
                 raise
             return skipped(f"host cost failed: {_one_line(exc)}")
 
+    # Gradients off, as an inference server runs a layer (transformers' generate does the
+    # same): with them on, a router whose weight is a Parameter makes every path's eager call
+    # build an autograd graph (and `fused_experts` then go through its differentiable
+    # operator), which is training's cost, not serving's.
+    @torch.no_grad()
     def _measure(self, model: ModelShape, m: int, path: str, weights: Weights, made,
                  rotations: Rotations, floor: Floor, reference: torch.Tensor) -> dict:
         s = self.s
