@@ -269,3 +269,28 @@ def test_compiled_gpt_oss_20b_layer_equals_eager_on_gpu(m):
     x = torch.randn(m, 2880, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
     assert rel_err(compiled(x), layer(x)) < 1e-2
+
+
+@needs_kernels
+@pytest.mark.gpu
+@torch.no_grad()
+def test_layer_compiled_with_cuda_graph_trees_equals_eager_on_gpu():
+    # mode="reduce-overhead" (transformers' static-cache decode) records CUDA graphs whose
+    # private pool owns every allocation of the operator's calls: a workspace kept past a call
+    # fails the tree's check ("tensor(s) in the cudagraph pool not tracked as outputs").
+    layer = _gpt_oss_20b_layer("auto", "cuda")
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for m in (1, 1, 1, 4):  # warm-up, record, replays; then another shape
+        x = torch.randn(m, 2880, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(compiled(x).clone(), layer(x)) < 1e-2
+
+
+def test_the_operator_keeps_no_scratch_past_its_call(monkeypatch):
+    from mxmoe import plans, scratch
+
+    seen = []
+    real = plans.run_call
+    monkeypatch.setattr(plans, "run_call", lambda call: seen.append(scratch.kept()) or real(call))
+    torch.ops.mxmoe.fused_experts(*_op_args(make_moe(3, 64, 32, 4, 2)))
+    assert seen == [False]
+    assert scratch.kept()  # and eager calls outside it keep theirs again

@@ -23,7 +23,7 @@ ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "architecture.m
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("format", ("constants", "layouts", "format")),
     ("activations, problem", ("activations", "problem")),
-    ("settings", ("settings", "devices", "cache")),
+    ("settings", ("settings", "devices", "cache", "scratch")),
     ("routing, reference", ("routing", "reference")),
     ("kernels", ("kernels", "tuning_cache", "autotune")),
     ("backends", ("backends",)),

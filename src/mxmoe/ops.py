@@ -29,7 +29,7 @@ excluded there, so the derivatives are written out.)
 
 import torch
 
-from . import plans
+from . import plans, scratch
 from .activations import Activation
 from .problem import OP_ARG_NAMES, MoECall, op_schema
 from .reference import local_expert_ids
@@ -53,7 +53,10 @@ def must_dispatch(hidden_states, topk_weights, w13_bias, w2_bias) -> bool:
 
 
 def _fused_experts_impl(*args) -> torch.Tensor:
-    return plans.run_call(MoECall.from_op_args(*args))
+    # The operator is how compiled graphs run the experts; their CUDA-graph trees own every
+    # allocation made here, so the plan keeps no scratch past the call (`mxmoe.scratch`).
+    with scratch.fresh_per_call():
+        return plans.run_call(MoECall.from_op_args(*args))
 
 
 fused_experts_op = torch.library.custom_op(

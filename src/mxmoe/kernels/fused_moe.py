@@ -17,7 +17,7 @@ import json
 import torch
 import triton.language as tl
 
-from .. import settings
+from .. import scratch, settings
 from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN, scales_fold
 from ..problem import MoECall
 from ..routing import max_aligned_blocks
@@ -367,10 +367,11 @@ class FusedMoEPlan:
         nbytes = self.workspace_bytes
         if nbytes == 0:
             return None
-        if (nbytes > KEPT_WORKSPACE_BYTES or device.type != "cuda"
+        if (nbytes > KEPT_WORKSPACE_BYTES or device.type != "cuda" or not scratch.kept()
                 or torch.cuda.is_current_stream_capturing()):
-            # While a CUDA graph is captured the buffer comes from the graph's pool, which must
-            # own it (torch.compile's CUDA-graph trees reject a pool tensor kept outside).
+            # While a CUDA graph is captured, or inside the operator (torch.compile's CUDA-graph
+            # trees record from there: `mxmoe.scratch`), the buffer comes from the graph's pool,
+            # which must own it.
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
         # One per stream: kernels of one stream run in order, so consecutive calls (and every
         # layer sharing this plan) reuse it safely; two streams never share one.
