@@ -58,11 +58,8 @@ class GroupedSigmoidRouting:
 
 
 def route_grouped_sigmoid_torch(
-    router_logits: torch.Tensor,
-    correction_bias: torch.Tensor,
-    top_k: int,
-    routing: GroupedSigmoidRouting,
-    renormalize: bool = True,
+    router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
+    routing: GroupedSigmoidRouting, renormalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's router ("noaux_tc") in pure torch, on arguments
     `mxmoe.router.route_grouped_sigmoid` validated.
