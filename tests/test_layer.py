@@ -176,3 +176,87 @@ def test_fastest_layout_follows_the_backend_override(monkeypatch):
     switches("")
     device((8, 0))
     assert fastest_layout("cuda").name == "plain"  # Ampere: no prefill GEMMs there yet
+
+
+# --- the planned eager forward (gradients off) against the general path (gradients on) --------
+
+def _general(layer, x):
+    """The forward's general path: with gradients on (and the router's Parameters wanting them)
+    the layer does not take its planned forward."""
+    with torch.enable_grad():
+        return layer.forward_with_routing(x)[0].detach()
+
+
+def test_planned_forward_equals_the_general_path_bit_for_bit():
+    layer = dense_moe(e=5, h=64, i=96).layer(top_k=2)
+    from mxmoe.layer import _EAGER_PLANS
+
+    for m in (1, 7, 1, 0):  # a repeated signature reuses its plan; no tokens too
+        x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+        with torch.no_grad():
+            planned, logits, weights = layer.forward_with_routing(x)
+        assert torch.equal(planned, _general(layer, x))
+        assert logits.shape == (m, 5) and weights.shape == (m, 2)
+    assert len(_EAGER_PLANS[layer]) == 3
+
+
+def _replace_w2_bias(layer):
+    layer.w2_bias = layer.w2_bias * 3
+
+
+def _replace_w2_bias_behind_setattr(layer):
+    layer._buffers["w2_bias"] = layer.w2_bias * 3
+
+
+def _new_router_parameter(layer):
+    layer.router.weight = torch.nn.Parameter(layer.router.weight.flip(0))
+
+
+def _router_in_place_to_float64(layer):
+    layer.router.double()
+
+
+def _load_other_weights_in_place(layer):
+    other = dense_moe(e=5, h=64, i=96, seed=9).layer(top_k=2)
+    layer.load_state_dict(other.state_dict())
+
+
+CHANGES = {
+    "top_k": lambda layer: setattr(layer, "top_k", 3),
+    "renormalize": lambda layer: setattr(layer, "renormalize", False),
+    "backend": lambda layer: setattr(layer, "backend", "torch"),
+    "limit": lambda layer: setattr(layer, "limit", 0.5),
+    "w2_bias replaced": _replace_w2_bias,
+    "w2_bias replaced in _buffers": _replace_w2_bias_behind_setattr,
+    "router Parameter replaced": _new_router_parameter,
+    "router converted in place": _router_in_place_to_float64,
+    "weights loaded in place": _load_other_weights_in_place,
+    "layer .half()": lambda layer: layer.half(),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_planned_forward_follows_a_change_of_the_layer(change):
+    layer = dense_moe(e=5, h=64, i=96).layer(top_k=2)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = layer(x)
+    change(layer)
+    x = x.half() if change is CHANGES["layer .half()"] else x
+    with torch.no_grad():
+        after = layer(x)
+    expected = _general(layer, x)
+    assert torch.equal(after, expected)
+    if change is not CHANGES["backend"]:  # (on the CPU "auto" is the torch backend already)
+        assert not torch.equal(after.to(before.dtype), before)  # the change changed the output
+
+
+def test_assigning_an_attribute_drops_the_layers_plans():
+    from mxmoe.layer import _EAGER_PLANS
+
+    layer = dense_moe(e=5, h=64, i=96).layer(top_k=2)
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+    assert _EAGER_PLANS[layer]
+    layer.backend = "torch"
+    assert layer not in _EAGER_PLANS

@@ -3,6 +3,9 @@ and `MXFP4GatedMLP`, the shared-experts MLP some families (DeepSeek-V3) add to i
 
 from __future__ import annotations
 
+import operator
+import weakref
+
 import torch
 from torch import nn
 
@@ -13,7 +16,9 @@ from .layouts import Layout, get_layout
 from .api import fused_experts
 from .ops import fused_experts_op
 from .problem import OP_ARG_NAMES
-from .router import route, route_grouped_sigmoid
+from . import settings
+from .plans import plan_of, tensor_key, weight_key
+from .router import eager_route_plan, route, route_grouped_sigmoid
 from .routing import GroupedSigmoidRouting
 from .validation import (check_correction_bias, check_expert_weights, check_grouped_routing,
                          check_layer_args, check_layer_input)
@@ -406,6 +411,9 @@ class MXFP4MoE(_MXFP4Weights):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(output [..., H], router_logits [M, E], topk_weights [M, k])``, M tokens in all:
         `forward` and the routing, for wrappers whose callers expect it back."""
+        planned = self._planned_forward(hidden_states)
+        if planned is not None:
+            return planned(self, hidden_states)
         check_layer_input(hidden_states, self.hidden_size, self.w13_blocks.device)
         leading = hidden_states.shape[:-1]
         x = hidden_states.reshape(-1, self.hidden_size)
@@ -425,6 +433,37 @@ class MXFP4MoE(_MXFP4Weights):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.reshape(*leading, self.hidden_size), logits, topk_weights
+
+    def _planned_forward(self, hidden_states) -> "_PlannedForward | None":
+        """The eager forward of ``hidden_states``' signature, or None where the general path
+        runs: gradients on, traced, a tensor subclass or an active dispatch mode (those go
+        through the operator), DeepSeek-V3's grouped router, a router module without a weight
+        Parameter."""
+        if (torch.is_grad_enabled() or type(hidden_states) is not torch.Tensor
+                or self.routing is not None or torch.compiler.is_compiling()
+                or "weight" not in self._modules["router"]._parameters
+                or hidden_states.is_meta
+                or torch.utils._python_dispatch._get_current_dispatch_mode() is not None):
+            return None
+        planned = _EAGER_PLANS.get(self)
+        if planned is None:
+            planned = _EAGER_PLANS[self] = {}
+        key = (tensor_key(hidden_states), settings.generation())
+        plan = planned.get(key)
+        if plan is None or not plan.holds(self):
+            if len(planned) >= _EAGER_PLANS_PER_LAYER:
+                planned.clear()
+            plan = planned[key] = _PlannedForward(self, hidden_states)
+        return plan
+
+    def __setattr__(self, name, value) -> None:
+        if name != "_weights":  # (the weight views' cache, refilled from the same buffers)
+            _EAGER_PLANS.pop(self, None)  # an attribute a plan read may have changed
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, *args, **kwargs):
+        _EAGER_PLANS.pop(self, None)  # .to(), .cuda(), .half(): buffers replaced in place
+        return super()._apply(fn, *args, **kwargs)
 
     def _sum_partial_outputs(self, out: torch.Tensor) -> torch.Tensor:
         groups = [g for g in (self.tp_group, self.ep_group) if g is not None]
@@ -518,3 +557,86 @@ class MXFP4MoE(_MXFP4Weights):
         """
         return cls.from_pretrained(path, layer, format="gpt-oss", activation=activation,
                                    **options)
+
+
+#: The eager forwards of each `MXFP4MoE` by input signature (weakly keyed: a layer's plans go
+#: with it, and copying or pickling a layer copies none). A caller cycling through more shapes
+#: than this starts over.
+_EAGER_PLANS: "weakref.WeakKeyDictionary[MXFP4MoE, dict]" = weakref.WeakKeyDictionary()
+_EAGER_PLANS_PER_LAYER = 64
+
+
+class _PlannedForward:
+    """`MXFP4MoE`'s eager forward for one input signature, gradients off: the input checked,
+    the router's and the experts' plans looked up once (`mxmoe.router.eager_route_plan`,
+    `mxmoe.plans.plan_of`), so that a call is the router Linear and the planned launches.
+
+    Computes what the general path of `MXFP4MoE.forward_with_routing` computes, in the same
+    operations. It holds the tensors it was planned with and serves a call only while the layer
+    still holds the same ones (`holds`); assigning any attribute of the layer drops its plans
+    (`MXFP4MoE.__setattr__`, `_apply`)."""
+
+    __slots__ = ("hidden", "router_dtype", "router_dtype_full", "route", "experts", "w13", "w2",
+                 "tensors", "router_weight", "router_bias", "folds")
+
+    def __init__(self, layer: MXFP4MoE, hidden_states: torch.Tensor):
+        check_layer_input(hidden_states, layer.hidden_size, layer.w13_blocks.device)
+        self.hidden = layer.hidden_size
+        x = hidden_states.reshape(-1, self.hidden)
+        # The router's own Parameters (None where it has no bias), as `holds` reads them.
+        parameters = layer._modules["router"]._parameters
+        self.router_weight, self.router_bias = parameters["weight"], parameters.get("bias")
+        router_dtype = self.router_dtype_full = self.router_weight.dtype
+        self.router_dtype = None if x.dtype == router_dtype else router_dtype
+        self.w13, self.w2 = layer._weight_objects()
+        self.tensors = tuple(layer._buffers[name] for name in _PLANNED_BUFFERS)
+        # The scales' fold fact picks the prefill kernel and can change with the data in place
+        # (a load_state_dict): checked on every call (`plans.weight_key`).
+        self.folds = (weight_key(self.w13), weight_key(self.w2))
+        # Planned on the first call, from its own logits and routing: the router module runs
+        # once a forward (hooks on it, such as transformers' router-logits recorder, see it
+        # once).
+        self.route = None
+        self.experts = _UNPLANNED if layer.w13_blocks.shape[0] else None
+
+    def holds(self, layer: MXFP4MoE) -> bool:
+        """Whether ``layer`` still holds the tensors (and scale facts) this was planned with."""
+        buffers = layer._buffers
+        parameters = layer._modules["router"]._parameters
+        return (all(map(operator.is_, map(buffers.get, _PLANNED_BUFFERS), self.tensors))
+                and parameters.get("weight") is self.router_weight
+                and parameters.get("bias") is self.router_bias
+                # (``layer.router.double()`` converts the Parameter in place.)
+                and self.router_weight.dtype == self.router_dtype_full
+                and (weight_key(self.w13), weight_key(self.w2)) == self.folds)
+
+    def __call__(self, layer: MXFP4MoE, hidden_states: torch.Tensor):
+        leading = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, self.hidden)
+        logits = layer.router(x if self.router_dtype is None else x.to(self.router_dtype))
+        if self.route is None:
+            self.route = eager_route_plan(logits, layer.top_k, layer.renormalize)
+        topk_weights, topk_ids = self.route(logits)
+        if self.experts is _UNPLANNED:
+            self.experts = plan_of(
+                x, self.w13, self.w2, topk_weights, topk_ids, layer.w13_bias, layer.w2_bias,
+                layer.activation, layer.alpha, layer.limit, layer.expert_map, False,
+                layer.backend)
+        if self.experts is None:
+            # This rank holds no experts (an expert-parallel group larger than E).
+            out = torch.zeros_like(x)
+        else:
+            tensors = self.tensors
+            out = self.experts(x, self.w13, self.w2, topk_weights, topk_ids, tensors[4],
+                               tensors[5], tensors[6])
+        out = layer._sum_partial_outputs(out)
+        if layer.shared_experts is not None:
+            out = out + layer.shared_experts(x)
+        return out.reshape(*leading, self.hidden), logits, topk_weights
+
+
+_UNPLANNED = object()  # the experts' plan before the first call
+
+#: The buffers a planned forward reads, in this order (the experts' biases and map at 4-6).
+_PLANNED_BUFFERS = ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales", "w13_bias", "w2_bias",
+                    "expert_map")

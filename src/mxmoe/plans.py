@@ -29,7 +29,8 @@ from .layouts import MMA_LANES, scales_fold
 from .problem import MoECall
 from .validation import check_fused_experts_args, check_routing_values, routing_values_checked
 
-__all__ = ["CallPlan", "SignatureCache", "run", "clear", "signature", "tensor_key"]
+__all__ = ["CallPlan", "SignatureCache", "run", "plan_of", "clear", "signature", "tensor_key",
+           "weight_key"]
 
 #: Plans kept; past this many (a caller cycling through many shapes) start over.
 MAX_PLANS = 512
@@ -89,6 +90,12 @@ def _weight_key(w):
         meta = (tensor_key(w.blocks), tensor_key(w.scales), w.layout.name)
         token = w._signature = _WEIGHT_SIGNATURES.setdefault(meta, len(_WEIGHT_SIGNATURES))
     return token
+
+
+def weight_key(w) -> tuple:
+    """What a call's signature holds of an MXFP4 weight: its metadata's token and the fold
+    fact of its scales (a caller keeping a plan checks it is still the same)."""
+    return _weight_key(w), _fold_key(w)
 
 
 def _fold_key(w) -> bool:
@@ -175,13 +182,22 @@ def run(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activ
         limit, expert_map, apply_router_weight_on_input, backend) -> torch.Tensor:
     """``fused_experts`` in eager mode (not traced, no gradient wanted): the signature's plan,
     made on first use, run on these tensors."""
+    plan = plan_of(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
+                   activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)
+    return plan(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map)
+
+
+def plan_of(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation,
+            alpha, limit, expert_map, apply_router_weight_on_input, backend) -> CallPlan:
+    """The `CallPlan` of these arguments' signature, made (validated) on first use. A caller
+    that keeps it may call it on any tensors of the same signature."""
     key = signature(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                     activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _plan(key, hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias,
                      activation, alpha, limit, expert_map, apply_router_weight_on_input, backend)
-    return plan(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, expert_map)
+    return plan
 
 
 def run_call(call: MoECall) -> torch.Tensor:

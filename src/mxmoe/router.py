@@ -43,15 +43,22 @@ def route(
         # Eager, no gradient wanted: the signature's plan (validated when made). A gradient
         # to the logits (a router being trained) takes the differentiable torch path: the
         # fused router's outputs carry none.
-        key = (tensor_key(router_logits), type(top_k), top_k, type(renormalize), renormalize,
-               settings.generation())
-        plan = _ROUTE_PLANS.get(key)
-        if plan is None:
-            plan = _route_plan(router_logits, top_k, renormalize)
-            _ROUTE_PLANS.put(key, plan)
-        return plan(router_logits)
+        return eager_route_plan(router_logits, top_k, renormalize)(router_logits)
     check_route_args(router_logits, top_k, renormalize)
     return route_torch(router_logits, top_k, renormalize)
+
+
+def eager_route_plan(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """The eager router of ``router_logits``' signature (validated when made): ``plan(logits)
+    -> (weights, ids)`` for any logits of that signature. For callers that route many calls of
+    one signature (`mxmoe.MXFP4MoE`'s eager forward) and keep it."""
+    key = (tensor_key(router_logits), type(top_k), top_k, type(renormalize), renormalize,
+           settings.generation())
+    plan = _ROUTE_PLANS.get(key)
+    if plan is None:
+        plan = _route_plan(router_logits, top_k, renormalize)
+        _ROUTE_PLANS.put(key, plan)
+    return plan
 
 
 def _route_plan(router_logits: torch.Tensor, top_k: int, renormalize: bool):
