@@ -63,7 +63,7 @@ def _stub_blocks(model):
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _generate(model, ids, n):
