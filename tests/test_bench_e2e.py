@@ -402,10 +402,15 @@ def test_tiny_run_plans_every_point_and_records_each(tiny_run):
     assert results["schema"] == "mxmoe-e2e/2"
     planned = results["planned"]
     kinds = [(p["config"], p["kind"], p.get("mode")) for p in planned]
-    # Eager points of both configurations first, the compiled ones last, mxmoe's first.
-    assert kinds[-4:] == [(e2e_report.MXMOE, "decode", e2e_report.STATIC)] * 2 + [
+    # Eager timings of both configurations first, then the compiled ones (mxmoe's first), and
+    # the profiled MoE shares last: nothing timed runs after a profiler.
+    shares = sum(kind == "moe_share" for _, kind, _ in kinds)
+    assert {c for c, kind, _ in kinds if kind == "moe_share"} == set(e2e_report.CONFIG_NAMES)
+    assert all(kind == "moe_share" for _, kind, _ in kinds[-shares:])
+    timed = kinds[:-shares]
+    assert timed[-4:] == [(e2e_report.MXMOE, "decode", e2e_report.STATIC)] * 2 + [
         (e2e_report.BF16, "decode", e2e_report.STATIC)] * 2
-    assert all(mode != e2e_report.STATIC for _, _, mode in kinds[:-4])
+    assert all(mode != e2e_report.STATIC for _, _, mode in timed[:-4])
     for point in planned:
         rows = results["configs"][point["config"]][point["kind"]]
         assert any(e2e._row_key(point["kind"], r) == e2e._row_key(point["kind"], point)
@@ -419,8 +424,13 @@ def test_tiny_run_plans_every_point_and_records_each(tiny_run):
     # The first compiled point has only the prior; the next one the compile just observed.
     assert static[0]["estimate_s"] >= e2e.COMPILE_PRIOR_S > static[1]["estimate_s"]
     assert results["settings"]["static_schedule"]["priority"] == [1, 2]
-    assert set(results["phases"]) >= {"mxmoe greedy and diagnosis", "mxmoe static cache B=1",
-                                      "transformers_bf16 static cache B=2"}
+    assert set(results["phases"]) >= {"mxmoe diagnosis", "mxmoe static cache B=1",
+                                      "transformers_bf16 static cache B=2",
+                                      "MoE share of decode (profiler, after every timing)"}
+    # The phases ran in that order: the diagnosis after mxmoe's timings, the profiles last.
+    order = list(results["phases"])
+    assert order.index("mxmoe eager") < order.index("mxmoe diagnosis")
+    assert order[-1] == "MoE share of decode (profiler, after every timing)"
 
 
 def test_tiny_run_diagnosis_compares_every_layer(tiny_run):

@@ -31,8 +31,13 @@ blocks are kept aside (still on the device, "parked") so that the compiled bf16 
 last. Peak memory is reported without the parked blocks (``peak_bytes``; the raw figure and the
 parked bytes are recorded beside it).
 
-Order and time. The points run most important first: the eager points of both configurations
-(greedy, decode, prefill, MoE share), then the compiled decode points. A compile costs about a
+Order and time. The points run most important first: the eager timings of both configurations
+(greedy, decode, prefill; the same order for each, the divergence diagnosis after mxmoe's), then
+the compiled decode points, and last the MoE share of both (profiled): once torch.profiler has
+run with CUDA activities, later eager launches in the process may carry its overhead (mxmoe's
+batch-1 eager decode step measured 43-64 ms after the profiler and the diagnosis in this
+harness, 27 ms in a fresh process, `scripts/e2e_host_profile_gpu.py`, H200 2026-12-04), so
+nothing timed follows it; their time is kept back from the compiled points. A compile costs about a
 minute and a half, so those are budgeted: each has an estimate (`static_estimate_s`: the
 configuration's observed compile time, or `COMPILE_PRIOR_S` before any, plus its eager decode
 time) and is skipped, with the reason, when it would not end before ``time_limit_s`` with room
@@ -121,6 +126,8 @@ RUN_PRIOR_S = 15.0
 #: Decode steps of the compiled warm-up: the first compiles, the next ones record and replay
 #: the CUDA graph; generate is then stopped (its static cache already has the timed size).
 STATIC_WARMUP_STEPS = 3
+#: Seconds kept for each profiled MoE-share point (2.9-5.7 s each on the H200 for 20b).
+PROFILE_POINT_S = 7.0
 
 
 @dataclass(frozen=True)
@@ -700,12 +707,12 @@ class Session:
                        for b in plan.decode_batches]
             points += [{"config": name, "kind": "prefill", "batch": 1, "prompt_tokens": n}
                        for n in plan.prefill_tokens]
-            points += [{"config": name, "kind": "moe_share", "batch": b, "mode": EAGER}
-                       for b in plan.profile_batches]
         if plan.static:
             points += [{"config": name, "kind": "decode", "batch": b, "mode": STATIC}
                        for name in (MXMOE, BF16) if name in self.configs
                        for b in static_priority(plan.decode_batches)]
+        points += [{"config": name, "kind": "moe_share", "batch": b, "mode": EAGER}
+                   for name in self.configs for b in plan.profile_batches]
         return points
 
     def elapsed(self) -> float:
@@ -864,12 +871,27 @@ class Session:
                           measure)
 
     def eager_measurements(self) -> None:
+        """The eager timings of the active configuration (no profiler has run before them:
+        `profile_measurements` comes last)."""
         for batch in self.plan.decode_batches:
             self.decode(batch, EAGER)
         for length in self.plan.prefill_tokens:
             self.prefill(length)
-        for batch in self.plan.profile_batches:
-            self.moe_share(batch)
+
+    def profile_measurements(self) -> None:
+        """The MoE share of decode (torch.profiler) of every configuration, after every timing
+        of the run: a profiler with CUDA activities may leave per-launch host overhead behind
+        in the process, so nothing timed follows it. Time for these points is kept back from
+        the compiled points (`profile_reserve_s`)."""
+        with self.phase("MoE share of decode (profiler, after every timing)"):
+            for name in self.configs:
+                self.activate(name)
+                for batch in self.plan.profile_batches:
+                    self.moe_share(batch)
+
+    def profile_reserve_s(self) -> float:
+        """Seconds kept at the end of the run for `profile_measurements`."""
+        return PROFILE_POINT_S * len(self.plan.profile_batches) * len(self.configs)
 
     def static_measurements(self) -> None:
         """The compiled decode points, each configuration in `static_priority` order, each point
@@ -892,8 +914,9 @@ class Session:
                 above = ranking[:ranking.index((name, batch))]
                 reserved = [(f"{n} B={b}", self._static_estimate(n, b))
                             for n, b in above if (n, b) in pending]
-                reason = budget_skip_reason(time.perf_counter(), self.deadline, estimate,
-                                            reserved)
+                deadline = (None if self.deadline is None
+                            else self.deadline - self.profile_reserve_s())
+                reason = budget_skip_reason(time.perf_counter(), deadline, estimate, reserved)
                 if reason is None:
                     with self.phase(f"{name} static cache B={batch}"):
                         self.activate(name)
@@ -1035,6 +1058,7 @@ class Session:
                 self._run_both()
             if plan.static:
                 self.static_measurements()
+            self.profile_measurements()
         except Interrupted as exc:
             self.results["interrupted"] = f"{exc} after {self.elapsed():.1f} s"
             self.log(f"interrupted: {exc}")
@@ -1064,14 +1088,16 @@ class Session:
             self.active = MXMOE
             self.results["use_mxmoe_s"] = round(t, 3)
         self._describe(MXMOE, f"the same model after use_mxmoe(model, backend={opts.backend!r})")
-        with self.phase(f"{MXMOE} greedy and diagnosis"):
+        # The same order of points as the bf16 configuration's (greedy, then the timings), the
+        # diagnosis after them: nothing but the greedy run precedes either's timings.
+        with self.phase(f"{MXMOE} eager"):
             self.greedy()
             self._check()
-            if plan.diagnose:
-                self.diagnose()
-        with self.phase(f"{MXMOE} eager"):
             self.eager_measurements()
             self._record_auto_choices()
+        if plan.diagnose:
+            with self.phase(f"{MXMOE} diagnosis"):
+                self.diagnose()
 
     def _run_mxmoe_only(self) -> None:
         opts = self.options
