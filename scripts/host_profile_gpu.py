@@ -34,10 +34,43 @@ def host_us(call, reps: int) -> float:
     return statistics.median(seconds) * 1e6
 
 
+def cupti_experiment(calls: dict, reps: int) -> None:
+    """Whether a finished torch.profiler leaves host overhead on later calls, and whether
+    ``TEARDOWN_CUPTI=1`` (read by Kineto when a profile stops) removes it: the same calls
+    timed clean, after a profile with teardown, and after a profile without."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    names = ("kernel[grid] trivial", "compiled trivial", "fused_experts auto",
+             "MXFP4MoE bf16 router", "F.linear fp32 [1,2880]x[32,2880]")
+    columns = {}
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(20):
+                call()
+        torch.cuda.synchronize()
+        for stage, teardown in (("clean", None), ("after, TEARDOWN_CUPTI=1", "1"),
+                                ("after, TEARDOWN_CUPTI=0", "0")):
+            if teardown is not None:
+                os.environ["TEARDOWN_CUPTI"] = teardown
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+                    calls["fused_experts auto"]()
+                    torch.cuda.synchronize()
+                time.sleep(1.0)  # (Kineto's teardown may finish on its own thread)
+            columns[stage] = [host_us(calls[name], reps) for name in names]
+    print(f"{'us per call':40s} " + " ".join(f"{stage:>24s}" for stage in columns))
+    for i, name in enumerate(names):
+        print(f"{name:40s} " + " ".join(f"{columns[stage][i]:24.1f}" for stage in columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--cupti", action="store_true",
+                        help="only: the calls' host cost before any torch.profiler, after one "
+                             "with TEARDOWN_CUPTI=1, then after one with TEARDOWN_CUPTI=0")
     args = parser.parse_args()
 
     device = torch.device("cuda")
@@ -79,6 +112,9 @@ def main() -> None:
         "compiled trivial": lambda: compiled(buf),
         "torch.cuda.current_stream": lambda: torch.cuda.current_stream(),
     }
+    if args.cupti:
+        cupti_experiment(calls, args.calls)
+        return
     # The layer in the three autograd modes (the router's weight is a Parameter).
     for mode_name, mode in (("grad on", torch.enable_grad), ("no_grad", torch.no_grad),
                             ("inference_mode", torch.inference_mode)):

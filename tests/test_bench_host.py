@@ -3,6 +3,8 @@ its control flow on the CPU with fakes, and the real thing on a GPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -46,6 +48,29 @@ def test_host_cost_row_fields():
     assert row["host_note"] == "a; b"
     empty = HostCost().as_row()
     assert empty["host_us"] is None and empty["host_ratio"] is None
+
+
+@pytest.mark.parametrize("cuda, preset, expected", [
+    ("13.0", None, "1"), ("12.6", None, "1"), ("12.4", None, None), (None, None, None),
+    ("13.0", "0", "0"), ("12.1", "1", "1"), ("garbled", None, None),
+], ids=["CUDA 13", "CUDA 12.6", "CUDA 12.4: left attached", "no CUDA", "the user's 0 kept",
+        "the user's 1 kept", "unparsable version"])
+def test_cupti_is_released_after_profiles_where_torch_deems_it_safe(monkeypatch, cuda, preset,
+                                                                     expected):
+    from mxmoe.bench.host import release_cupti_after_profiles
+
+    monkeypatch.setenv("TEARDOWN_CUPTI", "placeholder")  # records the original for the undo
+    if preset is None:
+        monkeypatch.delenv("TEARDOWN_CUPTI")
+    else:
+        monkeypatch.setenv("TEARDOWN_CUPTI", preset)
+    assert release_cupti_after_profiles(cuda) is (expected == "1")
+    assert os.environ.get("TEARDOWN_CUPTI") == expected
+
+
+def test_host_cost_row_records_the_cupti_teardown():
+    assert HostCost(cupti_teardown=True).as_row()["host_cupti_teardown"] is True
+    assert HostCost().as_row()["host_cupti_teardown"] is None
 
 
 @pytest.mark.gpu

@@ -6,6 +6,12 @@
   cycling through the input sets.
 - Its launches: the GPU activities one call causes (kernels, memsets, copies), counted with
   `torch.profiler`'s CUDA activities.
+- CUPTI released after each count: Kineto keeps CUPTI attached once a profile with CUDA
+  activities ends unless ``TEARDOWN_CUPTI=1`` (pytorch/pytorch#144455), and every later CUDA
+  call of the process then pays its callbacks: the rows timed after the first count, and the
+  bare launches, would carry that overhead. `release_cupti_after_profiles` asks for the
+  teardown where torch deems it safe beside CUDA graphs (CUDA >= 12.6); each row records
+  whether it was on (``host_cupti_teardown``).
 - The bare cost of that many launches: a trivial Triton kernel, compiled once, launched that
   many times in a loop (timed the same way), through ``kernel[grid](...)`` (what a plain Triton
   launcher pays: binding and specialisation key on every call) and through the compiled
@@ -16,6 +22,7 @@ Nothing here imports Triton at module import (the kernel is defined on first use
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -42,6 +49,7 @@ class HostCost:
     kernels: int | None = None
     bare_us: float | None = None
     bare_direct_us: float | None = None
+    cupti_teardown: bool | None = None  # whether CUPTI was released after the launch count
     notes: list[str] = field(default_factory=list)
 
     def as_row(self) -> dict:
@@ -55,6 +63,7 @@ class HostCost:
             "host_bare_us": self.bare_us,
             "host_bare_direct_us": self.bare_direct_us,
             "host_ratio": ratio,
+            "host_cupti_teardown": self.cupti_teardown,
             "host_note": "; ".join(self.notes),
         }
 
@@ -98,10 +107,32 @@ def device_activity_counts(events) -> tuple[int, int]:
     return len(device), sum(not _is_copy_or_set(e) for e in device)
 
 
+#: The CUDA version from which torch lets Kineto tear CUPTI down beside CUDA graphs (older ones
+#: crashed on the re-initialisation; torch.compile's CUDA-graph mode turns it off below it).
+CUPTI_TEARDOWN_MIN_CUDA = (12, 6)
+
+
+def release_cupti_after_profiles(cuda_version: str | None = None) -> bool:
+    """Set ``TEARDOWN_CUPTI=1`` (unless the environment already sets it) when torch's CUDA is
+    at least `CUPTI_TEARDOWN_MIN_CUDA`, so that a profile leaves no CUPTI callbacks on later
+    calls. Returns whether teardown is on."""
+    version = torch.version.cuda if cuda_version is None else cuda_version
+    if "TEARDOWN_CUPTI" not in os.environ and version:
+        try:
+            major_minor = tuple(int(part) for part in version.split(".")[:2])
+        except ValueError:
+            major_minor = ()
+        if major_minor >= CUPTI_TEARDOWN_MIN_CUDA:
+            os.environ["TEARDOWN_CUPTI"] = "1"
+    return os.environ.get("TEARDOWN_CUPTI") == "1"
+
+
 def count_launches(call: Callable[[], object]) -> tuple[int, int]:
-    """``(activities, kernels)`` of one ``call()`` on the current CUDA device."""
+    """``(activities, kernels)`` of one ``call()`` on the current CUDA device (CUPTI released
+    afterwards where that is safe: `release_cupti_after_profiles`)."""
     from torch.profiler import ProfilerActivity, profile
 
+    release_cupti_after_profiles()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
@@ -180,6 +211,10 @@ class HostMeter:
         cost.us, cost.us_min, cost.reps = statistics.median(seconds) * 1e6, min(seconds) * 1e6, reps
         try:
             cost.launches, cost.kernels = count_launches(lambda: fn(input_sets[0]))
+            cost.cupti_teardown = os.environ.get("TEARDOWN_CUPTI") == "1"
+            if not cost.cupti_teardown:
+                cost.notes.append("CUPTI stays attached after the launch count (TEARDOWN_CUPTI "
+                                  "not 1): later rows and the bare launches carry its overhead")
         except Exception as exc:
             cost.notes.append(f"launches not counted: {type(exc).__name__}: {exc}"[:200])
             return cost
