@@ -75,6 +75,43 @@ def test_packed_bytes_are_the_files_stacked_gate_then_up(ckpt):
             assert torch.equal(ours2[j], down)
 
 
+def test_reads_only_the_layer_tensors_and_only_by_slice(ckpt, monkeypatch):
+    from mxmoe.checkpoints import files
+
+    requested = []
+    real_open = files._open
+
+    class Recorder:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, name):
+            requested.append(name)
+            return self.inner.get_slice(name)
+
+        def get_tensor(self, name):  # whole-tensor reads are not expected
+            raise AssertionError(f"get_tensor({name!r})")
+
+    monkeypatch.setattr(files, "_open", lambda p: Recorder(real_open(p)))
+    mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, backend="torch")
+    prefix = NAMES[ckpt.family][0]
+    expected = {_expert(ckpt, 1, j, p, suffix) for j in range(C.E) for p in range(3)
+                for suffix in ("weight_packed", "weight_scale")}
+    assert expected <= set(requested)
+    # Beside the experts only that layer's router is read; no other layer's tensor at all.
+    assert all(name.startswith(f"model.layers.1.{prefix}.") for name in requested), requested
+
+
 def test_weights_decode_to_what_compressed_tensors_decompresses(ckpt):
     # The nibble order and the scale encoding, checked against the library that wrote them.
     from compressed_tensors.compressors import MXFP4PackedCompressor

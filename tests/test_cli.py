@@ -56,6 +56,17 @@ def test_check_fails_when_a_backend_misses_the_tolerance(capsys, monkeypatch):
     assert "FAIL" in out and "3 failed" in out
 
 
+def test_check_takes_a_tolerance_of_zero_as_given(capsys, monkeypatch):
+    # 0 is a tolerance (the reference's own path meets it), not "use the default".
+    from mxmoe.backends.torch_backend import TorchBackend
+
+    run = TorchBackend.run
+    monkeypatch.setattr(TorchBackend, "run", lambda self, args: run(self, args) * (1 + 1e-6))
+    assert main(["check", "--tolerance", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "3 failed" in out and "0 for every path" in out
+
+
 def test_bench_times_each_requested_token_count(capsys, tmp_path):
     out = run_cli(capsys, "bench", "--tokens", "1", "2", "--backends", "torch", "--out",
                   str(tmp_path), "--no-plot")

@@ -144,7 +144,8 @@ def test_help_describes_the_options_and_offers_the_models(capsys):
         build_parser().parse_args(["tune", "--help"])
     out = capsys.readouterr().out
     for word in ("--shapes", "--tp", "--write-shipped-table", "--dry-run", "user cache",
-                 "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "triton_scaled"):
+                 "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "triton_scaled", "--modes",
+                 "dequant is triton_dequant"):
         assert word in out, word
 
 

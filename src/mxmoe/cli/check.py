@@ -47,7 +47,7 @@ def run(args) -> int:
         if not usable:
             print(f"{name:<16} {'-':<14} {'-':>12} {'-':>10}  skipped ({reason})")
             continue
-        tolerance = args.tolerance or tolerance_for(name, dtype)
+        tolerance = args.tolerance if args.tolerance is not None else tolerance_for(name, dtype)
         for label, m, h, i, e, k in cases:
             p = random_moe(m, h, i, e, k, dtype, device)
             kwargs = dict(w13_bias=p.w13_bias, w2_bias=p.w2_bias)
@@ -64,7 +64,7 @@ def run(args) -> int:
             failures += not ok
             print(f"{name:<16} {label:<14} {err:>12.2e} {tolerance:>10.0e}  "
                   f"{'PASS' if ok else 'FAIL'}")
-    policy = (f"{args.tolerance:g} for every path" if args.tolerance else
+    policy = (f"{args.tolerance:g} for every path" if args.tolerance is not None else
               f"{HALF_PRECISION_TOLERANCE:g} for 16-bit arithmetic, {FP32_TOLERANCE:g} for fp32; "
               f"see --help")
     print(f"\n{'all passed' if failures == 0 else f'{failures} failed'} (tolerance: {policy})")

@@ -52,7 +52,9 @@ def add_arguments(parser) -> None:
                         help="backends to tune; with several, the fastest per (shape, M) is "
                              "recorded for backend='auto'. Default: triton_dequant")
     parser.add_argument("--modes", nargs="+", choices=["dequant", "scaled"], default=None,
-                        help=argparse.SUPPRESS)  # the first spelling of --backends
+                        help="the first spelling of --backends, still accepted: dequant is "
+                             "triton_dequant (weights dequantized in the GEMM loop), scaled is "
+                             "triton_scaled (tl.dot_scaled); replaces --backends when given")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--write-shipped-table", action="store_true",
                        help="write the package's table for this GPU "
