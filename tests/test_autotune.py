@@ -105,3 +105,26 @@ def test_candidates_start_with_the_default_and_are_few_and_distinct():
     assert found[0] == configs.select("triton_dequant", FACTS, 1, *QWEN3)
     assert len(found) == len(set(found)) <= autotune.MAX_CANDIDATES
     assert any(c.split_k > 1 for c in found)  # decode: a K split is worth timing
+
+
+@pytest.mark.parametrize("kernels", ["decode", "prefill"])
+def test_never_where_the_decode_or_prefill_kernels_run(monkeypatch, kernels):
+    # Those kernels have configs of their own; a general-kernel config handed to the plan
+    # would force the general kernel onto the call (on MMA_LANES weights, 1.3-1.8x slower).
+    import dataclasses
+    import types
+
+    from mxmoe import settings
+    from mxmoe.backends import triton as triton_backends
+    from mxmoe.kernels import fused_moe
+
+    monkeypatch.setattr(settings, "_current",
+                        dataclasses.replace(settings.current(), interpret=False))
+    monkeypatch.setattr(fused_moe, "uses_decode_kernels", lambda call, inner: kernels == "decode")
+    monkeypatch.setattr(fused_moe, "uses_prefill_kernels",
+                        lambda call, inner: kernels == "prefill")
+    tuned = []
+    monkeypatch.setattr(autotune, "maybe_tune", lambda *a: tuned.append(a))
+    call = types.SimpleNamespace(device=torch.device("cuda"))
+    backend = triton_backends.triton_dequant()
+    assert backend._tuned_config(call, None) is None and not tuned

@@ -248,3 +248,21 @@ def test_fastest_backend_prefers_the_user_cache_and_falls_back_to_none():
                         fastest="triton_scaled")
     assert configs.fastest_backend(H100, 64, *GPT_OSS_20B) == "triton_scaled"
     assert configs.fastest_backend(None, 64, *GPT_OSS_20B) is None
+
+
+def test_derived_configs_use_the_devices_own_table_beside_its_familys(tmp_path, monkeypatch):
+    # Two sm_90 tables: the device's own and a sibling's, neither holding the asked shape.
+    for slug, key, sms in (("own-gpu", "H64_I64_E8_k2", 132), ("sibling-gpu", "H128_I128_E8_k2",
+                                                                 114)):
+        (tmp_path / f"{slug}.json").write_text(json.dumps({
+            "format": 2, "capability": [9, 0], "sm_count": sms,
+            "configs": {"triton_dequant": {key: {"1": {"block_m": 16, "block_n": 32}}}}}))
+    monkeypatch.setattr(configs, "_TABLE_DIR", tmp_path)
+    configs.clear_memo()
+    try:
+        own = DeviceFacts("cuda", "Own GPU", (9, 0), 132, False)
+        chosen = explain(own, 1, shape=(4096, 1024, 16, 2))
+        assert chosen.source == "derived"
+        assert chosen.detail == "from 2 tuned points"  # the own table's and the sibling's
+    finally:
+        configs.clear_memo()

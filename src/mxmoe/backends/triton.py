@@ -109,13 +109,16 @@ class TritonBackend(Backend):
         """First-use tuning (``MXMOE_AUTOTUNE=1``, `mxmoe.autotune`): the general kernel's
         fastest config for this size class, timed now on the call's own tensors and kept in the
         user cache; None (the lookup decides) when tuning is off, already done, impossible now
-        (capturing, compiling) or when the decode kernels run."""
+        (capturing, compiling) or when the decode or the prefill kernels run: they have configs
+        of their own, and a general-kernel config given to the plan would force the general
+        kernel onto the call instead."""
         from .. import autotune
-        from ..kernels.fused_moe import FusedMoEPlan, uses_decode_kernels
+        from ..kernels.fused_moe import FusedMoEPlan, uses_decode_kernels, uses_prefill_kernels
 
         switches = settings.current()
         if (not autotune.enabled() or call.device.type != "cuda" or switches.interpret
-                or switches.forced_config or uses_decode_kernels(call, self.inner_product)):
+                or switches.forced_config or uses_decode_kernels(call, self.inner_product)
+                or uses_prefill_kernels(call, self.inner_product)):
             return None
         p = call.problem
         key = autotune.TuneKey.of(self.name, settings.device_facts(call.device), p.num_tokens,

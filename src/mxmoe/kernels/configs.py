@@ -292,7 +292,9 @@ def explain(backend: str, device_facts: DeviceFacts | None, num_tokens: int, hid
         found = _nearest(table["configs"].get(backend, {}), *shape)
         if found is not None:
             return Selection(found, "family table", _describe(slug, table))
-    points = _tuned_points(backend, [user] + [t for _, t in family] if family else
+    # This device's own table lends its points too (it has none for this shape, but its other
+    # shapes are the nearest evidence), then its family's; without a family, every table.
+    points = _tuned_points(backend, [user, own] + [t for _, t in family] if family else
                            [user] + [_load_table(s) for s in _shipped_slugs()])
     if points:
         cfg = derived_config(points, *shape, sm_count=device_facts.sm_count)
