@@ -266,3 +266,28 @@ def test_derived_configs_use_the_devices_own_table_beside_its_familys(tmp_path, 
         assert chosen.detail == "from 2 tuned points"  # the own table's and the sibling's
     finally:
         configs.clear_memo()
+
+
+def test_a_damaged_shipped_table_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    (tmp_path / "broken-gpu.json").write_text("{half a table")
+    monkeypatch.setattr(configs, "_TABLE_DIR", tmp_path)
+    configs.clear_memo()
+    try:
+        broken = DeviceFacts("cuda", "Broken GPU", (9, 0), 132, False)
+        with pytest.warns(RuntimeWarning, match="shipped config table .*broken-gpu.json is damaged"):
+            assert explain(broken, 64).source == "heuristic"
+    finally:
+        configs.clear_memo()
+
+
+def test_a_damaged_entry_in_a_sound_user_cache_is_ignored_with_a_warning(user_cache):
+    mine = MoEConfig(block_m=32, block_n=32, block_k=32)
+    tuning_cache.record(H100, "triton_dequant", "H2880_I2880_E32_k4", 64, mine.to_json())
+    path = user_cache / tuning_cache.FILE_NAME
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    entry["configs"] = ["not", "a", "map"]
+    path.write_text(json.dumps(data))
+    tuning_cache.forget()
+    with pytest.warns(RuntimeWarning, match="entry in the tuning cache .* is damaged"):
+        assert explain(H100, 64).source == "table"

@@ -43,7 +43,7 @@ def table(facts: DeviceFacts) -> dict:
     found = _TABLES.get(facts)
     if found is None:
         entry = _file().entry(*key_of(facts))
-        found = _TABLES[facts] = _valid_table(entry or {})
+        found = _TABLES[facts] = _valid_table(entry or {}, warn=True)
     return found
 
 
@@ -77,8 +77,15 @@ def path():
     return _file().path
 
 
-def _valid_table(entry: dict) -> dict:
+def _valid_table(entry: dict, *, warn: bool = False) -> dict:
+    """The entry's configs and fastest-backend maps; a part that is not a map is dropped (with
+    a warning when ``warn``: the file parsed, but this device's entry in it is damaged)."""
     configs = entry.get("configs")
     fastest = entry.get("fastest")
+    damaged = [name for name, part in (("configs", configs), ("fastest", fastest))
+               if part is not None and not isinstance(part, dict)]
+    if warn and damaged:
+        cache.warn_once(path(), "entry", f"this device's entry in the tuning cache {path()} is "
+                        f"damaged ({', '.join(damaged)} not a map); that part is ignored")
     return {"configs": configs if isinstance(configs, dict) else {},
             "fastest": fastest if isinstance(fastest, dict) else {}}

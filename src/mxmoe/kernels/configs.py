@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -116,13 +117,21 @@ def _load_table(slug: str) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        _damaged_table(path, f"{type(exc).__name__}: {exc}")
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not isinstance(data.get("configs") or {}, dict):
+        _damaged_table(path, "not a table of configs")
         return {}
     configs = {backend_name(name): entries
                for name, entries in (data.get("configs") or {}).items()}
     return {**data, "configs": configs, "fastest": data.get("fastest") or {}}
+
+
+def _damaged_table(path, why: str) -> None:
+    # Once a process per table (`_load_table` is memoised): its device takes the other lookups.
+    warnings.warn(f"mxmoe: the shipped config table {path} is damaged ({why}); it is ignored "
+                  f"and the lookup goes on without it", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=None)
