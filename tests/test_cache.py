@@ -61,14 +61,20 @@ def test_lock_not_had_within_the_timeout_says_so(isolated):
 
 
 # Each process records its own M into the tuning cache at the same moment, then reads the table.
+# Its writes are slowed (as a slow disk would make them) so that, without the lock, two
+# processes' read-modify-write cycles overlap and one entry is lost every time.
 _RANK_SCRIPT = """
 import json, sys, time
 from pathlib import Path
-from mxmoe import tuning_cache
+from mxmoe import cache, tuning_cache
 from mxmoe.settings import DeviceFacts
 
 rank, go = int(sys.argv[1]), Path(sys.argv[2])
 facts = DeviceFacts("cuda", "Test GPU", (9, 0), 132, False)
+tuning_cache.key_of(facts)  # (imports and the source digest done before the start)
+write = cache.atomic_write_text
+cache.atomic_write_text = lambda path, text: (time.sleep(0.2), write(path, text))
+(go.parent / f"ready-{rank}").touch()
 while not go.exists():
     time.sleep(0.005)
 assert tuning_cache.record(facts, "triton_dequant", "H64_I64_E8_k2", 2 ** rank,
@@ -90,7 +96,11 @@ def test_processes_recording_together_lose_no_entry(tmp_path, isolated, processe
     ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(go)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(processes)]
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{r}").exists() for r in range(processes)):
+        assert time.monotonic() < deadline and all(rank.poll() is None for rank in ranks), \
+            "a rank did not get ready"
+        time.sleep(0.01)
     go.touch()
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     assert all(rank.returncode == 0 for rank in ranks), [err for _, err in outputs]
