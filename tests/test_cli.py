@@ -33,6 +33,23 @@ def test_info_names_the_device_versions_and_backends(capsys):
         assert lines[name] == "no"  # no GPU and no interpreter
     assert "TRITON_INTERPRET=1" in out  # says why not
     assert "nibble conversion (triton_dequant, bf16): portable" in out
+    assert "general-kernel configs (triton_dequant, gpt-oss-20b, M=64): heuristics" in out
+
+
+def test_info_says_where_the_configs_come_from_on_a_gpu(capsys, monkeypatch, tmp_path):
+    import torch
+
+    from mxmoe import cache, settings
+    from mxmoe.settings import DeviceFacts
+
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(settings, "device_facts", lambda device: DeviceFacts(
+        "cuda", "NVIDIA H200", (9, 0), 132, False))
+    from mxmoe.cli import info
+
+    assert "family table (nvidia-h100-80gb-hbm3: tuned on sm_90" in info._configs()
+    assert "tuned for other kernel sources" in info._configs()
 
 
 def test_check_passes_the_torch_backend_on_every_case(capsys):

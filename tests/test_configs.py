@@ -291,3 +291,19 @@ def test_a_damaged_entry_in_a_sound_user_cache_is_ignored_with_a_warning(user_ca
     tuning_cache.forget()
     with pytest.warns(RuntimeWarning, match="entry in the tuning cache .* is damaged"):
         assert explain(H100, 64).source == "table"
+
+
+def test_a_shipped_table_of_other_kernel_sources_says_so(tmp_path, monkeypatch):
+    # The shipped H100 table predates the digest: every answer from it carries the note.
+    assert "tuned for other kernel sources" in explain(H100, 64).detail
+    assert "tuned for other kernel sources" in explain(H200, 64).detail  # its family table
+    current = json.loads((configs._TABLE_DIR / "nvidia-h100-80gb-hbm3.json").read_text())
+    current["kernel_sources"] = configs.current_kernel_sources()
+    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(current))
+    monkeypatch.setattr(configs, "_TABLE_DIR", tmp_path)
+    configs.clear_memo()
+    try:
+        chosen = explain(H100, 64)
+        assert chosen.source == "table" and chosen.detail == "nvidia-h100-80gb-hbm3"
+    finally:
+        configs.clear_memo()

@@ -116,6 +116,9 @@ def test_maintainers_table_is_written_in_the_shipped_format(tmp_path, monkeypatc
     configs.clear_memo()
     chosen = configs.explain("triton_dequant", FACTS, 16, 64, 96, 3, 2)
     assert chosen.source == "table"
+    # It records the kernels' sources it was tuned on: no staleness note for these ones.
+    assert data["kernel_sources"] == configs.current_kernel_sources()
+    assert "other kernel sources" not in chosen.detail
     configs.clear_memo()
 
 

@@ -250,9 +250,13 @@ class TableWriter:
     def __init__(self, path: Path, facts, copy_tb_s: float | None = None):
         self.path = path
         self.table = _read_table(path)
+        from .kernels.configs import current_kernel_sources
+
+        # (Entries tuned earlier and kept by the merge share the newest digest: retune whole.)
         self.table.update({"format": TABLE_FORMAT, "device": facts.name,
                            "capability": list(facts.capability),
-                           "sm_count": facts.sm_count})
+                           "sm_count": facts.sm_count,
+                           "kernel_sources": current_kernel_sources()})
         if copy_tb_s is not None:
             self.table["copy_tb_s"] = copy_tb_s
         self.table.setdefault("configs", {})

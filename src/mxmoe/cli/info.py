@@ -29,7 +29,24 @@ def run(args) -> int:
               f"{reason}")
     print(f"\nprobe cache: {probe.cache_path()} (tolerance {probe.TOLERANCE:g}; --reprobe redoes)")
     print(f"nibble conversion (triton_dequant, bf16): {_conversion()}")
+    print(f"general-kernel configs (triton_dequant, gpt-oss-20b, M=64): {_configs()}")
     return 0
+
+
+def _configs() -> str:
+    """Where the general kernel's config for a gpt-oss-20b call of 64 tokens comes from on
+    this machine's GPU (`mxmoe.kernels.configs.explain`: the user cache, a shipped table and
+    whether it was tuned on these kernel sources, a family table, derived, heuristics)."""
+    import torch
+
+    from .. import settings
+    from ..kernels import configs
+
+    if not torch.cuda.is_available():
+        return "heuristics (no GPU here)"
+    facts = settings.device_facts(torch.device("cuda"))
+    chosen = configs.explain("triton_dequant", facts, 64, 2880, 2880, 32, 4)
+    return chosen.source + (f" ({chosen.detail})" if chosen.detail else "")
 
 
 def _conversion() -> str:

@@ -295,12 +295,12 @@ def explain(backend: str, device_facts: DeviceFacts | None, num_tokens: int, hid
     own = _load_table(slug)
     found = _nearest(own.get("configs", {}).get(backend, {}), *shape)
     if found is not None:
-        return Selection(found, "table", slug)
+        return Selection(found, "table", slug + _staleness(own))
     family = _family_tables(device_facts)
     for slug, table in family:
         found = _nearest(table["configs"].get(backend, {}), *shape)
         if found is not None:
-            return Selection(found, "family table", _describe(slug, table))
+            return Selection(found, "family table", _describe(slug, table) + _staleness(table))
     # This device's own table lends its points too (it has none for this shape, but its other
     # shapes are the nearest evidence), then its family's; without a family, every table.
     points = _tuned_points(backend, [user, own] + [t for _, t in family] if family else
@@ -340,6 +340,24 @@ def _family_tables(facts: DeviceFacts) -> list[tuple[str, dict]]:
             sms = table.get("sm_count") or 0
             found.append((abs(sms - facts.sm_count), slug, table))
     return [(slug, table) for _, slug, table in sorted(found, key=lambda t: t[:2])]
+
+
+def current_kernel_sources() -> str:
+    """The digest of the kernels' sources that tuned configs are valid for (the user cache's
+    key holds it; a shipped table records it as ``kernel_sources`` when `mxmoe tune` writes
+    it)."""
+    from ..cache import source_digest
+    from ..tuning_cache import TUNED_SOURCES
+
+    return source_digest(TUNED_SOURCES, (".py",))
+
+
+def _staleness(table: dict) -> str:
+    """A note for a shipped table tuned on other kernel sources than these (or not saying)."""
+    if table.get("kernel_sources") == current_kernel_sources():
+        return ""
+    return ("; tuned for other kernel sources than these (retune: mxmoe tune "
+            "--write-shipped-table)")
 
 
 def _describe(slug: str, table: dict) -> str:
