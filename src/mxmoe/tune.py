@@ -248,10 +248,10 @@ class TableWriter:
     ``kernels/configs/<device>.json``); merged into what the file holds, written atomically."""
 
     def __init__(self, path: Path, facts, copy_tb_s: float | None = None):
-        self.path = path
-        self.table = _read_table(path)
         from .kernels.configs import current_kernel_sources
 
+        self.path = path
+        self.table = _read_table(path)
         # (Entries tuned earlier and kept by the merge share the newest digest: retune whole.)
         self.table.update({"format": TABLE_FORMAT, "device": facts.name,
                            "capability": list(facts.capability),
