@@ -274,7 +274,8 @@ def test_a_damaged_shipped_table_is_ignored_with_a_warning(tmp_path, monkeypatch
     configs.clear_memo()
     try:
         broken = DeviceFacts("cuda", "Broken GPU", (9, 0), 132, False)
-        with pytest.warns(RuntimeWarning, match="shipped config table .*broken-gpu.json is damaged"):
+        with pytest.warns(RuntimeWarning,
+                          match="shipped config table .*broken-gpu.json is damaged"):
             assert explain(broken, 64).source == "heuristic"
     finally:
         configs.clear_memo()
