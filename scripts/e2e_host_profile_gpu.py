@@ -49,16 +49,14 @@ def _gc_off():
 
 @contextlib.contextmanager
 def _stub_blocks(model):
-    layers = e2e._decoder_layers(model)
-    saved = [layer.mlp for layer in layers]
+    saved = e2e.moe_blocks(model)
     c = model.config
-    for layer in layers:
-        layer.mlp = _StubBlock(c.num_local_experts, c.num_experts_per_tok)
+    e2e._set_moe_blocks(model, [_StubBlock(c.num_local_experts, c.num_experts_per_tok)
+                                for _ in saved])
     try:
         yield
     finally:
-        for layer, mlp in zip(layers, saved):
-            layer.mlp = mlp
+        e2e._set_moe_blocks(model, saved)
 
 
 def _sync() -> None:

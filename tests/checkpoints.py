@@ -150,3 +150,36 @@ def bf16_gpt_oss_tensors(moes: dict[int, DenseMoE]) -> dict:
     h = next(iter(moes.values())).shape[1]
     out.update(other_tensors(list(moes), "transformers", h))
     return out
+
+
+def record_slice_reads(monkeypatch) -> list[str]:
+    """The names every checkpoint read takes by slice from now on (the list fills as they are
+    read); a whole-tensor read fails the test."""
+    from mxmoe.checkpoints import files
+
+    requested: list[str] = []
+    real_open = files._open
+
+    class Recorder:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, name):
+            requested.append(name)
+            return self.inner.get_slice(name)
+
+        def get_tensor(self, name):  # whole-tensor reads are not expected
+            raise AssertionError(f"get_tensor({name!r})")
+
+    monkeypatch.setattr(files, "_open", lambda p: Recorder(real_open(p)))
+    return requested

@@ -8,11 +8,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import mxmoe
-from mxmoe.checkpoints import files as ckpt_module
 from mxmoe.checkpoint import NAMINGS, load_gpt_oss_moe
 from mxmoe.distributed import expert_range, intermediate_range, w13_row_ranges
 
 from checkpoints import quiet_cpu  # noqa: F401 (autouse fixture)
+from checkpoints import record_slice_reads
 from checkpoints import (dense_moe, hf_config, mxfp4_tensors, openai_config, other_tensors,
                          write_checkpoint)
 from helpers import rel_err
@@ -75,31 +75,7 @@ def test_top_k_argument_overrides_config(tmp_path):
 
 def test_reads_only_the_layer_tensors_and_only_their_slices(tmp_path, monkeypatch):
     path, _ = _write(tmp_path, shards=2)
-    requested = []
-    real_open = ckpt_module._open
-
-    class Recorder:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            self.inner = self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_slice(self, name):
-            requested.append(name)
-            return self.inner.get_slice(name)
-
-        def get_tensor(self, name):  # whole-tensor reads are not expected
-            raise AssertionError(f"get_tensor({name!r})")
-
-    monkeypatch.setattr(ckpt_module, "_open", lambda p: Recorder(real_open(p)))
+    requested = record_slice_reads(monkeypatch)
     load_gpt_oss_moe(path, 1, experts=range(1, 3))
     assert set(requested) == {n.format(i=1) for n in NAMINGS["transformers"].values()}
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import mxmoe
 
 from checkpoints import quiet_cpu  # noqa: F401 (autouse fixture)
+from checkpoints import record_slice_reads
 from helpers import rel_err
 
 C = pytest.importorskip("ct_checkpoints")
@@ -76,33 +77,7 @@ def test_packed_bytes_are_the_files_stacked_gate_then_up(ckpt):
 
 
 def test_reads_only_the_layer_tensors_and_only_by_slice(ckpt, monkeypatch):
-    from mxmoe.checkpoints import files
-
-    requested = []
-    real_open = files._open
-
-    class Recorder:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            self.inner = self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.handle.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_slice(self, name):
-            requested.append(name)
-            return self.inner.get_slice(name)
-
-        def get_tensor(self, name):  # whole-tensor reads are not expected
-            raise AssertionError(f"get_tensor({name!r})")
-
-    monkeypatch.setattr(files, "_open", lambda p: Recorder(real_open(p)))
+    requested = record_slice_reads(monkeypatch)
     mxmoe.MXFP4MoE.from_pretrained(ckpt.path, 1, backend="torch")
     prefix = NAMES[ckpt.family][0]
     expected = {_expert(ckpt, 1, j, p, suffix) for j in range(C.E) for p in range(3)

@@ -211,7 +211,7 @@ class HostMeter:
         cost.us, cost.us_min, cost.reps = statistics.median(seconds) * 1e6, min(seconds) * 1e6, reps
         try:
             cost.launches, cost.kernels = count_launches(lambda: fn(input_sets[0]))
-            cost.cupti_teardown = os.environ.get("TEARDOWN_CUPTI") == "1"
+            cost.cupti_teardown = release_cupti_after_profiles()  # (as count_launches asked)
             if not cost.cupti_teardown:
                 cost.notes.append("CUPTI stays attached after the launch count (TEARDOWN_CUPTI "
                                   "not 1): later rows and the bare launches carry its overhead")
