@@ -129,15 +129,20 @@ def gemm_parts(weights, rotations, w13, w2, config):
 def gemms_mode(device, header):
     model = MODELS["20b"]
     weights = make_weights(model, torch.bfloat16, device, seed=0)
-    plain = (weights.w13, weights.w2)
-    first = [direct(4, 8, 512), direct(4, 8, 1024), direct(4, 8, 512, warps=2),
-             direct(4, 4, 512), direct(4, 4, 1024), direct(4, 16, 512), direct(4, 8, 256, warps=2),
-             direct(2, 8, 512), direct(4, 8, 512, warps=8), direct(4, 8, 256),
-             direct(4, 16, 256, split=2), direct(4, 8, 512, split=2)]
-    second = [direct(1, 16, 512), direct(1, 16, 1024), direct(1, 8, 1024), direct(1, 8, 512),
-              direct(1, 16, 512, warps=2), direct(2, 8, 512), direct(4, 8, 512),
-              direct(1, 32, 512), direct(2, 16, 512), direct(1, 4, 1024), direct(2, 8, 1024),
-              direct(1, 8, 2048)]
+    # LAYOUT (a name of mxmoe.layouts.LAYOUTS): the weights converted once, as the layer's
+    # Hopper default (mma_lanes) is.
+    layout = os.environ.get("LAYOUT", "plain")
+    plain = (weights.w13.to_layout(layout), weights.w2.to_layout(layout))
+    header["layout"] = layout
+    # The shipped M = 1 configs first (kernels/decode.direct_configs).
+    first = [direct(4, 4, 512), direct(4, 8, 512), direct(4, 8, 256), direct(4, 4, 256),
+             direct(4, 8, 512, warps=2), direct(4, 4, 1024), direct(4, 16, 256),
+             direct(4, 4, 512, warps=8), direct(2, 8, 512), direct(4, 16, 256, split=2),
+             direct(4, 8, 512, split=2), direct(4, 8, 256, warps=2)]
+    second = [direct(1, 8, 1024), direct(1, 8, 1024, warps=8), direct(1, 16, 512),
+              direct(2, 16, 256), direct(1, 16, 256), direct(1, 8, 256), direct(1, 16, 512,
+              warps=8), direct(1, 8, 512), direct(1, 4, 1024), direct(2, 8, 512),
+              direct(1, 32, 256), direct(1, 8, 512, warps=2)]
     results = []
     for m in (MS if "MS" in os.environ else [1, 2]):
         rot = make_rotations(model, m, ROTATE, torch.bfloat16, device, seed=11)

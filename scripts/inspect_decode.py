@@ -69,6 +69,21 @@ def _direct(j, n, k, warps, gemm1=False, even=True, layout=0):
 
 
 VARIANTS = [
+    # the shipped M = 1 configs (kernels/decode.direct_configs) on the Hopper layout
+    _direct(4, 4, 512, 4, gemm1=True, even=False, layout=2),
+    _direct(1, 8, 1024, 4, even=False, layout=2),
+    _direct(4, 8, 1024, 4, even=False, layout=2),
+    _direct(4, 4, 512, 4, even=False, layout=2),
+    _direct(1, 32, 256, 4, even=False, layout=2),
+    _direct(1, 16, 256, 4, even=False, layout=2),
+    _direct(2, 16, 256, 4, even=False, layout=2),
+    _direct(1, 8, 256, 4, even=False, layout=2),
+    _direct(1, 16, 512, 4, even=False, layout=2),
+    _direct(1, 16, 512, 8, even=False, layout=2),
+    _direct(1, 8, 1024, 8, even=False, layout=2),
+    _direct(4, 8, 256, 4, gemm1=True, even=False, layout=2),
+    _direct(4, 4, 1024, 4, gemm1=True, even=False, layout=2),
+    _direct(4, 4, 512, 8, gemm1=True, even=False, layout=2),
     _direct(4, 16, 256, 4, gemm1=True),
     _direct(4, 16, 256, 4, gemm1=True, layout=1),
     _direct(4, 16, 256, 4, gemm1=True, layout=2),

@@ -364,6 +364,8 @@ def decode_token_kernel(
                                                  offs_w[None, None, :], offs_g[None, None, :],
                                                  stride_bk, stride_sk, EVEN_K)
             part = tl.zeros(words.shape, dtype=tl.float32)
+            # K is whole 32-groups: the step's K mask is one per group (its 4 words).
+            in_k = ((k0 + (offs_w // 4) * 32) < k_end)[None, None, :]
             for n in tl.static_range(8):
                 k = _nibble_k(offs_w, k0, n, W_LAYOUT)[None, None, :]
                 if A_ROW_DIV == TOP_K:
@@ -377,7 +379,7 @@ def decode_token_kernel(
                 if EVEN_K:
                     x = tl.load(rows + k * stride_ak, mask=mask_x, other=0.0)
                 else:
-                    x = tl.load(rows + k * stride_ak, mask=mask_x & (k < k_end), other=0.0)
+                    x = tl.load(rows + k * stride_ak, mask=mask_x & in_k, other=0.0)
                 part += _code_to_f32(words, n, W_LAYOUT) * (x.to(tl.float32) * X_PRESCALE)
             # A group's 4 words are one thread's 4 consecutive registers: this sum stays in
             # the thread (where the compiler keeps the word tile's layout for the reshape).
