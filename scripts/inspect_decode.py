@@ -37,7 +37,7 @@ SCALARS = ["N", "K", "num_pairs", "max_blocks", "stride_am", "stride_ak", "strid
 UNIT = {"stride_ak", "stride_bk", "stride_sk", "stride_bias_n", "stride_on"}
 #: Scalars divisible by 16 at gpt-oss shapes (specialised at launch).
 DIV16 = {"N", "K", "stride_am", "stride_be", "stride_bn", "stride_bias_e", "stride_om",
-         "stride_os", "k_per_split"}
+         "stride_os", "stride_ap", "stride_op", "k_per_split"}
 
 #: The token kernel's (`decode_token_kernel`) own pointers and scalars.
 TOKEN_POINTERS = {"a_ptr": "*bf16", "b_ptr": "*i32", "b_scale_ptr": "*u8", "bias_ptr": "*bf16",
@@ -46,7 +46,7 @@ TOKEN_POINTERS = {"a_ptr": "*bf16", "b_ptr": "*i32", "b_scale_ptr": "*u8", "bias
 TOKEN_SCALARS = ["N", "K", "num_tokens", "num_global_experts", "num_local_experts",
                  "stride_am", "stride_ak", "stride_be", "stride_bn", "stride_bk", "stride_se",
                  "stride_sn", "stride_sk", "stride_bias_e", "stride_bias_n", "stride_om",
-                 "stride_on", "stride_os", "k_per_split"]
+                 "stride_on", "stride_os", "stride_ap", "stride_op", "k_per_split"]
 
 
 # (name, kernel, constexprs, options)
@@ -59,13 +59,17 @@ def _gemv(name, m, n, k, warps, gemm1=False, even=False, layout=1):
             dict(num_warps=warps, num_stages=3))
 
 
-def _direct(j, n, k, warps, gemm1=False, even=True, layout=0):
+def _direct(j, n, k, warps, gemm1=False, even=True, layout=0, planes=False):
+    """``planes``: GEMM1 writes activation planes, GEMM2 reads them (fused_moe's default)."""
     return (f"direct J{j} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}"
-            f"{' even K' if even else ''} L{layout}", decode_token_kernel,
+            f"{' even K' if even else ''} L{layout}{' planes' if planes else ''}",
+            decode_token_kernel,
             dict(TOP_K=4, A_ROW_DIV=4 if gemm1 else 1, SUM_PAIRS=not gemm1, GATED=gemm1,
                  INTERLEAVED=True, ACT_FN=swiglu_oai, ROUTER_WEIGHT=0 if gemm1 else 2,
                  HAS_BIAS=True, HAS_MAP=False, BLOCK_J=j, BLOCK_N=n, BLOCK_K=k, SPLIT_K=1,
-                 EVEN_K=even, W_LAYOUT=layout), dict(num_warps=warps, num_stages=3))
+                 EVEN_K=even, W_LAYOUT=layout, X_PLANES=planes and not gemm1,
+                 OUT_PLANES=planes and gemm1, ROUND_DTYPE="bf16", OUT_LAYOUT=layout),
+            dict(num_warps=warps, num_stages=3))
 
 
 VARIANTS = [
@@ -74,6 +78,12 @@ VARIANTS = [
     _direct(1, 8, 1024, 4, even=False, layout=2),
     _direct(4, 8, 1024, 4, even=False, layout=2),
     _direct(4, 4, 512, 4, even=False, layout=2),
+    _direct(4, 4, 512, 4, gemm1=True, even=False, layout=2, planes=True),
+    _direct(1, 8, 1024, 4, even=False, layout=2, planes=True),
+    _direct(1, 16, 512, 4, even=False, layout=2, planes=True),
+    _direct(2, 16, 256, 4, even=False, layout=2, planes=True),
+    _direct(4, 8, 256, 4, even=False, layout=2, planes=True),
+    _direct(1, 8, 1024, 8, even=False, layout=2, planes=True),
     _direct(1, 32, 256, 4, even=False, layout=2),
     _direct(1, 16, 256, 4, even=False, layout=2),
     _direct(2, 16, 256, 4, even=False, layout=2),
@@ -126,8 +136,13 @@ def compile_variant(kernel, constexprs, options):
     for name, value in constexprs.items():
         signature[name] = "constexpr"
         consts[name] = value
-    if "DOT_DTYPE" in constexprs:
-        consts["DOT_DTYPE"] = {"bf16": tl.bfloat16, "fp16": tl.float16}[constexprs["DOT_DTYPE"]]
+    for name in ("DOT_DTYPE", "ROUND_DTYPE"):
+        if name in constexprs:
+            consts[name] = {"bf16": tl.bfloat16, "fp16": tl.float16}[constexprs[name]]
+    if constexprs.get("X_PLANES"):
+        signature["a_ptr"] = "*fp32"
+    if constexprs.get("OUT_PLANES"):
+        signature["out_ptr"] = "*fp32"
     names = kernel.arg_names
     signature = {name: signature[name] for name in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]]

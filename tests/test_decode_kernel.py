@@ -151,3 +151,50 @@ def test_config_rejects_what_the_gemv_cannot_run():
         DecodeConfig("mma", block_m=16)
     with pytest.raises(ValueError, match="block_m"):
         DecodeConfig("gemv", block_m=8)
+
+
+@pytest.mark.parametrize("layout", ["plain", "group_halves", "mma_lanes"])
+@pytest.mark.parametrize("dtype, activation", [(torch.float16, "swigluoai"),
+                                               (torch.float32, "silu")], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("name", ["direct, 4 slots a step", "direct, 1 slot, narrow"])
+def test_activation_planes_change_no_bit(monkeypatch, name, dtype, activation, layout):
+    """The direct GEMMs hand GEMM1's activation to GEMM2 as float32 planes in GEMM2's code
+    order (MXMOE_DECODE_PLANES, the default) or as rows of the call's dtype: the same values
+    multiply the same codes in the same order, so the layers are bit-identical (K = I = 96:
+    a tail in every 64-wide step; a remote expert; one token and three)."""
+    from mxmoe import settings
+
+    configs = dict(CONFIGS, **{"direct, 1 slot, narrow": DecodeConfig(
+        "direct", block_m=1, block_n=8, block_k=64, num_stages=1)})
+    generator = torch.Generator().manual_seed(13)
+    for m in (1, 3):
+        kw = make_moe(m, 64, 96, 5, 2, dtype=dtype, seed=13 + m, e_global=6)
+        kw = dict(kw, w13=kw["w13"].to_layout(layout), w2=kw["w2"].to_layout(layout),
+                  expert_map=random_expert_map(6, 5, generator), activation=activation)
+        outs = []
+        for planes in ("1", "0"):
+            monkeypatch.setenv("MXMOE_DECODE_PLANES", planes)
+            settings.refresh()
+            assert _gemm1_writes_planes(kw, configs[name]) == (planes == "1")
+            outs.append(decode_fused_experts(**kw, config1=configs[name]))
+        monkeypatch.delenv("MXMOE_DECODE_PLANES")
+        settings.refresh()
+        assert torch.equal(outs[0], outs[1])
+        assert torch.isfinite(outs[0]).all() and outs[0].abs().max() > 0
+
+
+def _gemm1_writes_planes(kw, config) -> bool:
+    """Whether the plan of this call hands the activation over as planes (so that the test
+    above compares two paths, not one twice)."""
+    from mxmoe.kernels.fused_moe import FusedMoEPlan
+    from mxmoe.kernels.inner_product import InnerProduct
+    from mxmoe.validation import check_fused_experts_args
+
+    options = {key: kw.get(key) for key in ("w13_bias", "w2_bias", "expert_map")}
+    call = check_fused_experts_args(kw["hidden_states"], kw["w13"], kw["w2"],
+                                    kw["topk_weights"], kw["topk_ids"], **options,
+                                    activation=kw["activation"], alpha=1.702, limit=7.0)
+    plan = FusedMoEPlan(call, InnerProduct.DEQUANT, "triton_dequant", config=(config, config))
+    first, second = plan.launches.steps
+    assert first.arguments["OUT_PLANES"] == second.arguments["X_PLANES"]
+    return first.arguments["OUT_PLANES"]

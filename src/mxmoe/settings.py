@@ -38,6 +38,7 @@ class Settings:
     poison: bool
     dequant_ptx: bool
     torch_router: bool
+    decode_planes: bool
 
     @classmethod
     def from_environment(cls) -> "Settings":
@@ -50,6 +51,7 @@ class Settings:
             poison=env.get("MXMOE_POISON", "0") == "1",
             dequant_ptx=env.get("MXMOE_DEQUANT_PTX", "1") != "0",
             torch_router=env.get("MXMOE_TORCH_ROUTER", "0") == "1",
+            decode_planes=env.get("MXMOE_DECODE_PLANES", "1") != "0",
         )
 
 

@@ -109,6 +109,42 @@ def _nibble_k(offs_w, k0, NIBBLE: tl.constexpr, W_LAYOUT: tl.constexpr):
 
 
 @triton.jit
+def _plane_position(cols, LAYOUT: tl.constexpr):
+    """(code, word) of K elements ``cols`` in activation planes for words of ``LAYOUT``: the
+    inverse of `_nibble_k`, so that plane ``code`` read at the step's word columns is the
+    activation each code of those words multiplies (one contiguous vector a code)."""
+    group = cols // 32
+    e = cols % 32
+    if LAYOUT == LAYOUT_GROUP_HALVES:
+        r = e % 16
+        code = 2 * (r % 4) + e // 16
+        word = 4 * group + r // 4
+    elif LAYOUT == LAYOUT_MMA_LANES:
+        r = e % 8
+        code = 2 * (e // 8) + r % 2
+        word = 4 * group + r // 2
+    else:
+        code = cols % 8
+        word = cols // 8
+    return code, word
+
+
+@triton.jit
+def _store_planes(tile, pair, valid, pid_n, N, out_ptr, stride_om, stride_op, alpha, limit,
+                  ACT_FN: tl.constexpr, ROUND_DTYPE: tl.constexpr, OUT_LAYOUT: tl.constexpr,
+                  BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+    """GEMM1's gated tile (BLOCK_J, BLOCK_N) fp32 -> the activation, rounded to ROUND_DTYPE
+    (what GEMM2 would read back from rows of that dtype), times 2**64 as GEMM2 pre-scales it,
+    stored into activation planes ``out[pair, code, word]`` float32 (`_plane_position`)."""
+    gate, up = tl.split(tl.reshape(tile, (BLOCK_J, BLOCK_N // 2, 2)))
+    result = ACT_FN(gate, up, alpha, limit).to(ROUND_DTYPE).to(tl.float32) * X_PRESCALE
+    cols = (pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)).to(tl.int64)
+    code, word = _plane_position(cols, OUT_LAYOUT)
+    tl.store(out_ptr + pair[:, None] * stride_om + (code * stride_op + word)[None, :], result,
+             mask=valid[:, None] & (cols < N // 2)[None, :])
+
+
+@triton.jit
 def _gemv_words_row(acc, words, scale_f, a_ptr, sorted_ids_ptr, slot, num_pairs, k0, k_end,
                     offs_w, stride_am, stride_ak, A_ROW_DIV: tl.constexpr,
                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -299,6 +335,8 @@ def decode_token_kernel(
     stride_bias_e, stride_bias_n,
     stride_om, stride_on,
     stride_os,  # between the SPLIT_K planes of the output (unused when SPLIT_K == 1)
+    stride_ap,  # X_PLANES: between the activation planes of a row of a (unused otherwise)
+    stride_op,  # OUT_PLANES: between the activation planes of a row of out (unused otherwise)
     k_per_split,  # K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
     alpha,
     limit,
@@ -317,6 +355,10 @@ def decode_token_kernel(
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
     EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
     W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN, LAYOUT_GROUP_HALVES or LAYOUT_MMA_LANES
+    X_PLANES: tl.constexpr,  # a is (rows, 8, K // 8) float32 activation planes (`_store_planes`)
+    OUT_PLANES: tl.constexpr,  # gated: out is (rows, 8, N // 16) float32 activation planes
+    ROUND_DTYPE: tl.constexpr,  # OUT_PLANES: the activation dtype the planes' values are in
+    OUT_LAYOUT: tl.constexpr,  # OUT_PLANES: the layout of the words that will read the planes
 ):
     """CUDA-core GEMV over one token's top-k slots, fp32 FMA, no alignment (see the module).
 
@@ -329,6 +371,7 @@ def decode_token_kernel(
     token ``pid % num_tokens``, K slice ``(pid // num_tokens) % SPLIT_K`` and N tile
     ``pid // (num_tokens * SPLIT_K)``, so the programs that read one N tile of the experts run
     side by side (a shared expert's tile comes from L2)."""
+    tl.static_assert(not OUT_PLANES or (GATED and SPLIT_K == 1 and not SUM_PAIRS))
     pid = tl.program_id(0)
     token = pid % num_tokens
     pid_kn = pid // num_tokens
@@ -376,11 +419,20 @@ def decode_token_kernel(
                 else:
                     rows = a_rows
                     mask_x = valid_x
-                if EVEN_K:
-                    x = tl.load(rows + k * stride_ak, mask=mask_x, other=0.0)
+                if X_PLANES:
+                    # Plane n at the step's words: the activations of code n, contiguous,
+                    # float32 and pre-scaled already.
+                    x_at = rows + n * stride_ap + (k0 // 8 + offs_w)[None, None, :]
                 else:
-                    x = tl.load(rows + k * stride_ak, mask=mask_x & in_k, other=0.0)
-                part += _code_to_f32(words, n, W_LAYOUT) * (x.to(tl.float32) * X_PRESCALE)
+                    x_at = rows + k * stride_ak
+                if EVEN_K:
+                    x = tl.load(x_at, mask=mask_x, other=0.0)
+                else:
+                    x = tl.load(x_at, mask=mask_x & in_k, other=0.0)
+                if X_PLANES:
+                    part += _code_to_f32(words, n, W_LAYOUT) * x
+                else:
+                    part += _code_to_f32(words, n, W_LAYOUT) * (x.to(tl.float32) * X_PRESCALE)
             # A group's 4 words are one thread's 4 consecutive registers: this sum stays in
             # the thread (where the compiler keeps the word tile's layout for the reshape).
             part = tl.sum(tl.reshape(part, (BLOCK_J, BLOCK_N, GROUPS, 4)), axis=3)
@@ -394,6 +446,9 @@ def decode_token_kernel(
         if SUM_PAIRS:
             # Slots in order, each added once: the same sum on every run.
             total += tl.sum(tl.where(valid[:, None], tile, 0.0), axis=0)
+        elif OUT_PLANES:
+            _store_planes(tile, pair, valid, pid_n, N, out_ptr, stride_om, stride_op, alpha,
+                          limit, ACT_FN, ROUND_DTYPE, OUT_LAYOUT, BLOCK_J, BLOCK_N)
         else:
             _store_rows(tile, pair, valid, rows64, mask_n, pid_k, pid_n, N, out_ptr, stride_om,
                         stride_on, stride_os, alpha, limit, GATED, ACT_FN, SPLIT_K, BLOCK_J,

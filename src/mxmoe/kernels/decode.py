@@ -23,10 +23,11 @@ from ..problem import MoEProblem
 from ._decode_gemm import (LAYOUT_GROUP_HALVES, LAYOUT_MMA_LANES, LAYOUT_PLAIN, decode_gemv_kernel,
                            decode_token_kernel)
 from .grouped_gemm import GroupedGemm, gemm_tensor_arguments
-from .launch import Launcher, Step
+from .launch import TRITON_DTYPES, Launcher, Step
 
 __all__ = ["DecodeConfig", "VARIANTS", "DecodeGemm", "TokenGemm", "choose_decode_config",
-           "choose_decode_configs", "default_decode_config", "direct_configs", "word_layout"]
+           "choose_decode_configs", "default_decode_config", "direct_configs", "plane_words",
+           "word_layout"]
 
 #: Both CUDA-core fp32 FMA: "gemv" on the aligned pairs (1..4 of one expert a program), "direct"
 #: on each token's top-k slots without alignment. (A tensor-core swap-AB variant was measured
@@ -188,6 +189,13 @@ class DecodeGemm(GroupedGemm):
 _token = Launcher(decode_token_kernel)
 
 
+def plane_words(k: int) -> int:
+    """Words a row's activation plane holds for K = ``k`` (a multiple of 32): k / 8, rounded
+    up to 16 so that every plane starts 64-byte aligned (Triton specialises strides divisible
+    by 16: the loads of a code's activations are then 16-byte vectors)."""
+    return -(-(k // 8) // 16) * 16
+
+
 class TokenGemm:
     """The "direct" decode GEMMs of one plan: a program per (token, N tile, K slice) over the
     token's top-k slots, no alignment. Tensors are `launch.Ref`s."""
@@ -200,29 +208,53 @@ class TokenGemm:
         self.act_fn = act_fn
 
     def step(self, a, a_row_div, blocks, scales, layout, bias, out, *, n, k, gated,
-             router_weight, cfg, sum_pairs=False, splits=1, k_per_split=None) -> Step:
+             router_weight, cfg, sum_pairs=False, splits=1, k_per_split=None,
+             out_planes_layout=None) -> Step:
         """``out[pair] = epilogue(a[pair // a_row_div] @ weight[e]^T)`` (``out`` [num_pairs,
         N // 2 if gated else N], or with ``splits`` > 1 (ungated) [splits, num_pairs, N]
         float32 planes), or with ``sum_pairs`` ``out[t] = sum_j epilogue_j(...)`` over the
         token's slots ([num_tokens, N], unsplit). ``blocks`` [E, N, K/2] uint8 and ``scales``
         [E, N, K/32] of an MXFP4 weight in ``layout``; ``router_weight``: 0 none, 1 before the
-        bias, 2 after it."""
+        bias, 2 after it.
+
+        Activation planes (`ACTIVATION_PLANES`): ``a`` may be [rows, 8, K/8] float32 planes;
+        gated with ``out_planes_layout`` (the layout of the weight that will read them), ``out``
+        is [num_pairs, 8, N/16] float32 planes, the activation rounded to the call's dtype."""
         w_layout = word_layout(layout)
         if cfg.variant != "direct":
             raise ValueError(f"TokenGemm runs the 'direct' variant, got {cfg.variant!r}")
+        x_planes = a.dim() == 3
+        out_planes = out_planes_layout is not None
         if splits > 1 and (gated or sum_pairs or out.dim() != 3 or out.shape[0] != splits
-                           or out.dtype != torch.float32):
+                           or out.dtype != torch.float32 or x_planes):
             raise ValueError("split-K direct GEMMs write (splits, pairs, N) float32 planes, "
                              "ungated, per pair")
+        if x_planes and (a.dtype != torch.float32 or a.shape[1:] != (8, plane_words(k))):
+            raise ValueError(f"activation planes are (rows, 8, {plane_words(k)}) float32, got "
+                             f"{a.dtype} {a.shape}")
+        if out_planes and (not gated or sum_pairs or out.dtype != torch.float32
+                           or out.shape[1:] != (8, plane_words(n // 2))):
+            raise ValueError(f"GEMM1 writes gated activation planes (pairs, 8, "
+                             f"{plane_words(n // 2)}) float32, got {out.dtype} {out.shape}")
         p = self.call.problem
         # The GEMV reads the bytes as int32 words (E, N, K/8).
-        tiles, shared = gemm_tensor_arguments(a, blocks.viewed_as(torch.int32), scales, bias,
-                                              out, n=n, k=k, gated=gated, cfg=cfg,
+        rows_a = a.plane(0) if x_planes else a  # (the planes' own strides are set below)
+        rows_out = out.plane(0) if out_planes else out
+        tiles, shared = gemm_tensor_arguments(rows_a, blocks.viewed_as(torch.int32), scales,
+                                              bias, rows_out, n=n, k=k, gated=gated, cfg=cfg,
                                               splits=splits, k_per_split=k_per_split)
+        if x_planes:
+            shared.update(a_ptr=a, stride_am=a.stride(0), stride_ak=1)
+        if out_planes:
+            shared.update(out_ptr=out, stride_om=out.stride(0), stride_on=1)
         per_slice = k_per_split or k
         has_map = self.expert_map is not None
         return Step(_token, (p.num_tokens * splits * tiles,), dict(
-            shared, topk_weights_ptr=self.topk_weights, topk_ids_ptr=self.topk_ids,
+            shared, stride_ap=a.stride(1) if x_planes else 0,
+            stride_op=out.stride(1) if out_planes else 0, X_PLANES=x_planes,
+            OUT_PLANES=out_planes, ROUND_DTYPE=TRITON_DTYPES[self.call.hidden_states.dtype],
+            OUT_LAYOUT=word_layout(out_planes_layout) if out_planes else 0,
+            topk_weights_ptr=self.topk_weights, topk_ids_ptr=self.topk_ids,
             expert_map_ptr=self.expert_map if has_map else self.topk_ids,
             num_tokens=p.num_tokens, num_global_experts=p.num_global_experts,
             num_local_experts=p.num_local_experts, alpha=self.call.alpha, limit=self.call.limit,

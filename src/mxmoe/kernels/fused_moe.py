@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 
 import torch
-import triton.language as tl
 
 from .. import scratch, settings
 from ..layouts import GROUP_HALVES, MMA_LANES, PLAIN, scales_fold
@@ -26,16 +25,16 @@ from ._epilogues import epilogue_of
 from ._moe_gemm import (LAYOUT_GROUP_HALVES, LAYOUT_MMA_LANES, LAYOUT_PLAIN, moe_gemm_kernel,
                        split_activation_kernel, topk_sum_kernel)
 from .align import plan_align
-from .decode import DecodeConfig, DecodeGemm, TokenGemm, choose_decode_configs, word_layout
+from .decode import (DecodeConfig, DecodeGemm, TokenGemm, choose_decode_configs, plane_words,
+                     word_layout)
 from .grouped_gemm import GroupedGemm
 from .prefill import ROWS_PAIR, ROWS_SORTED, PrefillConfig, PrefillGemm, choose_prefill_config
 from .inner_product import InnerProduct
-from .launch import LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
+from .launch import TRITON_DTYPES, LaunchPlan, Launcher, Ref, Step, Workspace, cdiv
 
 __all__ = ["fused_moe", "FusedMoEPlan", "choose_config", "use_dequant_ptx", "uses_decode_kernels",
            "uses_prefill_kernels"]
 
-_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 _gemm = Launcher(moe_gemm_kernel)
 #: The general kernel's W_LAYOUT of each layout it decodes (`_moe_gemm`).
@@ -110,7 +109,7 @@ class _Gemm(GroupedGemm):
         return Step(_gemm, grid, dict(
             arguments, WEIGHT_MODE=int(self.inner), W_LAYOUT=w_layout,
             SPLIT_DOT=cfg.split_dot, DEQUANT_PTX=self.dequant_ptx, SWAP_AB=cfg.swap_ab,
-            DOT_DTYPE=_DOT_DTYPES[self.dot_dtype],
+            DOT_DTYPE=TRITON_DTYPES[self.dot_dtype],
             DOT_PRECISION="ieee" if self.dot_dtype == torch.float32 else None,
             DOT_FORMAT="fp16" if self.dot_dtype == torch.float16 else "bf16",
         ))
@@ -290,12 +289,19 @@ class FusedMoEPlan:
             self.workspace_bytes = workspace.nbytes
             return
 
-        act = workspace.take((num_pairs, p.intermediate), self.dtype)
         splits1, k_per_split1 = _k_slices(p.hidden, cfg)
+        # The direct GEMMs hand the activation over as float32 planes in GEMM2's code order
+        # (`decode.TokenGemm`): GEMM2 then reads one contiguous pre-scaled vector a code instead
+        # of gathering, converting and scaling each activation (the same values and sums).
+        planes = (direct and splits1 == 1 and inner is not InnerProduct.DENSE
+                  and settings.current().decode_planes)
+        act = (workspace.take((num_pairs, 8, plane_words(p.intermediate)), torch.float32)
+               if planes else workspace.take((num_pairs, p.intermediate), self.dtype))
         if splits1 == 1:
             steps.append(gemm.step(x_ref, p.top_k, *w13_parts, w13_bias, act,
                                    n=2 * p.intermediate, k=p.hidden, gated=True,
-                                   router_weight=weight1, cfg=cfg))
+                                   router_weight=weight1, cfg=cfg,
+                                   **(dict(out_planes_layout=w2_parts[2]) if planes else {})))
         else:
             partial = workspace.take((splits1, num_pairs, 2 * p.intermediate), torch.float32)
             steps.append(gemm.step(x_ref, p.top_k, *w13_parts, w13_bias, partial,

@@ -16,18 +16,16 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton.language as tl
 
 from .. import settings
 from ..layouts import MMA_LANES
 from ._prefill_gemm import gather_rows_kernel, prefill_gemm_kernel
 from .decode import DECODE_MAX_PAIRS_PER_EXPERT
-from .launch import DescriptorRef, Launcher, Ref, Step, cdiv
+from .launch import TRITON_DTYPES, DescriptorRef, Launcher, Ref, Step, cdiv
 
 __all__ = ["PrefillConfig", "PrefillGemm", "choose_prefill_config", "default_prefill_config",
            "reads_prefill_layout", "PREFILL_MIN_PAIRS_PER_EXPERT", "ROWS_PAIR", "ROWS_SORTED"]
 
-_DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 #: A_ROWS / OUT_ROWS of the kernel (`_prefill_gemm`), as plain ints for the launch: pair rows
 #: (``a[pair // a_row_div]``, ``out[pair]``) or sorted rows (row i of the alignment).
 ROWS_PAIR, ROWS_SORTED = 0, 1
@@ -307,7 +305,7 @@ class PrefillGemm:
             ROUTER_WEIGHT=router_weight, HAS_BIAS=bias is not None, DENSE=dense,
             DEQUANT_PTX=self.dequant_ptx,
             SCALE_FOLD=bool(scale_fold and self.dequant_ptx and not dense),
-            DOT_DTYPE=_DOT_DTYPES[a.dtype],
+            DOT_DTYPE=TRITON_DTYPES[a.dtype],
             DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
             EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
