@@ -3,6 +3,9 @@ plain weights): bit-identical layers, both against the fp32 reference, at gpt-os
 widths and a 736-wide TP shard, M = 1, 2, 4 (and 16 at 120b), with a remote expert map.
 
     PYTHONPATH=src python3 scripts/gpu_decode_planes_check.py
+
+Run it before turning the planes on by default (MXMOE_DECODE_PLANES, benchmarks/NOTES.md
+section 22); `MODE=gemms MXMOE_DECODE_PLANES=1 LAYOUT=mma_lanes scripts/gpu_direct.py` times them.
 """
 
 import os

@@ -159,7 +159,7 @@ def test_config_rejects_what_the_gemv_cannot_run():
 @pytest.mark.parametrize("name", ["direct, 4 slots a step", "direct, 1 slot, narrow"])
 def test_activation_planes_change_no_bit(monkeypatch, name, dtype, activation, layout):
     """The direct GEMMs hand GEMM1's activation to GEMM2 as float32 planes in GEMM2's code
-    order (MXMOE_DECODE_PLANES, the default) or as rows of the call's dtype: the same values
+    order (MXMOE_DECODE_PLANES=1) or as rows of the call's dtype (the default): the same values
     multiply the same codes in the same order, so the layers are bit-identical (K = I = 96:
     a tail in every 64-wide step; a remote expert; one token and three)."""
     from mxmoe import settings

@@ -16,6 +16,7 @@ Switches (all optional):
 | ``MXMOE_POISON=1`` | kernel outputs start as NaN, so an element never written shows |
 | ``MXMOE_DEQUANT_PTX=0`` | the portable nibble conversion instead of the PTX one |
 | ``MXMOE_TORCH_ROUTER=1`` | `route` uses torch ops instead of the fused Triton router |
+| ``MXMOE_DECODE_PLANES=1`` | the direct decode GEMMs pass the activation as float32 planes |
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Settings:
             poison=env.get("MXMOE_POISON", "0") == "1",
             dequant_ptx=env.get("MXMOE_DEQUANT_PTX", "1") != "0",
             torch_router=env.get("MXMOE_TORCH_ROUTER", "0") == "1",
-            decode_planes=env.get("MXMOE_DECODE_PLANES", "1") != "0",
+            decode_planes=env.get("MXMOE_DECODE_PLANES", "0") == "1",
         )
 
 

@@ -217,9 +217,10 @@ class TokenGemm:
         [E, N, K/32] of an MXFP4 weight in ``layout``; ``router_weight``: 0 none, 1 before the
         bias, 2 after it.
 
-        Activation planes (`ACTIVATION_PLANES`): ``a`` may be [rows, 8, K/8] float32 planes;
-        gated with ``out_planes_layout`` (the layout of the weight that will read them), ``out``
-        is [num_pairs, 8, N/16] float32 planes, the activation rounded to the call's dtype."""
+        Activation planes (`fused_moe` with MXMOE_DECODE_PLANES=1): ``a`` may be [rows, 8,
+        `plane_words` (K)] float32 planes; gated with ``out_planes_layout`` (the layout of the
+        weight that will read them), ``out`` is [num_pairs, 8, `plane_words` (N / 2)] float32
+        planes, the activation rounded to the call's dtype."""
         w_layout = word_layout(layout)
         if cfg.variant != "direct":
             raise ValueError(f"TokenGemm runs the 'direct' variant, got {cfg.variant!r}")

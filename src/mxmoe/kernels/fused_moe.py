@@ -290,9 +290,11 @@ class FusedMoEPlan:
             return
 
         splits1, k_per_split1 = _k_slices(p.hidden, cfg)
-        # The direct GEMMs hand the activation over as float32 planes in GEMM2's code order
-        # (`decode.TokenGemm`): GEMM2 then reads one contiguous pre-scaled vector a code instead
-        # of gathering, converting and scaling each activation (the same values and sums).
+        # With MXMOE_DECODE_PLANES=1 the direct GEMMs hand the activation over as float32
+        # planes in GEMM2's code order (`decode.TokenGemm`): GEMM2 then reads one contiguous
+        # pre-scaled vector a code instead of gathering, converting and scaling each activation
+        # (the same values and sums). Off by default until it is timed on a GPU
+        # (benchmarks/NOTES.md section 22).
         planes = (direct and splits1 == 1 and inner is not InnerProduct.DENSE
                   and settings.current().decode_planes)
         act = (workspace.take((num_pairs, 8, plane_words(p.intermediate)), torch.float32)

@@ -24,11 +24,12 @@ import triton.language as tl
 
 from .. import settings
 
-__all__ = ["TRITON_DTYPES", "Launcher", "LaunchPlan", "Ref", "DescriptorRef", "Step", "Workspace", "cdiv",
-           "next_power_of_2"]
+__all__ = ["TRITON_DTYPES", "Launcher", "LaunchPlan", "Ref", "DescriptorRef", "Step", "Workspace",
+           "cdiv", "next_power_of_2"]
 
 #: The Triton dtype a kernel's constexpr takes for each activation dtype.
-TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+TRITON_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                 torch.float32: tl.float32}
 
 #: Launch options that change the compiled kernel; part of the key when given.
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
