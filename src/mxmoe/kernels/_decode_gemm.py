@@ -355,8 +355,9 @@ def decode_token_kernel(
     SPLIT_K: tl.constexpr,  # K slices, each its own program (GATED must be False)
     EVEN_K: tl.constexpr,  # every K slice is whole BLOCK_K steps: no K masks in the loop
     W_LAYOUT: tl.constexpr,  # LAYOUT_PLAIN, LAYOUT_GROUP_HALVES or LAYOUT_MMA_LANES
-    X_PLANES: tl.constexpr,  # a is (rows, 8, K // 8) float32 activation planes (`_store_planes`)
-    OUT_PLANES: tl.constexpr,  # gated: out is (rows, 8, N // 16) float32 activation planes
+    X_PLANES: tl.constexpr,  # a is (rows, 8, >= K // 8) float32 activation planes
+    #                          (`_store_planes`; word w of plane n at n * stride_ap + w)
+    OUT_PLANES: tl.constexpr,  # gated: out is (rows, 8, >= N // 16) float32 activation planes
     ROUND_DTYPE: tl.constexpr,  # OUT_PLANES: the activation dtype the planes' values are in
     OUT_LAYOUT: tl.constexpr,  # OUT_PLANES: the layout of the words that will read the planes
 ):
