@@ -31,7 +31,7 @@ for h, i, e, k, ms in ((2880, 2880, 32, 4, (1, 2, 4)), (2880, 2880, 128, 4, (1, 
                 settings.refresh()
                 outs.append(decode_fused_experts(**kw))
             torch.cuda.synchronize()
-            ref = fused_experts_reference(**{**p.kwargs(activation=True, expert_map=True)})
+            ref = fused_experts_reference(**p.kwargs(activation=True, expert_map=True))
             same = torch.equal(outs[0], outs[1])
             err = relative_error(outs[0].float(), ref.float())
             ok = same and err < 1e-2 and bool(torch.isfinite(outs[0]).all())

@@ -60,7 +60,7 @@ def _gemv(name, m, n, k, warps, gemm1=False, even=False, layout=1):
 
 
 def _direct(j, n, k, warps, gemm1=False, even=True, layout=0, planes=False):
-    """``planes``: GEMM1 writes activation planes, GEMM2 reads them (fused_moe's default)."""
+    """``planes``: GEMM1 writes activation planes, GEMM2 reads them (MXMOE_DECODE_PLANES=1)."""
     return (f"direct J{j} N{n} K{k} w{warps} {'GEMM1' if gemm1 else 'GEMM2'}"
             f"{' even K' if even else ''} L{layout}{' planes' if planes else ''}",
             decode_token_kernel,

@@ -186,6 +186,7 @@ def test_activation_planes_change_no_bit(monkeypatch, name, dtype, activation, l
 def _gemm1_writes_planes(kw, config) -> bool:
     """Whether the plan of this call hands the activation over as planes (so that the test
     above compares two paths, not one twice)."""
+    from mxmoe.constants import GPT_OSS_SWIGLU_ALPHA, GPT_OSS_SWIGLU_LIMIT
     from mxmoe.kernels.fused_moe import FusedMoEPlan
     from mxmoe.kernels.inner_product import InnerProduct
     from mxmoe.validation import check_fused_experts_args
@@ -193,7 +194,8 @@ def _gemm1_writes_planes(kw, config) -> bool:
     options = {key: kw.get(key) for key in ("w13_bias", "w2_bias", "expert_map")}
     call = check_fused_experts_args(kw["hidden_states"], kw["w13"], kw["w2"],
                                     kw["topk_weights"], kw["topk_ids"], **options,
-                                    activation=kw["activation"], alpha=1.702, limit=7.0)
+                                    activation=kw["activation"], alpha=GPT_OSS_SWIGLU_ALPHA,
+                                    limit=GPT_OSS_SWIGLU_LIMIT)
     plan = FusedMoEPlan(call, InnerProduct.DEQUANT, "triton_dequant", config=(config, config))
     first, second = plan.launches.steps
     assert first.arguments["OUT_PLANES"] == second.arguments["X_PLANES"]

@@ -295,8 +295,7 @@ class FusedMoEPlan:
         # pre-scaled vector a code instead of gathering, converting and scaling each activation
         # (the same values and sums). Off by default until it is timed on a GPU
         # (benchmarks/NOTES.md section 22).
-        planes = (direct and splits1 == 1 and inner is not InnerProduct.DENSE
-                  and settings.current().decode_planes)
+        planes = direct and splits1 == 1 and settings.current().decode_planes
         act = (workspace.take((num_pairs, 8, plane_words(p.intermediate)), torch.float32)
                if planes else workspace.take((num_pairs, p.intermediate), self.dtype))
         if splits1 == 1:
